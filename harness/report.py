@@ -1,0 +1,189 @@
+"""Figures and a table from run directories.
+
+    python -m harness.report RUNS_DIR [--out DIR] [--title TEXT]
+
+Finds every run directory under RUNS_DIR (a folder with ``summary.json``),
+groups runs by experiment and optimizer, and writes to ``--out`` (default
+``results/<experiment>``):
+
+- ``<split>_<metric>.png``: the metric against training step, one curve per
+  optimizer: the mean over seeds with a +-1 std band when there are several;
+- ``results.md``: a table per experiment with best and final validation metrics
+  (mean +- std over seeds), test metrics when logged, wall time and run status.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .errors import UsageError
+from .logging import read_metrics
+
+ORDER = ("adam", "msgd", "ldhd", "cd", "cd0", "ikfad", "ikfad0", "cadam", "cadam0")
+LABELS = {"adam": "Adam", "msgd": "mSGD", "ldhd": "LDHD", "cd": "CD", "cd0": "CD0", "ikfad": "iKFAD",
+          "ikfad0": "iKFAD0", "cadam": "CADAM", "cadam0": "CADAM0"}
+
+
+def find_runs(root: Path) -> list[dict]:
+    """Every run under ``root``: its summary, metrics and directory."""
+    runs = []
+    for path in sorted(Path(root).rglob("summary.json")):
+        try:
+            summary = json.loads(path.read_text())
+        except ValueError:
+            continue
+        runs.append({"dir": path.parent, "summary": summary, "metrics": read_metrics(path.parent)})
+    return runs
+
+
+def _sort_key(name: str):
+    return (ORDER.index(name) if name in ORDER else len(ORDER), name)
+
+
+def _curves(runs: list[dict], split: str, key: str):
+    """Steps and an (n_runs, n_steps) array (NaN where a run has no value, e.g. diverged early)."""
+    series = []
+    for run in runs:
+        pts = {r["step"]: r[key] for r in run["metrics"] if r.get("split") == split and key in r}
+        series.append({s: (float(v) if isinstance(v, (int, float)) else np.nan) for s, v in pts.items()})
+    steps = sorted(set().union(*series)) if series else []
+    return np.array(steps), np.array([[s.get(t, np.nan) for t in steps] for s in series])
+
+
+def _mean_std(values: list[float]) -> str:
+    vals = np.array([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if len(vals) == 0:
+        return "–"
+    return f"{vals.mean():.4f}" if len(vals) == 1 else f"{vals.mean():.4f} ± {vals.std(ddof=1):.4f}"
+
+
+def _metric(run: dict, split: str, key: str, how: str) -> Optional[float]:
+    vals = [float(r[key]) for r in run["metrics"] if r.get("split") == split and isinstance(r.get(key), (int, float))]
+    if not vals:
+        return None
+    return {"min": min, "max": max, "final": lambda v: v[-1]}[how](vals)
+
+
+def plot(by_opt: dict[str, list[dict]], split: str, key: str, path: Path, title: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for name in sorted(by_opt, key=_sort_key):
+        steps, values = _curves(by_opt[name], split, key)
+        if len(steps) == 0 or np.isnan(values).all():
+            continue
+        with np.errstate(all="ignore"):
+            mean = np.nanmean(values, axis=0)
+            std = np.nanstd(values, axis=0)
+        n = len(by_opt[name])
+        (line,) = ax.plot(steps, mean, label=f"{LABELS.get(name, name)}" + (f" (n={n})" if n > 1 else ""))
+        if n > 1:
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(f"{split} {key}")
+    ax.set_title(title)
+    if key == "loss":
+        finite = np.concatenate([_curves(r, split, key)[1].ravel() for r in by_opt.values()])
+        finite = finite[np.isfinite(finite)]
+        if len(finite):  # the first evaluations sit far above the interesting range
+            ax.set_ylim(finite.min() - 0.05 * (np.percentile(finite, 90) - finite.min()), np.percentile(finite, 90))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def table(by_opt: dict[str, list[dict]]) -> str:
+    splits = sorted({r.get("split") for runs in by_opt.values() for run in runs for r in run["metrics"]} - {None})
+    has_acc = any("acc" in r for runs in by_opt.values() for run in runs for r in run["metrics"])
+    head = ["optimizer", "runs", "best val loss", "final val loss"]
+    if has_acc:
+        head += ["best val acc", "final val acc"]
+    if "test" in splits:
+        head += ["final test loss"] + (["final test acc"] if has_acc else [])
+    head += ["wall time (s)", "status"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in sorted(by_opt, key=_sort_key):
+        runs = by_opt[name]
+        cells = [LABELS.get(name, name), str(len(runs)),
+                 _mean_std([_metric(r, "val", "loss", "min") for r in runs]),
+                 _mean_std([_metric(r, "val", "loss", "final") for r in runs])]
+        if has_acc:
+            cells += [_mean_std([_metric(r, "val", "acc", "max") for r in runs]),
+                      _mean_std([_metric(r, "val", "acc", "final") for r in runs])]
+        if "test" in splits:
+            cells.append(_mean_std([_metric(r, "test", "loss", "final") for r in runs]))
+            if has_acc:
+                cells.append(_mean_std([_metric(r, "test", "acc", "final") for r in runs]))
+        walls = [r["summary"].get("wall_time_s") for r in runs]
+        cells.append(_mean_std([w for w in walls if isinstance(w, (int, float))]).split(".")[0] if any(walls) else "–")
+        statuses = defaultdict(int)
+        for r in runs:
+            statuses[r["summary"].get("status", "?")] += 1
+        cells.append(", ".join(f"{k} {v}" if len(runs) > 1 else k for k, v in sorted(statuses.items())))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def report(root: Path, out: Optional[Path] = None, title: Optional[str] = None) -> list[Path]:
+    """Write figures and ``results.md`` for the runs under ``root``; returns the files written."""
+    runs = find_runs(root)
+    if not runs:
+        raise UsageError(f"no run directories (with summary.json) under {root}")
+    by_exp: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        s = run["summary"]
+        by_exp[s.get("experiment", "?")][s.get("optimizer", "?")].append(run)
+    written = []
+    for exp, by_opt in sorted(by_exp.items()):
+        target = (Path(out) / exp if len(by_exp) > 1 else Path(out)) if out else Path("results") / exp
+        target.mkdir(parents=True, exist_ok=True)
+        lines = [f"# {title or exp}", "", f"Runs under `{root}`; mean ± std over seeds where there are several.", ""]
+        figures = []
+        for split, key in (("val", "loss"), ("val", "acc"), ("test", "acc"), ("train", "loss")):
+            path = target / f"{split}_{key}.png"
+            if plot(by_opt, split, key, path, f"{title or exp}: {split} {key}"):
+                figures.append(path)
+                written.append(path)
+        lines += [table(by_opt), ""]
+        lines += [f"![{p.stem}]({p.name})" for p in figures]
+        md = target / "results.md"
+        md.write_text("\n".join(lines) + "\n")
+        written.append(md)
+    return written
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs_dir", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default results/<experiment>)")
+    p.add_argument("--title", default=None)
+    args = p.parse_args(argv)
+    try:
+        written = report(args.runs_dir, args.out, args.title)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""One training run: command line, run directory, seeding, device, precision, distributed.
+
+Every experiment's ``train.py`` starts with ``run = harness.run.start("<exp>")``
+and gets back a :class:`Run` holding the resolved config, the run directory and
+the execution context (device, autocast, ranks). The same command works under
+``torchrun`` (it reads RANK/WORLD_SIZE/LOCAL_RANK) and under ``srun`` without
+torchrun (it maps SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID when MASTER_ADDR is set).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import optimizers
+
+from . import config as config_lib
+from .checkpoint import write_text_atomic
+from .errors import UsageError
+
+
+@dataclass
+class Run:
+    cfg: dict
+    dir: Path
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    precision: str = "fp32"  # what is actually used on this device
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg["seed"])
+
+    def autocast(self):
+        """The forward-pass precision context: fp16/bf16 autocast on CUDA, else a no-op."""
+        if self.device.type == "cuda" and self.precision in ("fp16", "bf16"):
+            dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def build_optimizer(self, params):
+        hp = {k: v for k, v in self.cfg["optimizer"].items() if k != "name"}
+        return optimizers.build(self.cfg["optimizer"]["name"], params, **hp)
+
+    def write_config(self) -> None:
+        """Create the run directory and save the resolved config (rank 0; a resumed
+        run keeps the file, which ``start`` checked to be identical)."""
+        if self.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.dir / "config.yaml", config_lib.dump(self.cfg))
+
+    def print(self, *args, **kwargs):
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+
+def parser(experiment: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m {experiment}.train",
+        description=f"Train the {experiment} experiment with one optimizer and one seed.",
+    )
+    p.add_argument("--optimizer", required=True, help=f"one of {', '.join(optimizers.NAMES)}")
+    p.add_argument("--seed", type=int, default=None, help="run seed (default: the first of configs/paper.yaml's seeds)")
+    p.add_argument("--config", default=None, help="YAML overriding paper.yaml sections and/or best.yaml entries")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, dotted keys (repeatable): --set train.max_iters=200")
+    p.add_argument("--out", default=None, help="run directory (default runs/<exp>/<optimizer>/seed<S>)")
+    return p
+
+
+def _distributed_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's or SLURM's environment."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+    ntasks = int(os.environ.get("SLURM_NTASKS", 1))
+    if ntasks > 1 and "MASTER_ADDR" in os.environ and "SLURM_PROCID" in os.environ:
+        rank, local = int(os.environ["SLURM_PROCID"]), int(os.environ.get("SLURM_LOCALID", 0))
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(local), WORLD_SIZE=str(ntasks))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        return rank, local, ntasks
+    return 0, 0, 1
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all CUDA devices too)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_status(run_dir: Path) -> Optional[str]:
+    """The ``status`` of an existing run directory's summary.json, or None."""
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def start(experiment: str, argv: Optional[list[str]] = None) -> Optional[Run]:
+    """Parse the command line, resolve the config and set up the process.
+
+    Returns None when the run directory already holds a completed or diverged
+    run (nothing to do). Bad input exits with status 2 and a one-line message.
+    Nothing is written here: the run directory is created by the training loop,
+    so a start that fails later (a missing dataset, say) leaves no trace.
+    """
+    args = parser(experiment).parse_args(argv)
+    try:
+        if args.seed is None:
+            seeds = config_lib.read_yaml(config_lib.REPO / experiment / "configs" / "paper.yaml").get("seeds") or [0]
+            args.seed = int(seeds[0])
+        cfg = config_lib.resolve(experiment, args.optimizer, args.seed, args.config, args.sets)
+        run_dir = Path(args.out or f"runs/{experiment}/{cfg['optimizer']['name']}/seed{args.seed}")
+        saved = run_dir / "config.yaml"
+        if saved.exists() and (run_dir / "checkpoint.pt").exists():
+            old = config_lib.read_yaml(saved)
+            if old != cfg:
+                diff = sorted(k for k in set(config_lib.flatten(old)) | set(config_lib.flatten(cfg))
+                              if config_lib.flatten(old).get(k) != config_lib.flatten(cfg).get(k))
+                raise UsageError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
+                                 "resume it with the same arguments or choose another --out")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+    if run_status(run_dir) in ("completed", "diverged"):
+        print(f"{run_dir}: already {run_status(run_dir)}; nothing to do", flush=True)
+        return None
+
+    rank, local_rank, world_size = _distributed_env()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    precision = cfg.get("train", {}).get("precision", "fp32") if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "fp16", "bf16"):
+        print(f"error: train.precision must be fp32, fp16 or bf16, got {precision!r}", file=sys.stderr)
+        raise SystemExit(2)
+    seed_everything(args.seed)
+    return Run(cfg=cfg, dir=run_dir, device=device, rank=rank, local_rank=local_rank,
+               world_size=world_size, precision=precision)

@@ -1,0 +1,62 @@
+"""Train nanoGPT's character-level GPT with one optimizer: the paper's nano experiment.
+
+    python -m nano.train --optimizer cadam --seed 1337 [--config FILE] [--set key=value ...] [--out DIR]
+    torchrun --nproc_per_node 4 -m nano.train --optimizer cadam --seed 1337
+
+The protocol is ``nano/configs/paper.yaml`` and the optimizer's hyperparameters
+default to ``nano/configs/best.yaml``. The run directory (default
+``runs/nano/<optimizer>/seed<S>``) gets ``config.yaml``, ``metrics.jsonl``,
+``summary.json`` and ``checkpoint.pt``; re-running the command resumes it.
+owt (``python -m owt.train``) is this same script with owt's configs.
+"""
+from __future__ import annotations
+
+import sys
+
+from harness.data import RandomTokenBatches, lm_evaluate
+from harness.errors import UsageError
+from harness.loop import fit
+from harness.run import start
+from harness.token_bins import TokenBins
+from nano.model import GPT, GPTConfig
+
+PREPARE = {
+    "nano": "python -m nano.prepare --source tinyshakespeare (or --source packaged offline)",
+    "owt": "python -m owt.prepare",
+}
+MARKER = {"nano": "meta.pkl", "owt": "meta.json"}
+GPT2_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64, as nanoGPT
+
+
+def main(argv=None, experiment: str = "nano") -> int:
+    run = start(experiment, argv)
+    if run is None:
+        return 0
+    m, t = run.cfg["model"], run.cfg["train"]
+    try:
+        bins = TokenBins(run.cfg["data"]["dir"], prepare_hint=PREPARE[experiment], marker=MARKER[experiment])
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    vocab_size = m.get("vocab_size") or bins.vocab_size or GPT2_VOCAB
+    model = GPT(GPTConfig(**{**m, "vocab_size": vocab_size}))
+    run.print(f"{experiment}: GPT with {model.get_num_params() / 1e6:.2f}M parameters, vocab {vocab_size}, "
+              f"optimizer {run.cfg['optimizer']}, device {run.device} ({run.precision})")
+
+    accumulation = int(t.get("gradient_accumulation_steps", 1))
+    batch, block = t["batch_size"], m["block_size"]
+    fit(
+        run, model,
+        RandomTokenBatches(bins, batch, block, run.seed, run.rank),
+        loss_fn=lambda model, xy: (model(*xy)[1], {}),
+        evaluate=lambda model, step: lm_evaluate(run, model, bins, batch, block, t["eval_iters"]),
+        total_steps=t["max_iters"],
+        eval_interval=t["eval_interval"],
+        tokens_per_step=batch * block * accumulation * run.world_size,
+        flops_per_step=model.estimate_flops_per_iter(batch * accumulation),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
