@@ -1,0 +1,6 @@
+"""nano: the paper's character-level GPT on Shakespeare.
+
+prepare.py  text -> nanoGPT's shakespeare_char format (train.bin / val.bin / meta.pkl)
+model.py    nanoGPT's GPT (also used by owt)
+train.py    one training run
+"""
