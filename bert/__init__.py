@@ -1,0 +1,5 @@
+"""GLUE experiments: DistilBERT from random init on SST-2, pretrained DistilBERT fine-tuned on QNLI.
+
+``bert.data`` loads, splits (70/15/15, seed 42), tokenizes and caches the GLUE
+task; ``bert.model`` builds the classifier; ``bert.train`` runs it through the harness.
+"""
