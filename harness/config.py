@@ -63,8 +63,21 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def as_number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string: read such strings as numbers."""
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
+
+
 def _check_type(key: str, value: Any, default: Any) -> Any:
     """``value`` if it may replace ``default``; ints widen to floats."""
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        value = as_number(value)
     if default is None or value is None:
         return value
     if isinstance(default, bool) or isinstance(value, bool):
@@ -131,6 +144,7 @@ def resolve(
             hp = key[len("optimizer."):]
             if hp == "name":
                 raise UsageError(f"{origin}: choose the optimizer with --optimizer, not {key}")
+            value = as_number(value)
             if hp not in hp_names:
                 raise UsageError(
                     f"{origin}: unknown key {key} for optimizer {name}; valid: "
@@ -160,6 +174,7 @@ def resolve(
         apply(key, value, "--set")
 
     for hp in hyper:
+        hyper[hp] = as_number(hyper[hp])
         if hp not in hp_names:
             raise UsageError(f"best.yaml: unknown hyperparameter {hp} for {name}; valid: {', '.join(hp_names)}")
     try:  # validate the values now, before any run directory is touched

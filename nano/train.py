@@ -21,7 +21,7 @@ from harness.token_bins import TokenBins
 from nano.model import GPT, GPTConfig
 
 PREPARE = {
-    "nano": "python -m nano.prepare --source tinyshakespeare (or --source packaged offline)",
+    "nano": "python -m nano.prepare --source tinyshakespeare",
     "owt": "python -m owt.prepare",
 }
 MARKER = {"nano": "meta.pkl", "owt": "meta.json"}

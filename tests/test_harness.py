@@ -1,0 +1,177 @@
+"""The shared harness, exercised through the nano experiment's smoke config."""
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import optimizers
+from harness.loop import EXIT_INTERRUPTED, STOP_AFTER_ENV
+from nano import train as nano_train
+from nano.prepare import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "nano" / "configs" / "smoke.yaml")
+
+
+@pytest.fixture(scope="session")
+def nano_data(tmp_path_factory):
+    return prepare(source="packaged", out_dir=tmp_path_factory.mktemp("nano") / "data", plays=2)
+
+
+def nano_args(data, out, optimizer="adam", seed=1, *extra):
+    return ["--optimizer", optimizer, "--seed", str(seed), "--config", SMOKE,
+            "--set", f"data.dir={data}", "--out", str(out), *extra]
+
+
+def records(run_dir, drop=("time_s",)):
+    rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def test_every_optimizer_writes_the_run_contract(nano_data, tmp_path):
+    for name in optimizers.NAMES:
+        out = tmp_path / name
+        assert nano_train.main(nano_args(nano_data, out, name)) == 0
+        cfg = yaml.safe_load((out / "config.yaml").read_text())
+        assert cfg["optimizer"]["name"] == name and cfg["train"]["max_iters"] == 30
+        rows = records(out)
+        val = [r for r in rows if r["split"] == "val"]
+        assert [r["step"] for r in val] == [0, 10, 20, 30]
+        assert all(math.isfinite(r["loss"]) for r in rows) and {"train", "val"} == {r["split"] for r in rows}
+        assert all(r["tokens"] == r["step"] * 8 * 32 for r in rows)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["steps"] == 30
+        assert summary["best_val_loss"] == min(r["loss"] for r in val)
+        assert val[-1]["loss"] < val[0]["loss"], name  # it learned something
+        assert (out / "checkpoint.pt").stat().st_size > 0
+
+
+def test_tuned_hyperparameters_come_from_best_yaml_and_set_overrides(nano_data, tmp_path):
+    best = yaml.safe_load((ROOT / "nano" / "configs" / "best.yaml").read_text())
+    out = tmp_path / "a"
+    nano_train.main(nano_args(nano_data, out, "cadam", 1, "--set", "train.max_iters=2", "--set", "optimizer.c=5"))
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["optimizer"] == {"name": "cadam", **best["cadam"], "c": 5.0}
+
+
+def test_kill_and_resume_gives_identical_metrics(nano_data, tmp_path, monkeypatch):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert nano_train.main(nano_args(nano_data, whole, "ikfad")) == 0
+    monkeypatch.setenv(STOP_AFTER_ENV, "13")  # stop mid-interval, between evaluations
+    with pytest.raises(SystemExit) as stop:
+        nano_train.main(nano_args(nano_data, parts, "ikfad"))
+    assert stop.value.code == EXIT_INTERRUPTED
+    assert json.loads((parts / "summary.json").read_text())["status"] == "interrupted"
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    assert nano_train.main(nano_args(nano_data, parts, "ikfad")) == 0
+    assert records(parts) == records(whole)
+    # A completed run is not redone.
+    before = (parts / "metrics.jsonl").read_bytes()
+    assert nano_train.main(nano_args(nano_data, parts, "ikfad")) == 0
+    assert (parts / "metrics.jsonl").read_bytes() == before
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(nano_data, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nano.train", *nano_args(nano_data, out, "cd", 1, "--set", "train.max_iters=100000")],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint.pt").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == EXIT_INTERRUPTED
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] > 0
+    import torch
+
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == summary["steps"]
+
+
+def test_divergence_ends_the_run_and_keeps_the_log(nano_data, tmp_path):
+    out = tmp_path / "boom"
+    assert nano_train.main(nano_args(nano_data, out, "msgd", 1, "--set", "optimizer.lr=1e6", "--set", "train.grad_clip=0.0")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["steps"] < 30
+    assert records(out)[0]["split"] == "val" and math.isfinite(records(out)[0]["loss"])
+    assert nano_train.main(nano_args(nano_data, out, "msgd", 1, "--set", "optimizer.lr=1e6", "--set", "train.grad_clip=0.0")) == 0
+    assert json.loads((out / "summary.json").read_text()) == summary  # not redone
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir())}
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--set", "train.max_itres=5"], "unknown key 'train.max_itres'; valid keys: .*train.max_iters"),
+    (["--set", "train.max_iters=many"], "bad type for train.max_iters: 'many' is str, expected int"),
+    (["--set", "optimizer.lr=-1"], r"Invalid learning rate"),
+    (["--set", "optimizer.momentum=0.9"], "unknown key optimizer.momentum for optimizer adam; valid: optimizer.lr"),
+    (["--set", "model.bias=yes please"], "bad type for model.bias"),
+])
+def test_config_errors_are_one_line_and_leave_the_run_untouched(nano_data, tmp_path, extra, message):
+    out = tmp_path / "run"
+    nano_train.main(nano_args(nano_data, out, "adam", 1, "--set", "train.max_iters=3"))
+    before = digest(out)
+    proc = subprocess.run([sys.executable, "-m", "nano.train", *nano_args(nano_data, out, "adam", 1), *extra],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    import re
+
+    assert re.search(message, lines[0]), lines[0]
+    assert digest(out) == before
+
+
+def test_unknown_optimizer_and_missing_data_are_one_line_errors(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nano.train", "--optimizer", "rmsprop", "--out", str(tmp_path / "x")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown optimizer 'rmsprop'; valid: adam, msgd" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "nano.train", "--optimizer", "adam", "--config", SMOKE,
+                           "--set", f"data.dir={tmp_path / 'nowhere'}", "--out", str(tmp_path / "y")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "python -m nano.prepare" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_torchrun_two_processes_log_once_and_resume_in_one(nano_data, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, STOP_AFTER_ENV: "20", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                           "-m", "nano.train", *nano_args(nano_data, out, "cadam")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0  # interrupted as asked (exit status 75 on both ranks)
+    rows = records(out)
+    assert [r["step"] for r in rows if r["split"] == "val"] == [0, 10, 20]  # logged once, not per rank
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["world_size"] == 2
+    assert all(r["tokens"] == r["step"] * 8 * 32 * 2 for r in rows)
+    assert nano_train.main(nano_args(nano_data, out, "cadam")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 30 and summary["world_size"] == 1
+
+
+def test_report_draws_figures_and_a_table(nano_data, tmp_path):
+    runs = tmp_path / "runs"
+    for name in ("adam", "cadam"):
+        for seed in (1, 2):
+            nano_train.main(nano_args(nano_data, runs / name / f"seed{seed}", name, seed))
+    from harness.report import main as report_main
+
+    assert report_main([str(runs), "--out", str(tmp_path / "results")]) == 0
+    png = tmp_path / "results" / "val_loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    table = (tmp_path / "results" / "results.md").read_text()
+    assert "| Adam | 2 |" in table and "| CADAM | 2 |" in table and "±" in table
+    assert "![val_loss](val_loss.png)" in table
