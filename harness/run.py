@@ -117,21 +117,30 @@ def run_status(run_dir: Path) -> Optional[str]:
         return None
 
 
-def start(experiment: str, argv: Optional[list[str]] = None) -> Optional[Run]:
+def start(experiment: str, argv: Optional[list[str]] = None, configs_dir: Optional[Path] = None,
+          default_out: Optional[str] = None) -> Optional[Run]:
     """Parse the command line, resolve the config and set up the process.
+
+    ``experiment`` names the run in its config and summary (e.g. ``"nano"``,
+    ``"bert-sst2"``); its configs are in ``configs_dir`` (default
+    ``<repo>/<experiment>/configs``) and its default run directory is
+    ``default_out`` formatted with ``optimizer`` and ``seed`` (default
+    ``runs/<experiment>/{optimizer}/seed{seed}``).
 
     Returns None when the run directory already holds a completed or diverged
     run (nothing to do). Bad input exits with status 2 and a one-line message.
     Nothing is written here: the run directory is created by the training loop,
     so a start that fails later (a missing dataset, say) leaves no trace.
     """
-    args = parser(experiment).parse_args(argv)
+    args = parser(experiment.split("-")[0]).parse_args(argv)
+    configs_dir = Path(configs_dir) if configs_dir else config_lib.REPO / experiment / "configs"
+    default_out = default_out or f"runs/{experiment}/{{optimizer}}/seed{{seed}}"
     try:
         if args.seed is None:
-            seeds = config_lib.read_yaml(config_lib.REPO / experiment / "configs" / "paper.yaml").get("seeds") or [0]
+            seeds = config_lib.read_yaml(configs_dir / "paper.yaml").get("seeds") or [0]
             args.seed = int(seeds[0])
-        cfg = config_lib.resolve(experiment, args.optimizer, args.seed, args.config, args.sets)
-        run_dir = Path(args.out or f"runs/{experiment}/{cfg['optimizer']['name']}/seed{args.seed}")
+        cfg = config_lib.resolve(experiment, args.optimizer, args.seed, args.config, args.sets, configs_dir)
+        run_dir = Path(args.out or default_out.format(optimizer=cfg["optimizer"]["name"], seed=args.seed))
         saved = run_dir / "config.yaml"
         if saved.exists() and (run_dir / "checkpoint.pt").exists():
             old = config_lib.read_yaml(saved)
