@@ -1,0 +1,1 @@
+"""GPT-2 small (Hugging Face transformers) fine-tuned on WikiText-103 (gpt2/data.py)."""

@@ -1,0 +1,1 @@
+"""OpenWebText: nanoGPT's GPT (from nano/) trained on GPT-2 token bins (owt/prepare.py)."""
