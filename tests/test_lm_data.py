@@ -134,9 +134,10 @@ def test_owt_prepare_writes_nanogpt_bins(tmp_path, corpus, enc):
     # every document exactly once, across the two splits: one eot per document, ids = GPT-2 BPE
     assert sorted(found) == sorted(expected)
 
-    # the order inside each bin is the seeded shuffle of nanoGPT's train_test_split
-    split = owt_prepare.split_documents(
-        owt_prepare.load_documents(str(folder / "*.txt"), cache_dir=tmp_path / "hf_cache"))
+    # the order inside each bin is nanoGPT's seeded split of the documents (files in sorted order)
+    import datasets
+
+    split = datasets.Dataset.from_dict({"text": docs}).train_test_split(test_size=0.0005, seed=2357, shuffle=True)
     train_order = [tuple(enc.encode_ordinary(t) + [EOT]) for t in split["train"]["text"]]
     train_bin = np.fromfile(out / "train.bin", dtype=np.uint16).tolist()
     assert train_bin == [t for doc in train_order for t in doc]
