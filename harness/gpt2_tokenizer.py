@@ -200,4 +200,4 @@ def hf_gpt2_tokenizer(name_or_path: str = "gpt2"):
     # line 0 is the "#version" header; each further line is one merge "left right", rank order
     merges = [tuple(line.split()) for line in lines[1:] if line]
     # transformers 5.x: vocab_file= alone builds an EMPTY tokenizer; vocab=/merges= is the working path
-    return GPT2TokenizerFast(vocab=vocab, merges=merges, model_max_length=1024)
+    return GPT2TokenizerFast(vocab=vocab, merges=merges, model_max_length=1024, name_or_path=HUB_GPT2)
