@@ -4,7 +4,9 @@ Unlike torchvision's ImageNet ResNet-18 the stem is a single 3x3 convolution wit
 stride 1 and there is no max-pool, so 32x32 images keep their resolution into the
 first stage. Four stages of two BasicBlocks each, widths 64-128-256-512, the last
 three halving the resolution (32 -> 16 -> 8 -> 4), then global average pooling and
-a linear classifier: 11,173,962 parameters for 10 classes. Convolutions have no bias
+a linear classifier: 11,173,962 parameters for 10 classes. ``width`` scales the
+stage widths (``width`` x 1-2-4-8); 64 is ResNet-18, smaller values exist only for
+fast smoke tests. Convolutions have no bias
 (each is followed by BatchNorm); the PyTorch default initialisation is kept.
 """
 import torch.nn as nn
@@ -42,16 +44,16 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """A CIFAR ResNet: 3x3 stem, four stages of ``block``s, global average pool, linear head."""
 
-    def __init__(self, block, num_blocks, num_classes=10):
+    def __init__(self, block, num_blocks, num_classes=10, width=64):
         super().__init__()
-        self.in_planes = 64
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._make_layer(block, 64, num_blocks[0], stride=1)
-        self.layer2 = self._make_layer(block, 128, num_blocks[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, num_blocks[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, num_blocks[3], stride=2)
-        self.linear = nn.Linear(512 * block.expansion, num_classes)
+        self.in_planes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = self._make_layer(block, width, num_blocks[0], stride=1)
+        self.layer2 = self._make_layer(block, 2 * width, num_blocks[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * width, num_blocks[2], stride=2)
+        self.layer4 = self._make_layer(block, 8 * width, num_blocks[3], stride=2)
+        self.linear = nn.Linear(8 * width * block.expansion, num_classes)
 
     def _make_layer(self, block, planes, num_blocks, stride):
         # Only the first block of a stage downsamples.
@@ -70,6 +72,6 @@ class ResNet(nn.Module):
         return self.linear(out)
 
 
-def resnet18(num_classes=10):
-    """CIFAR ResNet-18: BasicBlock x [2, 2, 2, 2]."""
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+def resnet18(num_classes=10, width=64):
+    """CIFAR ResNet-18: BasicBlock x [2, 2, 2, 2], stage widths ``width`` x (1, 2, 4, 8)."""
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, width=width)

@@ -1,0 +1,243 @@
+"""Train an image classifier on CIFAR-10 with one optimizer: the paper's vit experiment.
+
+    python -m vit.train --optimizer ikfad --seed 0 [--config FILE] [--set key=value ...] [--out DIR]
+    torchrun --nproc_per_node 4 -m vit.train --optimizer ikfad --seed 0
+
+The protocol is ``vit/configs/paper.yaml`` (timm ViT-tiny, 50 epochs, batch 128,
+fp32, no clipping) and the optimizer's hyperparameters default to
+``vit/configs/best.yaml``. The run directory (default ``runs/vit/<optimizer>/seed<S>``)
+gets ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and ``checkpoint.pt``;
+re-running the command resumes it, mid-epoch included.
+
+cifar (``python -m cifar.train``, a ResNet-18) is this same script with cifar's
+configs, its model and ``keep_best=True``.
+
+What is recorded:
+
+- every epoch (``train.evals_per_epoch`` times per epoch): a ``train`` record (mean loss
+  and accuracy of the training batches since the previous evaluation, measured on the
+  augmented images, dropout on), then ``val`` and, for vit, ``test`` records (mean
+  cross entropy and accuracy over the whole split, eval mode);
+- ``summary.json``: ``best`` is the lowest validation loss for vit (what the paper's
+  Optuna sweeps minimise) and the highest validation accuracy for cifar (its checkpoint
+  criterion); both experiments also get ``best_val_loss`` and ``best_val_acc``, and
+  ``final`` holds the last record of each split (vit's headline: final test accuracy).
+
+``train.batch_size`` is the global batch: the images in one optimizer step, summed over
+the ranks and the micro-batches of gradient accumulation, so that a run on K GPUs takes
+the same steps on the same batches' worth of images as a run on one (BatchNorm statistics,
+in cifar's ResNet, are per rank). It must be divisible by ranks x accumulation steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import Subset
+
+from harness import checkpoint as ckpt
+from harness.data import EpochBatches, classification_evaluate, eval_loader
+from harness.errors import UsageError
+from harness.logging import MetricsLog, best_of, read_metrics, write_summary
+from harness.loop import fit
+from harness.run import Run, start
+from vit import data as cifar10
+from vit.model import build_vit
+
+BEST_MODEL = "best_model.pt"  # cifar: the weights with the best validation accuracy so far
+NUM_CLASSES = 10
+
+
+def _any_rank(run: Run, flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (a collective: all ranks must call it)."""
+    if not run.distributed:
+        return flag
+    t = torch.tensor([float(flag)], device=run.device)
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+class OtherRankFailed(UsageError):
+    """Raised on the ranks that loaded the data fine when another rank could not (it prints why)."""
+
+
+def load_cifar10(run: Run) -> dict:
+    """CIFAR-10's ``train``/``val``/``test`` datasets on every rank.
+
+    Rank 0 goes first and downloads the archive if ``data.download`` is true; the other
+    ranks wait, then read the files rank 0 left (never downloading, so that two
+    processes never write the same files). ``data.subset > 0`` keeps the first that many
+    items of each split (smoke runs; the train split is already a random permutation).
+
+    Raises:
+        UsageError: on the rank that could not load the data (missing or corrupted
+            files, failed download); ``OtherRankFailed`` on the others.
+    """
+    d = run.cfg["data"]
+    splits, error = None, None
+    for rank0_turn in ((True, False) if run.distributed else (True,)):
+        if run.is_main == rank0_turn:
+            try:
+                splits = cifar10.cifar10_splits(d["root"], download=d["download"] and run.is_main)
+            except UsageError as e:
+                error = e
+        if _any_rank(run, error is not None):
+            raise error or OtherRankFailed(f"another rank could not load CIFAR-10 from {d['root']}")
+    if d["subset"] > 0:
+        splits = {name: Subset(ds, range(min(d["subset"], len(ds)))) for name, ds in splits.items()}
+    return splits
+
+
+def build_model(model_cfg: dict) -> torch.nn.Module:
+    """vit: timm's ViT configured by paper.yaml's ``model`` section."""
+    return build_vit(num_classes=NUM_CLASSES, **model_cfg)
+
+
+def loss_fn(model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict]:
+    """Mean cross entropy of a batch, and its accuracy (fraction of correct top-1 predictions)."""
+    images, labels = batch
+    logits = model(images)
+    acc = (logits.argmax(-1) == labels).float().mean()
+    return F.cross_entropy(logits, labels), {"acc": acc}
+
+
+def forward(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = batch
+    return model(images), labels
+
+
+def per_rank_batch(run: Run) -> int:
+    """The micro-batch one rank feeds forward: global batch / (ranks x accumulation steps)."""
+    t = run.cfg["train"]
+    accumulation = int(t["gradient_accumulation_steps"])
+    share = run.world_size * accumulation
+    if t["batch_size"] % share:
+        raise UsageError(
+            f"train.batch_size={t['batch_size']} (the global batch) must be divisible by the "
+            f"{run.world_size} rank(s) x train.gradient_accumulation_steps={accumulation}"
+        )
+    return t["batch_size"] // share
+
+
+def evaluate_best_on_test(run: Run, model: torch.nn.Module, test_set, batch_size: int, steps_per_epoch: int,
+                     summary: dict) -> dict | None:
+    """Evaluate the best-validation-accuracy weights (``best_model.pt``) on the test set (rank 0).
+
+    Appends a ``test_at_best_val`` record (at the step the weights are from) to
+    ``metrics.jsonl`` and adds it to the summary; returns the record.
+    """
+    path = run.dir / BEST_MODEL
+    if not path.exists():  # no finite validation accuracy was ever measured
+        return None
+    best = ckpt.load(path, run.device)
+    if summary.get("best") and best["step"] != summary["best"]["step"]:
+        # Only after a hard kill between saving the best weights and the checkpoint,
+        # followed by a resume that did not reproduce the run exactly (GPU nondeterminism).
+        print(f"warning: {path} is from step {best['step']}, the best validation accuracy logged is at step "
+              f"{summary['best']['step']}; evaluating the weights in {path}", file=sys.stderr, flush=True)
+    model.load_state_dict(best["model"])
+    solo = dataclasses.replace(run, rank=0, world_size=1)  # the whole test set, on this process alone
+    model.eval()
+    with torch.no_grad(), run.autocast():
+        (result,) = classification_evaluate(solo, model, {"test_at_best_val": eval_loader(
+            solo, test_set, batch_size, loader_kwargs=cifar10.loader_kwargs(run.device))}, forward)
+    record = {"step": best["step"], **result, "epoch": best["step"] / steps_per_epoch, "val_acc": best["val_acc"]}
+    MetricsLog(run.dir).log(record)
+    summary["final"]["test_at_best_val"] = {k: v for k, v in record.items() if k != "split"}
+    summary["test_at_best_val"] = summary["final"]["test_at_best_val"]
+    return record
+
+
+def main(argv=None, experiment: str = "vit", build_model: Callable[[dict], torch.nn.Module] = build_model,
+         keep_best: bool = False) -> int:
+    """Train ``build_model(cfg["model"])`` on CIFAR-10 under ``<experiment>/configs``.
+
+    Args:
+        keep_best: cifar's protocol. Only validation is evaluated during training; the
+            weights with the best validation accuracy are kept (``best_model.pt`` in the run
+            directory) and evaluated on the test set once training ends. Otherwise (vit)
+            validation and test are evaluated at every evaluation point and ``best`` is
+            the lowest validation loss.
+    """
+    run = start(experiment, argv)
+    if run is None:
+        return 0
+    t = run.cfg["train"]
+    try:
+        micro_batch = per_rank_batch(run)
+        splits = load_cifar10(run)
+    except UsageError as e:
+        if not isinstance(e, OtherRankFailed):
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    model = build_model(run.cfg["model"])
+    accumulation = int(t["gradient_accumulation_steps"])
+    # A DataLoader draws its workers' base seed when iterated: from the global torch RNG
+    # unless given a generator. A run resumed mid-epoch starts its loader at a different
+    # moment, so that draw would shift the dropout masks; a private generator keeps the
+    # global stream exact (augmentation is seeded per item, so the workers' seeds do not matter).
+    kwargs = {**cifar10.loader_kwargs(run.device), "generator": torch.Generator().manual_seed(run.seed)}
+    train = EpochBatches(splits["train"], micro_batch, run.seed, run.rank, run.world_size, loader_kwargs=kwargs)
+    steps_per_epoch, uneven = divmod(train.steps_per_epoch, accumulation)
+    evals = int(t["evals_per_epoch"])
+    try:
+        if uneven or steps_per_epoch == 0:
+            raise UsageError(f"train.gradient_accumulation_steps={accumulation} must divide the "
+                             f"{train.steps_per_epoch} micro-batches of an epoch on each rank")
+        if evals < 1 or steps_per_epoch % evals:
+            raise UsageError(f"train.evals_per_epoch={evals} must divide the {steps_per_epoch} steps of an epoch")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    eval_splits = ("val",) if keep_best else ("val", "test")
+    loaders = {name: eval_loader(run, splits[name], micro_batch, loader_kwargs=kwargs) for name in eval_splits}
+    last_eval = {"step": 0}
+
+    def evaluate(model, step):
+        last_eval["step"] = step
+        return classification_evaluate(run, model, loaders, forward)
+
+    def on_best(raw, record):
+        # Called on rank 0 right after the evaluation at last_eval["step"] improved val acc;
+        # fit's checkpoint follows, so after a crash the resumed run redoes this.
+        ckpt.save_atomic({"model": {k: v.detach().to("cpu", copy=True) for k, v in raw.state_dict().items()},
+                          "step": last_eval["step"], "val_acc": record["acc"], "val_loss": record["loss"]},
+                         run.dir / BEST_MODEL)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    run.print(f"{experiment}: {type(model).__name__} with {n_params / 1e6:.2f}M parameters; CIFAR-10 "
+              + "/".join(f"{len(splits[s])}" for s in ("train", "val", "test")) + " train/val/test images; "
+              f"batch {t['batch_size']} ({micro_batch} per rank and micro-batch), {steps_per_epoch} steps/epoch "
+              f"x {t['epochs']} epochs; optimizer {run.cfg['optimizer']}; device {run.device} ({run.precision})")
+
+    summary = fit(
+        run, model, train, loss_fn=loss_fn, evaluate=evaluate,
+        total_steps=t["epochs"] * steps_per_epoch,
+        eval_interval=steps_per_epoch // evals,
+        steps_per_epoch=steps_per_epoch,
+        select=("val", "acc", "max") if keep_best else ("val", "loss", "min"),
+        on_best=on_best if keep_best else None,
+    )
+    if run.is_main:
+        records = read_metrics(run.dir)
+        for key, mode in (("loss", "min"), ("acc", "max")):
+            best = best_of(records, "val", key, mode)
+            if best is not None:
+                summary[f"best_val_{key}"] = best[key]
+        if keep_best:
+            record = evaluate_best_on_test(run, model, splits["test"], micro_batch, steps_per_epoch, summary)
+            if record is not None:
+                run.print(f"test at the best validation accuracy (step {record['step']}): "
+                          f"acc {record['acc']:.4f}, loss {record['loss']:.4f}")
+        write_summary(run.dir, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
