@@ -1,0 +1,187 @@
+"""Train DistilBERT on a GLUE task with one optimizer: the paper's bert experiment.
+
+    python -m bert.train --task sst2 --optimizer ikfad --seed 0 [--config FILE] [--set key=value ...] [--out DIR]
+    torchrun --nproc_per_node 4 -m bert.train --task qnli --optimizer cadam --seed 1
+
+- ``--task sst2``: ``DistilBertForSequenceClassification(DistilBertConfig(num_labels=2))``
+  trained from random initialisation on SST-2 (single sentences).
+- ``--task qnli``: pretrained ``distilbert-base-uncased`` with a fresh 2-way head,
+  fine-tuned on QNLI ((question, sentence) pairs).
+
+Both: GLUE's train+validation merged and split 70/15/15 (``bert/data.py``), batch
+16, 2 epochs, fp32, no clipping, constant step size; validation and test loss and
+accuracy 10 times per epoch. The protocol is ``bert/configs/<task>/paper.yaml``,
+the optimizer's hyperparameters default to ``bert/configs/<task>/best.yaml`` and the
+run directory (default ``runs/bert/<task>/<optimizer>/seed<S>``) gets
+``config.yaml``, ``metrics.jsonl``, ``summary.json`` and ``checkpoint.pt``;
+re-running the command resumes it. The run's ``experiment`` is ``bert-<task>``, so
+reports keep the tasks apart.
+
+``train.batch_size`` is the number of examples per optimizer update, whatever the
+number of processes: each of K ranks takes ``batch_size / (K * accumulation)`` of
+them, and together the ranks take exactly the examples a single process would
+(``harness.data.EpochBatches`` deals every K-th index of the epoch's permutation).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from bert.data import TASKS, check_task, collate_fn, glue_splits, load_tokenizer
+from bert.model import build_model
+from harness import run as harness_run
+from harness.config import REPO
+from harness.data import EpochBatches, classification_evaluate, eval_loader
+from harness.errors import UsageError
+from harness.loop import fit
+from harness.run import Run, start
+
+CONFIGS = REPO / "bert" / "configs"
+PREPARE = "python -m bert.prepare --task {task}"
+# model.* keys that are not DistilBertConfig fields.
+NOT_CONFIG_FIELDS = ("pretrained",)
+
+
+def parse_task(argv: list[str]) -> tuple[str, list[str]]:
+    """Split ``--task NAME`` off the command line; the rest is the harness's standard arguments."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--task")
+    args, rest = pre.parse_known_args(argv)
+    if any(a in ("-h", "--help") for a in rest):
+        full = harness_run.parser("bert")
+        full.add_argument("--task", required=True, choices=TASKS, help="the GLUE task")
+        full.print_help()
+        raise SystemExit(0)
+    if args.task is None:
+        raise UsageError(f"--task is required; valid tasks: {', '.join(TASKS)}")
+    return check_task(args.task), rest
+
+
+def micro_batch_size(train_cfg: dict, world_size: int) -> int:
+    """Examples per rank per forward pass: the global batch over ranks and accumulation steps."""
+    batch, accumulation = int(train_cfg["batch_size"]), int(train_cfg["gradient_accumulation_steps"])
+    parts = world_size * accumulation
+    if batch < 1 or accumulation < 1 or batch % parts:
+        raise UsageError(
+            f"train.batch_size {batch} must be a positive multiple of ranks x train.gradient_accumulation_steps "
+            f"= {world_size} x {accumulation}")
+    return batch // parts
+
+
+def load_splits(run: Run, task: str, tokenizer, data_cfg: dict) -> dict:
+    """The tokenized train/val/test splits: rank 0 builds the disk cache, then the others read it.
+
+    A UsageError on rank 0 (no network, a bad ``data.raw``) is passed to every rank,
+    so that all of them stop instead of waiting for each other.
+    """
+    kwargs = dict(cache_dir=data_cfg["cache_dir"], raw=data_cfg["raw"], max_length=int(data_cfg["max_length"]))
+    splits, error = None, None
+    if run.is_main:
+        try:
+            splits = glue_splits(task, tokenizer, **kwargs)
+        except UsageError as e:
+            error = f"{e} (prepare it with `{PREPARE.format(task=task)}` where the network is reachable, " \
+                    f"or --set data.raw=DIR)"
+    if run.distributed:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UsageError(error)
+    return splits if splits is not None else glue_splits(task, tokenizer, **kwargs)
+
+
+def by_length(dataset):
+    """``dataset`` reordered by sequence length: evaluation batches then need little padding.
+
+    Evaluation sums losses and correct predictions, so the order does not change the result.
+    """
+    lengths = np.array([len(ids) for ids in dataset["input_ids"]])
+    return dataset.select(np.argsort(lengths, kind="stable").tolist())
+
+
+def model_overrides(model_cfg: dict, task: str, vocab_size: int) -> dict:
+    """The DistilBertConfig fields set in ``model.*`` (null means DistilBERT's default)."""
+    overrides = {k: v for k, v in model_cfg.items() if k not in NOT_CONFIG_FIELDS and v is not None}
+    if task == "sst2":
+        # From scratch the embedding table must match the tokenizer (30522 for distilbert-base-uncased).
+        overrides.setdefault("vocab_size", vocab_size)
+    return overrides
+
+
+def forward(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, 2), labels (B,)) of a collated batch."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.logits, batch["labels"]
+
+
+def loss_fn(model, batch) -> tuple[torch.Tensor, dict]:
+    """Mean cross-entropy (nats) of the batch and its accuracy."""
+    logits, labels = forward(model, batch)
+    loss = F.cross_entropy(logits.float(), labels)
+    return loss, {"acc": (logits.argmax(-1) == labels).float().mean()}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        task, rest = parse_task(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run = start(f"bert-{task}", rest, configs_dir=CONFIGS / task,
+                default_out=f"runs/bert/{task}/{{optimizer}}/seed{{seed}}")
+    if run is None:
+        return 0
+    d, m, t = run.cfg["data"], run.cfg["model"], run.cfg["train"]
+    try:
+        micro = micro_batch_size(t, run.world_size)
+        tokenizer = load_tokenizer(d["tokenizer"])
+        splits = load_splits(run, task, tokenizer, d)
+        # Seeded by start(): every rank draws the same initial weights.
+        model = build_model(task, pretrained=m.get("pretrained"),
+                            config_overrides=model_overrides(m, task, len(tokenizer)))
+    except UsageError as e:
+        if run.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    n_params = sum(p.numel() for p in model.parameters())
+    run.print(f"bert-{task}: DistilBERT with {n_params / 1e6:.2f}M parameters "
+              f"({'pretrained ' + str(m['pretrained']) if task == 'qnli' else 'random init'}), "
+              f"{', '.join(f'{k} {len(v)}' for k, v in splits.items())} examples, "
+              f"optimizer {run.cfg['optimizer']}, device {run.device} ({run.precision}), {run.world_size} rank(s)")
+
+    collate = collate_fn(tokenizer)
+    # A DataLoader draws a seed for its workers from the generator it is given, by default
+    # torch's global one, which also drives dropout: a private generator keeps a resumed
+    # run's dropout masks those of the uninterrupted run (the loaders use no workers).
+    train = EpochBatches(splits["train"], micro, run.seed, run.rank, run.world_size, collate_fn=collate,
+                         loader_kwargs={"generator": torch.Generator()})
+    accumulation = int(t["gradient_accumulation_steps"])
+    steps_per_epoch = math.ceil(train.steps_per_epoch / accumulation)
+    # evals_per_epoch evaluations per epoch (the last one within a few steps of the epoch's end
+    # when they do not divide it), plus the untrained model's at step 0.
+    eval_interval = max(1, steps_per_epoch // int(t["evals_per_epoch"]))
+    loaders = {name: eval_loader(run, by_length(splits[name]), int(t["eval_batch_size"]), collate_fn=collate)
+               for name in ("val", "test")}
+    fit(
+        run, model, train,
+        loss_fn=loss_fn,
+        evaluate=lambda model, step: classification_evaluate(run, model, loaders, forward),
+        total_steps=int(t["epochs"]) * steps_per_epoch,
+        eval_interval=eval_interval,
+        steps_per_epoch=steps_per_epoch,
+        select=("val", "loss", "min"),  # the sweeps' objective: best validation loss
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

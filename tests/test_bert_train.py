@@ -1,0 +1,226 @@
+"""bert.train end to end on its smoke configs: generated GLUE-shaped data (bert.prepare --smoke),
+the offline distilbert-base-uncased tokenizer, a tiny DistilBERT; offline, CPU."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from bert import train as bert_train
+from bert.data import collate_fn, glue_splits, load_tokenizer
+from bert.model import build_model
+from bert.prepare import TINY_CONFIG, prepare_smoke
+from harness.loop import EXIT_INTERRUPTED, STOP_AFTER_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = [("sst2", "adam"), ("sst2", "ikfad"), ("qnli", "cadam"), ("qnli", "msgd")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: more threads only contend.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bert")
+    paths = prepare_smoke(root / "data")
+    paths["cache"] = root / "cache"
+    return paths
+
+
+def args(smoke, task, optimizer, out=None, seed=1, *extra):
+    argv = ["--task", task, "--optimizer", optimizer, "--seed", str(seed),
+            "--config", str(ROOT / "bert" / "configs" / task / "smoke.yaml"),
+            "--set", f"data.raw={smoke[task]}", "--set", f"data.tokenizer={smoke['tokenizer']}",
+            "--set", f"data.cache_dir={smoke['cache']}"]
+    if task == "qnli":
+        argv += ["--set", f"model.pretrained={smoke['pretrained']}"]
+    return argv + (["--out", str(out)] if out else []) + list(extra)
+
+
+def records(run_dir, drop=("time_s",)):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def runs(smoke, tmp_path_factory):
+    """The four smoke runs, each in its default run directory under a scratch working directory."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        for task, optimizer in RUNS:
+            assert bert_train.main(args(smoke, task, optimizer)) == 0
+    finally:
+        os.chdir(old)
+    return {(task, opt): cwd / "runs" / "bert" / task / opt / "seed1" for task, opt in RUNS}
+
+
+@pytest.mark.parametrize("task, optimizer", RUNS)
+def test_smoke_runs_write_the_run_contract(runs, task, optimizer):
+    out = runs[(task, optimizer)]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "summary.json"]
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    best = yaml.safe_load((ROOT / "bert" / "configs" / task / "best.yaml").read_text())
+    assert cfg["experiment"] == f"bert-{task}" and cfg["optimizer"] == {"name": optimizer, **best[optimizer]}
+    assert cfg["train"]["epochs"] == 2 and cfg["train"]["evals_per_epoch"] == 10 and cfg["train"]["batch_size"] == 4
+    rows = records(out)
+    # 40 training examples in batches of 4: 10 steps per epoch, 2 epochs, 10 evaluations per epoch
+    # (20 points per curve) after the untrained model's at step 0.
+    for split in ("val", "test"):
+        evals = [r for r in rows if r["split"] == split]
+        assert [r["step"] for r in evals] == list(range(21))
+        assert [r["epoch"] for r in evals] == [s / 10 for s in range(21)]
+        assert all(math.isfinite(r["loss"]) and 0 <= r["acc"] <= 1 for r in evals)
+        assert all(round(r["acc"] * 9) == r["acc"] * 9 for r in evals)  # 9 examples per split
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 21)) and all("acc" in r for r in train)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == summary["total_steps"] == 20
+    assert summary["experiment"] == f"bert-{task}" and summary["optimizer"] == optimizer
+    val = [r for r in rows if r["split"] == "val"]
+    assert summary["best_val_loss"] == min(r["loss"] for r in val)
+    assert summary["final"]["test"]["step"] == 20
+
+
+@pytest.mark.parametrize("task", ["sst2", "qnli"])
+def test_final_test_record_is_the_checkpoints_test_accuracy(smoke, runs, task):
+    # Recompute the last test point by hand from the saved weights: the logged numbers are
+    # the model's loss and accuracy on the test split, not on something else.
+    out = runs[(task, RUNS[0][1] if task == "sst2" else RUNS[2][1])]
+    tokenizer = load_tokenizer(smoke["tokenizer"])
+    test = glue_splits(task, tokenizer, cache_dir=smoke["cache"], raw=smoke[task], max_length=64)["test"]
+    overrides = dict(TINY_CONFIG, vocab_size=len(tokenizer)) if task == "sst2" else {}
+    model = build_model(task, pretrained=str(smoke["pretrained"]), config_overrides=overrides)
+    model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
+    model.eval()
+    with torch.no_grad():
+        batch = collate_fn(tokenizer)([test[i] for i in range(len(test))])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    last = [r for r in records(out) if r["split"] == "test"][-1]
+    assert last["acc"] == (logits.argmax(-1) == batch["labels"]).sum().item() / len(test)
+    assert last["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, batch["labels"]).item(), rel=1e-5)
+
+
+def test_kill_and_resume_gives_identical_metrics(smoke, runs, tmp_path, monkeypatch):
+    parts = tmp_path / "parts"
+    monkeypatch.setenv(STOP_AFTER_ENV, "7")  # stop mid-epoch
+    with pytest.raises(SystemExit) as stop:
+        bert_train.main(args(smoke, "qnli", "cadam", parts))
+    assert stop.value.code == EXIT_INTERRUPTED
+    assert json.loads((parts / "summary.json").read_text())["status"] == "interrupted"
+    assert max(r["step"] for r in records(parts)) == 7
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    assert bert_train.main(args(smoke, "qnli", "cadam", parts)) == 0
+    assert records(parts) == records(runs[("qnli", "cadam")])
+    # A completed run is not redone.
+    before = (parts / "metrics.jsonl").read_bytes()
+    assert bert_train.main(args(smoke, "qnli", "cadam", parts)) == 0
+    assert (parts / "metrics.jsonl").read_bytes() == before
+
+
+def test_sst2_from_scratch_learns_the_generated_sentiment(smoke, tmp_path):
+    # 500 + 100 generated rows whose label is carried by mood words: a tiny DistilBERT from
+    # random init gets them right after 2 epochs of Adam, so texts, labels, padding and the
+    # attention mask reach the model as they should.
+    import datasets
+    from bert.prepare import glue_like
+
+    raw = tmp_path / "sst2-600"
+    datasets.DatasetDict(train=glue_like("sst2", 500, seed=5), validation=glue_like("sst2", 100, seed=6)).save_to_disk(str(raw))
+    out = tmp_path / "run"
+    assert bert_train.main(args(smoke, "sst2", "adam", out, 1, "--set", f"data.raw={raw}", "--set", "optimizer.lr=3e-3",
+                                "--set", "train.batch_size=16", "--set", "train.evals_per_epoch=1")) == 0
+    test = [r for r in records(out) if r["split"] == "test"]
+    assert [r["step"] for r in test] == [0, 27, 54]  # 420 examples: 27 batches of 16 per epoch
+    assert test[0]["acc"] < 0.7 and test[-1]["acc"] >= 0.9 and test[-1]["loss"] < 0.5 * test[0]["loss"]
+
+
+def test_global_batch_is_the_same_examples_on_any_number_of_ranks():
+    # train.batch_size counts examples per update: 2 ranks x 2 micro-batches of 2 (accumulation)
+    # take exactly the single process's batches of 8, epoch after epoch.
+    from harness.data import EpochBatches
+
+    items = list(range(37))
+    assert bert_train.micro_batch_size({"batch_size": 8, "gradient_accumulation_steps": 2}, 2) == 2
+    one = EpochBatches(items, 8, seed=3)
+    ranks = [EpochBatches(items, 2, seed=3, rank=r, world_size=2) for r in range(2)]
+    for epoch in range(2):
+        single = [[i for i, _ in b] for b in one.epoch_batches(epoch)]
+        split = [[[i for i, _ in b] for b in r.epoch_batches(epoch)] for r in ranks]
+        for step, batch in enumerate(single[:-1]):  # the last, partial batch is dealt unevenly
+            micro = [split[r][2 * step + a] for r in range(2) for a in range(2)]
+            assert sorted(sum(micro, [])) == sorted(batch)
+
+
+def one_line_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv", [["--task", "mnli"], ["--task=SST2"], []])
+def test_unknown_or_missing_task_is_a_one_line_error(argv, capsys, tmp_path):
+    assert bert_train.main([*argv, "--optimizer", "adam", "--out", str(tmp_path / "x")]) == 2
+    line = one_line_error(capsys)
+    assert "sst2" in line and "qnli" in line and ("unknown" in line or "required" in line)
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_lists_task_and_the_standard_arguments(capsys):
+    with pytest.raises(SystemExit) as done:
+        bert_train.main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "python -m bert.train" in text and "{sst2,qnli}" in text and "--optimizer" in text
+
+
+@pytest.mark.parametrize("task, extra, message", [
+    ("sst2", ["--set", "data.raw={tmp}/nowhere"], "is not a directory"),
+    ("qnli", ["--set", "model.pretrained={tmp}/no-model"], "could not load the pretrained model"),
+    ("sst2", ["--set", "train.batch_size=6", "--set", "train.gradient_accumulation_steps=4"],
+     "train.batch_size 6 must be a positive multiple of ranks x train.gradient_accumulation_steps = 1 x 4"),
+    ("qnli", ["--set", "model.dim=64"], "unknown key 'model.dim'; valid keys: .*model.pretrained"),
+])
+def test_bad_data_model_or_batch_is_a_one_line_error(smoke, tmp_path, capsys, task, extra, message):
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    out = tmp_path / "run"
+    assert exit_status(args(smoke, task, "adam", out, 1, *extra)) == 2
+    assert re.search(message, one_line_error(capsys))
+    assert not out.exists()
+
+
+def exit_status(argv) -> int:
+    """main's return value, or the status it exits with (the harness exits on config errors)."""
+    try:
+        return bert_train.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_missing_glue_offline_is_a_one_line_error_naming_the_prepare_command(smoke, tmp_path):
+    # The real command, in a fresh process: GLUE from the Hub (data.raw null) is not cached
+    # and the Hub is unreachable (offline mode).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bert.train", "--task", "sst2", "--optimizer", "adam",
+         "--set", f"data.tokenizer={smoke['tokenizer']}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
+         "--out", str(tmp_path / "run")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not load the dataset nyu-mll/glue/sst2"), proc.stderr
+    assert "python -m bert.prepare --task sst2" in lines[0] and "data.raw" in lines[0]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
