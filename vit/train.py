@@ -18,10 +18,14 @@ What is recorded:
   and accuracy of the training batches since the previous evaluation, measured on the
   augmented images, dropout on), then ``val`` and, for vit, ``test`` records (mean
   cross entropy and accuracy over the whole split, eval mode);
+- cifar only: in the last evaluation, a ``test_at_best_val`` record: the test loss and
+  accuracy of the weights with the best validation accuracy (kept in ``best_model.pt``),
+  with their ``best_step``, ``best_epoch`` and ``val_acc``;
 - ``summary.json``: ``best`` is the lowest validation loss for vit (what the paper's
   Optuna sweeps minimise) and the highest validation accuracy for cifar (its checkpoint
   criterion); both experiments also get ``best_val_loss`` and ``best_val_acc``, and
-  ``final`` holds the last record of each split (vit's headline: final test accuracy).
+  ``final`` holds the last record of each split (vit's headline: ``final.test.acc``;
+  cifar's: ``final.test_at_best_val.acc``, also at ``test_at_best_val``).
 
 ``train.batch_size`` is the global batch: the images in one optimizer step, summed over
 the ranks and the micro-batches of gradient accumulation, so that a run on K GPUs takes
@@ -30,7 +34,7 @@ in cifar's ResNet, are per rank). It must be divisible by ranks x accumulation s
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
 import sys
 from typing import Callable
 
@@ -42,7 +46,7 @@ from torch.utils.data import Subset
 from harness import checkpoint as ckpt
 from harness.data import EpochBatches, classification_evaluate, eval_loader
 from harness.errors import UsageError
-from harness.logging import MetricsLog, best_of, read_metrics, write_summary
+from harness.logging import best_of, read_metrics, write_summary
 from harness.loop import fit
 from harness.run import Run, start
 from vit import data as cifar10
@@ -123,33 +127,29 @@ def per_rank_batch(run: Run) -> int:
     return t["batch_size"] // share
 
 
-def evaluate_best_on_test(run: Run, model: torch.nn.Module, test_set, batch_size: int, steps_per_epoch: int,
-                     summary: dict) -> dict | None:
-    """Evaluate the best-validation-accuracy weights (``best_model.pt``) on the test set (rank 0).
+def best_weights_on_test(run: Run, raw: torch.nn.Module, model: torch.nn.Module, step: int, val_record: dict,
+                         test_loader, steps_per_epoch: int) -> dict:
+    """cifar's ``test_at_best_val`` record: test loss and accuracy of the weights with the best
+    validation accuracy (``raw``: the model unwrapped; ``model``: as the loop runs it).
 
-    Appends a ``test_at_best_val`` record (at the step the weights are from) to
-    ``metrics.jsonl`` and adds it to the summary; returns the record.
+    Called inside the last evaluation of a run, on every rank (the test set is sharded
+    like the validation set). The best weights are the current ones if ``val_record``
+    (this evaluation's) beats every earlier validation accuracy (the training loop's
+    ``on_best`` saves them right after), else those saved in ``best_model.pt``.
+    Being part of that evaluation, the record is logged, checkpointed and resumed
+    like any other.
     """
     path = run.dir / BEST_MODEL
-    if not path.exists():  # no finite validation accuracy was ever measured
-        return None
-    best = ckpt.load(path, run.device)
-    if summary.get("best") and best["step"] != summary["best"]["step"]:
-        # Only after a hard kill between saving the best weights and the checkpoint,
-        # followed by a resume that did not reproduce the run exactly (GPU nondeterminism).
-        print(f"warning: {path} is from step {best['step']}, the best validation accuracy logged is at step "
-              f"{summary['best']['step']}; evaluating the weights in {path}", file=sys.stderr, flush=True)
-    model.load_state_dict(best["model"])
-    solo = dataclasses.replace(run, rank=0, world_size=1)  # the whole test set, on this process alone
-    model.eval()
-    with torch.no_grad(), run.autocast():
-        (result,) = classification_evaluate(solo, model, {"test_at_best_val": eval_loader(
-            solo, test_set, batch_size, loader_kwargs=cifar10.loader_kwargs(run.device))}, forward)
-    record = {"step": best["step"], **result, "epoch": best["step"] / steps_per_epoch, "val_acc": best["val_acc"]}
-    MetricsLog(run.dir).log(record)
-    summary["final"]["test_at_best_val"] = {k: v for k, v in record.items() if k != "split"}
-    summary["test_at_best_val"] = summary["final"]["test_at_best_val"]
-    return record
+    saved = ckpt.load(path, run.device) if path.exists() else None
+    if saved is None or val_record["acc"] > saved["val_acc"]:  # strictly: as the loop decides
+        best_step, val_acc, candidate = step, val_record["acc"], model
+    else:
+        best_step, val_acc = saved["step"], saved["val_acc"]
+        candidate = copy.deepcopy(raw)  # the training weights stay as they are
+        candidate.load_state_dict(saved["model"])
+        candidate.eval()
+    (record,) = classification_evaluate(run, candidate, {"test_at_best_val": test_loader}, forward)
+    return {**record, "best_step": best_step, "best_epoch": best_step / steps_per_epoch, "val_acc": val_acc}
 
 
 def main(argv=None, experiment: str = "vit", build_model: Callable[[dict], torch.nn.Module] = build_model,
@@ -159,9 +159,9 @@ def main(argv=None, experiment: str = "vit", build_model: Callable[[dict], torch
     Args:
         keep_best: cifar's protocol. Only validation is evaluated during training; the
             weights with the best validation accuracy are kept (``best_model.pt`` in the run
-            directory) and evaluated on the test set once training ends. Otherwise (vit)
-            validation and test are evaluated at every evaluation point and ``best`` is
-            the lowest validation loss.
+            directory) and evaluated on the test set in the last evaluation (a
+            ``test_at_best_val`` record). Otherwise (vit) validation and test are evaluated
+            at every evaluation point and ``best`` is the lowest validation loss.
     """
     run = start(experiment, argv)
     if run is None:
@@ -195,17 +195,23 @@ def main(argv=None, experiment: str = "vit", build_model: Callable[[dict], torch
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    total_steps = t["epochs"] * steps_per_epoch
     eval_splits = ("val",) if keep_best else ("val", "test")
     loaders = {name: eval_loader(run, splits[name], micro_batch, loader_kwargs=kwargs) for name in eval_splits}
+    test_loader = eval_loader(run, splits["test"], micro_batch, loader_kwargs=kwargs)
     last_eval = {"step": 0}
 
-    def evaluate(model, step):
+    def evaluate(net, step):
         last_eval["step"] = step
-        return classification_evaluate(run, model, loaders, forward)
+        records = classification_evaluate(run, net, loaders, forward)
+        if keep_best and step == total_steps:
+            records.append(best_weights_on_test(run, model, net, step, records[0], test_loader, steps_per_epoch))
+        return records
 
     def on_best(raw, record):
-        # Called on rank 0 right after the evaluation at last_eval["step"] improved val acc;
-        # fit's checkpoint follows, so after a crash the resumed run redoes this.
+        # Rank 0, right after the evaluation at last_eval["step"] improved the validation
+        # accuracy. The loop's checkpoint follows: after a crash in between, the resumed
+        # run redoes these steps and writes the same weights again.
         ckpt.save_atomic({"model": {k: v.detach().to("cpu", copy=True) for k, v in raw.state_dict().items()},
                           "step": last_eval["step"], "val_acc": record["acc"], "val_loss": record["loss"]},
                          run.dir / BEST_MODEL)
@@ -218,7 +224,7 @@ def main(argv=None, experiment: str = "vit", build_model: Callable[[dict], torch
 
     summary = fit(
         run, model, train, loss_fn=loss_fn, evaluate=evaluate,
-        total_steps=t["epochs"] * steps_per_epoch,
+        total_steps=total_steps,
         eval_interval=steps_per_epoch // evals,
         steps_per_epoch=steps_per_epoch,
         select=("val", "acc", "max") if keep_best else ("val", "loss", "min"),
@@ -230,11 +236,10 @@ def main(argv=None, experiment: str = "vit", build_model: Callable[[dict], torch
             best = best_of(records, "val", key, mode)
             if best is not None:
                 summary[f"best_val_{key}"] = best[key]
-        if keep_best:
-            record = evaluate_best_on_test(run, model, splits["test"], micro_batch, steps_per_epoch, summary)
-            if record is not None:
-                run.print(f"test at the best validation accuracy (step {record['step']}): "
-                          f"acc {record['acc']:.4f}, loss {record['loss']:.4f}")
+        if "test_at_best_val" in summary["final"]:
+            summary["test_at_best_val"] = result = summary["final"]["test_at_best_val"]
+            run.print(f"test at the best validation accuracy (step {result['best_step']}): "
+                      f"acc {result['acc']:.4f}, loss {result['loss']:.4f}")
         write_summary(run.dir, summary)
     return 0
 
