@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Tune one optimizer on one experiment with Optuna, the paper's way (TPE, best validation loss,
+# the search space and budget of <exp>/configs/space.yaml). One trial = one run directory under
+# runs/sweeps/<exp>/<optimizer>/trial-<k>/; the study is runs/sweeps/<exp>/<optimizer>/study.db.
+#
+#   bash scripts/sweep.sh <exp> <optimizer> [--trials N] [more options of python -m harness.sweep]
+#   bash scripts/sweep.sh nano cd --trials 80
+#   bash scripts/sweep.sh bert/sst2 cadam --pruner median
+#   bash scripts/sweep.sh export nano cd --out tuned-cd.yaml      # (or: plot nano cd)
+#
+# Several workers may run on one study at once (one per GPU):
+#   for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i bash scripts/sweep.sh nano cd --worker $i & done; wait
+# Killing a worker loses nothing: run the same command again.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY="${PYTHON:-.venv/bin/python}"
+if [ ! -x "$PY" ] && ! command -v "$PY" >/dev/null 2>&1; then PY=python3; fi
+if [ $# -lt 2 ]; then
+  echo "usage: bash scripts/sweep.sh <exp> <optimizer> [--trials N] [options of python -m harness.sweep]" >&2
+  exit 2
+fi
+exec "$PY" -m harness.sweep "$@"

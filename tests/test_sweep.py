@@ -1,0 +1,281 @@
+"""Optuna sweeps, step-size robustness scans and scripts/figures.sh on the nano smoke config.
+
+Every trial and every scan point is a real ``python -m nano.train`` subprocess (a few seconds
+each), so the scenarios share module-scoped fixtures and use 4-iteration runs.
+"""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from harness import robustness, sweep
+from harness.errors import UsageError
+from harness.loop import EXIT_INTERRUPTED, STOP_AFTER_ENV
+from nano import train as nano_train
+from nano.prepare import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "nano" / "configs" / "smoke.yaml")
+TINY = ["--set", "train.max_iters=4", "--set", "train.eval_interval=2", "--set", "train.eval_iters=2"]
+
+
+@pytest.fixture(scope="module")
+def child_env():
+    """One torch thread per child run: the trials of these tests are run one at a time on 2 cores."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.delenv(STOP_AFTER_ENV, raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def nano_data(tmp_path_factory):
+    return prepare(source="packaged", out_dir=tmp_path_factory.mktemp("nano") / "data", plays=2)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A runs/ folder shared by the scenarios below (and rendered by scripts/figures.sh)."""
+    return tmp_path_factory.mktemp("repo") / "runs"
+
+
+def sweep_args(data, runs, *extra, optimizer="cd"):
+    return ["nano", optimizer, "--config", SMOKE, "--set", f"data.dir={data}", *TINY,
+            "--out-root", str(runs / "sweeps"), "--poll", "0.2", *extra]
+
+
+def study_of(runs, optimizer="cd"):
+    url = f"sqlite:///{runs / 'sweeps' / 'nano' / optimizer / 'study.db'}"
+    return optuna.load_study(study_name=f"nano-{optimizer}", storage=url)
+
+
+def val_steps(run_dir):
+    rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if r["split"] == "val"]
+
+
+def wait_for(predicate, timeout=90.0):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def cd_study(child_env, nano_data, runs):
+    """A 6-trial cd sweep stopped three ways before it finishes:
+    1. a worker asked for 3 trials (then finished);
+    2. a worker whose trial's run is stopped as by SIGTERM mid-run (exit 75): the worker fails the
+       trial, re-enqueues it and exits 75;
+    3. a worker SIGKILLed while its trial's run starts: the next worker on this host fails the trial
+       (its pid is gone) and re-enqueues it;
+    then a last worker completes the study."""
+    assert sweep.main(sweep_args(nano_data, runs, "--trials", "3", "--no-plot")) == 0
+    after_first = study_of(runs).get_trials()
+
+    worker = [sys.executable, "-m", "harness.sweep", *sweep_args(nano_data, runs, "--trials", "6", "--no-plot")]
+    stopped = subprocess.run(worker, cwd=ROOT, env={**os.environ, STOP_AFTER_ENV: "2"}, capture_output=True, text=True)
+    after_stop = study_of(runs).get_trials()
+
+    killed = subprocess.Popen(worker, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: (runs / "sweeps" / "nano" / "cd" / "trial-5" / "train.log").exists())
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert [t.state for t in study_of(runs).get_trials() if t.number == 5] == [TrialState.RUNNING]
+
+    assert sweep.main(sweep_args(nano_data, runs, "--trials", "6")) == 0
+    return {"after_first": after_first, "stopped": stopped, "after_stop": after_stop, "study": study_of(runs)}
+
+
+def test_sweep_survives_interruptions_and_runs_no_trial_twice(cd_study, runs):
+    assert [t.state for t in cd_study["after_first"]] == [TrialState.COMPLETE] * 3
+
+    # The SIGTERM-like stop: trial 3 failed, its retry (trial 4) queued with the same parameters.
+    assert cd_study["stopped"].returncode == EXIT_INTERRUPTED, cd_study["stopped"].stderr
+    t3, t4 = cd_study["after_stop"][3], cd_study["after_stop"][4]
+    assert (t3.state, t4.state) == (TrialState.FAIL, TrialState.WAITING)
+    assert t4.params == t3.params and t4.user_attrs["root"] == 3
+
+    study = cd_study["study"]
+    by_state = {s: sorted(t.number for t in study.get_trials() if t.state == s) for s in TrialState}
+    # 0-2 (first worker), 4 = retry of 3, 6 = retry of 5 (the killed worker's trial), 7 new.
+    assert by_state[TrialState.COMPLETE] == [0, 1, 2, 4, 6, 7]
+    assert by_state[TrialState.FAIL] == [3, 5] and not by_state[TrialState.RUNNING]
+    assert by_state[TrialState.WAITING] == []
+
+    # No run directory serves two finished trials, and every one ran its schedule exactly once.
+    complete = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    dirs = sorted(Path(t.user_attrs["run_dir"]).name for t in complete)
+    assert dirs == ["trial-0", "trial-1", "trial-2", "trial-3", "trial-5", "trial-7"]
+    assert sorted(p.name for p in (runs / "sweeps" / "nano" / "cd").glob("trial-*")) == dirs
+    for t in complete:
+        run_dir = Path(t.user_attrs["run_dir"])
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+        assert val_steps(run_dir) == [0, 2, 4]
+        assert t.value == pytest.approx(sweep.run_result(run_dir)[1])
+        assert t.user_attrs["seed"] == 1337  # nano's first paper seed, for every trial
+        assert not (run_dir / "checkpoint.pt").exists()  # finished trials keep no checkpoint
+    # The stopped trial's run resumed from its checkpoint instead of starting again.
+    log = (runs / "sweeps" / "nano" / "cd" / "trial-3" / "train.log").read_text()
+    assert log.count("$ ") == 2 and "Resuming" in log
+    # The figures next to the study.
+    for name in ("history.png", "importances.png", "study.md"):
+        assert (runs / "sweeps" / "nano" / "cd" / name).stat().st_size > 0
+
+
+def test_a_finished_study_runs_nothing_more(cd_study, nano_data, runs):
+    before = len(study_of(runs).trials)
+    assert sweep.main(sweep_args(nano_data, runs, "--trials", "6", "--no-plot")) == 0
+    assert len(study_of(runs).trials) == before
+
+
+def test_export_writes_best_yaml_format_that_nano_train_accepts(cd_study, nano_data, runs, tmp_path):
+    best = cd_study["study"].best_params
+    out = tmp_path / "tuned.yaml"
+    base = ["export", "nano", "cd", "--out-root", str(runs / "sweeps"), "--out", str(out)]
+    assert sweep.main(base) == 0
+    assert yaml.safe_load(out.read_text()) == {"cd": best}
+    assert sweep.main(base) == 2  # never overwritten without --force
+    assert sweep.main(base + ["--force"]) == 0
+
+    run_dir = tmp_path / "run"
+    assert nano_train.main(["--optimizer", "cd", "--config", str(out), "--set", f"data.dir={nano_data}", *TINY,
+                            "--out", str(run_dir)]) == 0
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["optimizer"] == {"name": "cd", **best}
+
+
+def test_write_best_replaces_one_entry_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "best.yaml"
+    text = (ROOT / "nano" / "configs" / "best.yaml").read_text()
+    path.write_text(text)
+    sweep.write_best(path, "cd", {"h": 0.25, "gamma": 1.0e-5, "c": 3.0})
+    new = path.read_text()
+    assert yaml.safe_load(new) == {**yaml.safe_load(text), "cd": {"h": 0.25, "gamma": 1.0e-5, "c": 3.0}}
+    assert [l for l in new.splitlines() if not l.startswith("cd:")] == \
+        [l for l in text.splitlines() if not l.startswith("cd:")]  # comments and other entries untouched
+    sweep.write_best(path, "ldhd", {"h": 0.1, "gamma": 0.5})  # an optimizer with no entry yet is appended
+    assert yaml.safe_load(path.read_text())["ldhd"] == {"h": 0.1, "gamma": 0.5}
+
+
+def test_nan_trials_are_pruned_and_the_study_completes(child_env, nano_data, runs, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("trials: 2\noptimizers:\n  msgd: {lr: [1.0e+30, 1.0e+35, log]}  # NaN within 2 steps\n")
+    assert sweep.main(sweep_args(nano_data, runs, "--space", str(space), "--no-plot", optimizer="msgd")) == 0
+    trials = study_of(runs, "msgd").get_trials()
+    assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.PRUNED]
+    for t in trials:
+        assert json.loads((Path(t.user_attrs["run_dir"]) / "summary.json").read_text())["status"] == "diverged"
+    # Drawing a study without a completed trial is not an error.
+    assert sweep.main(["plot", "nano", "msgd", "--out-root", str(runs / "sweeps")]) == 0
+
+
+def test_a_pruner_stops_the_run_of_a_hopeless_trial(child_env, nano_data, tmp_path):
+    """The worker reads the running trial's metrics, reports them, and SIGTERMs the run on a prune."""
+    study = sweep.run_sweep("nano", "adam", trials=1, config=SMOKE, poll_s=0.2, out_root=tmp_path, plot=False,
+                            sets=[f"data.dir={nano_data}", "train.max_iters=100000", "train.eval_interval=2",
+                                  "train.eval_iters=2"],
+                            pruner_obj=optuna.pruners.ThresholdPruner(upper=0.0))  # any loss > 0 prunes
+    (trial,) = study.get_trials()
+    assert trial.state == TrialState.PRUNED and 0 in trial.intermediate_values
+    summary = json.loads((Path(trial.user_attrs["run_dir"]) / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] < 100000
+
+
+def test_bad_input_is_one_line_usage_error(nano_data, tmp_path):
+    with pytest.raises(UsageError, match="unknown experiment 'nope'; valid: .*nano"):
+        sweep.experiment("nope")
+    bad = tmp_path / "space.yaml"
+    bad.write_text("optimizers:\n  cd: {h: [0.5, 1.0e-4, log]}\n")
+    with pytest.raises(UsageError, match="low < high"):
+        sweep.load_space(sweep.experiment("nano"), str(bad))
+    with pytest.raises(UsageError, match="no search space for 'ldhd'"):
+        sweep.optimizer_space(sweep.load_space(sweep.experiment("nano")), "ldhd")
+    proc = subprocess.run([sys.executable, "-m", "harness.sweep", "nano", "cd", "--set", "train.nope=1",
+                           "--out-root", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "unknown key 'train.nope'" in proc.stderr
+    assert not (tmp_path / "nano").exists()
+
+
+def test_nano_space_is_the_papers():
+    space = sweep.load_space(sweep.experiment("nano"))
+    assert space["trials"] == 80 and space["budget"] == {"train.max_iters": 2001}
+    assert set(space["optimizers"]) == {"adam", "msgd", "cd", "cd0", "ikfad", "ikfad0", "cadam", "cadam0"}
+    cd = space["optimizers"]["cd"]
+    assert cd["gamma"] == sweep.Range(1e-6, 10.0, log=False) and cd["h"] == sweep.Range(1e-4, 0.5, log=True)
+    assert "gamma" not in space["optimizers"]["cd0"]
+
+
+def test_experiment_specs_map_tasks_to_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "REPO", tmp_path)
+    (tmp_path / "bert" / "configs" / "sst2").mkdir(parents=True)
+    (tmp_path / "bert" / "train.py").write_text("")
+    (tmp_path / "bert" / "configs" / "sst2" / "paper.yaml").write_text("seeds: [0]\n")
+    for spec in ("bert/sst2", "bert-sst2"):
+        exp = sweep.experiment(spec)
+        assert (exp.name, exp.module, exp.args) == ("bert-sst2", "bert.train", ("--task", "sst2"))
+        assert exp.configs == tmp_path / "bert" / "configs" / "sst2"
+    with pytest.raises(UsageError, match="several tasks: name one of bert/sst2"):
+        sweep.experiment("bert")
+
+
+@pytest.fixture(scope="module")
+def cd_scan(child_env, nano_data, runs):
+    args = ["nano", "--optimizers", "cd", "--seeds", "1", "--points", "3", "--config", SMOKE,
+            "--set", f"data.dir={nano_data}", *TINY, "--root", str(runs / "robustness")]
+    assert robustness.main(args) == 0
+    return args
+
+
+def test_robustness_scan_runs_the_grid_and_draws_it(cd_scan, runs):
+    exp_root = runs / "robustness" / "nano"
+    tuned = yaml.safe_load((ROOT / "nano" / "configs" / "best.yaml").read_text())["cd"]
+    for mult in (0.1, 1, 10):
+        run_dir = exp_root / "cd" / f"x{mult:g}" / "seed1"
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert cfg["optimizer"] == {"name": "cd", **tuned, "h": pytest.approx(tuned["h"] * mult)}
+        assert val_steps(run_dir) == [0, 2, 4]
+    assert (exp_root / "robustness.png").stat().st_size > 0
+    md = (exp_root / "robustness.md").read_text()
+    assert "| CD | h | 0.4992 |" in md and "0.1x | 1x | 10x" in md
+    # Finished runs are not redone.
+    stamp = (exp_root / "cd" / "x1" / "seed1" / "metrics.jsonl").stat().st_mtime_ns
+    assert robustness.main(cd_scan) == 0
+    assert (exp_root / "cd" / "x1" / "seed1" / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_robustness_table_marks_diverged_points():
+    results = {"cd": {"hp": "h", "tuned": 0.5, "points": {0.1: [("completed", 2.0), ("completed", 2.2)],
+                                                          10.0: [("diverged", 4.1), ("completed", 3.0)]}},
+               "adam": {"hp": "lr", "tuned": 1e-3, "points": {0.1: [("completed", 2.5)], 10.0: [("diverged", None)]}}}
+    md = robustness.table(results, "loss")
+    assert "| Adam | lr | 0.001 | 2.5000 | diverged |" in md
+    assert "| CD | h | 0.5 | 2.1000 ± 0.1414 | 3.0000 (1/2 diverged) |" in md
+    assert robustness.log_grid(7)[0] == 0.1 and robustness.log_grid(7)[3] == 1.0 and robustness.log_grid(7)[-1] == 10.0
+
+
+def test_figures_sh_renders_everything_and_indexes_it(cd_study, cd_scan, nano_data, runs, tmp_path):
+    for name in ("adam", "cd"):
+        assert nano_train.main(["--optimizer", name, "--seed", "1", "--config", SMOKE, "--set", f"data.dir={nano_data}",
+                                *TINY, "--out", str(runs / "nano" / name / "seed1")]) == 0
+    results = tmp_path / "results"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "figures.sh")], capture_output=True, text=True,
+                          env={**os.environ, "RUNS": str(runs), "RESULTS": str(results), "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    index = (results / "README.md").read_text()
+    links = re.findall(r"\]\(([^)]+)\)", index)
+    assert links and all((results / link).is_file() for link in links)
+    for expected in ("nano/results.md", "nano/val_loss.png", "robustness/nano/robustness.png",
+                     "sweeps/nano/cd/history.png", "sweeps/nano/cd/study.md"):
+        assert expected in links, expected
+    assert "| Adam | 1 |" in (results / "nano" / "results.md").read_text()
