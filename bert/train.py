@@ -25,6 +25,7 @@ them, and together the ranks take exactly the examples a single process would
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from typing import Optional
@@ -75,6 +76,16 @@ def micro_batch_size(train_cfg: dict, world_size: int) -> int:
     return batch // parts
 
 
+@contextlib.contextmanager
+def fetch_hint(task: str, alternative: str = ""):
+    """Add the command that downloads what is missing to a UsageError raised inside."""
+    try:
+        yield
+    except UsageError as e:
+        raise UsageError(f"{e} (`{PREPARE.format(task=task)}` fetches it where the network is reachable"
+                         f"{alternative})") from None
+
+
 def load_splits(run: Run, task: str, tokenizer, data_cfg: dict) -> dict:
     """The tokenized train/val/test splits: rank 0 builds the disk cache, then the others read it.
 
@@ -85,10 +96,10 @@ def load_splits(run: Run, task: str, tokenizer, data_cfg: dict) -> dict:
     splits, error = None, None
     if run.is_main:
         try:
-            splits = glue_splits(task, tokenizer, **kwargs)
+            with fetch_hint(task, "; or --set data.raw=DIR, a save_to_disk copy of GLUE"):
+                splits = glue_splits(task, tokenizer, **kwargs)
         except UsageError as e:
-            error = f"{e} (prepare it with `{PREPARE.format(task=task)}` where the network is reachable, " \
-                    f"or --set data.raw=DIR)"
+            error = str(e)
     if run.distributed:
         box = [error]
         dist.broadcast_object_list(box, src=0)
@@ -143,11 +154,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     d, m, t = run.cfg["data"], run.cfg["model"], run.cfg["train"]
     try:
         micro = micro_batch_size(t, run.world_size)
-        tokenizer = load_tokenizer(d["tokenizer"])
+        with fetch_hint(task):
+            tokenizer = load_tokenizer(d["tokenizer"])
         splits = load_splits(run, task, tokenizer, d)
         # Seeded by start(): every rank draws the same initial weights.
-        model = build_model(task, pretrained=m.get("pretrained"),
-                            config_overrides=model_overrides(m, task, len(tokenizer)))
+        with fetch_hint(task):
+            model = build_model(task, pretrained=m.get("pretrained"),
+                                config_overrides=model_overrides(m, task, len(tokenizer)))
     except UsageError as e:
         if run.is_main:
             print(f"error: {e}", file=sys.stderr)

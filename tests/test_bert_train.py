@@ -222,5 +222,27 @@ def test_missing_glue_offline_is_a_one_line_error_naming_the_prepare_command(smo
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: could not load the dataset nyu-mll/glue/sst2"), proc.stderr
-    assert "python -m bert.prepare --task sst2" in lines[0] and "data.raw" in lines[0]
+    assert "`python -m bert.prepare --task sst2` fetches it" in lines[0] and "--set data.raw=DIR" in lines[0]
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_prepare_fills_the_cache_that_training_reads(smoke, tmp_path, monkeypatch, capsys):
+    from bert import data as bert_data
+    from bert.prepare import main as prepare_main
+
+    cache = tmp_path / "cache"
+    for task in ("sst2", "qnli"):
+        sets = args(smoke, task, "adam")[8:]  # the --set pairs of a smoke run
+        sets = [s.replace(str(smoke["cache"]), str(cache)) for s in sets]
+        config = str(ROOT / "bert" / "configs" / task / "smoke.yaml")
+        assert prepare_main(["--task", task, "--config", config, *sets]) == 0
+    assert "qnli: train 40, val 9, test 9 examples" in capsys.readouterr().out
+    assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["qnli", "sst2"]
+
+    def fail(*a, **k):
+        raise AssertionError("training tokenized again instead of reading the prepared cache")
+    monkeypatch.setattr(bert_data, "tokenize", fail)
+    out = tmp_path / "run"
+    run_args = [a.replace(str(smoke["cache"]), str(cache)) for a in args(smoke, "sst2", "adam", out)]
+    assert bert_train.main([*run_args, "--set", "train.epochs=1", "--set", "train.evals_per_epoch=1"]) == 0
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
