@@ -90,9 +90,13 @@ class _SeededItems(Dataset):
 
     def __getitem__(self, key):
         index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        rng = torch.default_generator  # what torchvision's random transforms draw from
+        state = rng.get_state()
+        rng.manual_seed(seed)  # far cheaper than torch.manual_seed, which also seeds every GPU
+        try:
             return self.dataset[index]
+        finally:
+            rng.set_state(state)
 
 
 class EpochBatches:
@@ -125,7 +129,11 @@ class EpochBatches:
         items = _SeededItems(self.dataset)
         while True:
             plan = self.epoch_batches(epoch)[skip:]
-            loader = DataLoader(items, batch_sampler=plan, collate_fn=self.collate_fn, **self.loader_kwargs)
+            kwargs = dict(self.loader_kwargs)
+            # A DataLoader draws its workers' base seed from a generator, by default torch's
+            # global one, which also drives dropout: a private one keeps resumes exact.
+            kwargs.setdefault("generator", torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank)))
+            loader = DataLoader(items, batch_sampler=plan, collate_fn=self.collate_fn, **kwargs)
             yield from loader
             epoch, skip = epoch + 1, 0
 
@@ -142,6 +150,7 @@ def eval_loader(run: Run, dataset: Dataset, batch_size: int, collate_fn: Optiona
     indices = list(range(run.rank, len(dataset), run.world_size))
     batches = [indices[k: k + batch_size] for k in range(0, len(indices), batch_size)]
     kwargs = {k: v for k, v in (loader_kwargs or {}).items() if k != "persistent_workers"}
+    kwargs.setdefault("generator", torch.Generator())  # leave the global RNG (dropout) alone
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn, **kwargs)
 
 

@@ -118,7 +118,7 @@ def fit(
             ``flops_per_step`` (model FLOPs of one optimizer step on one rank) adds ``mfu``
             on GPUs with a known peak.
         select: (split, key, "min"|"max") of the headline "best" metric, e.g. ("val", "acc", "max").
-        on_best: called on rank 0 with the model and the record when ``select`` improves
+        on_best: called on rank 0 with the model and the (stamped) record when ``select`` improves
             (e.g. to keep the best-validation weights for a final test evaluation).
     """
     tcfg = run.cfg.get("train", {})
@@ -195,7 +195,8 @@ def fit(
     def finite(*values) -> bool:
         return all(math.isfinite(v) for v in values)
 
-    status, pbar = "completed", tqdm(total=total_steps, initial=step, disable=not run.is_main, dynamic_ncols=True,
+    quiet = not run.is_main or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
+    status, pbar = "completed", tqdm(total=total_steps, initial=step, disable=quiet, dynamic_ncols=True,
                                      desc=f"{run.cfg['experiment']} {run.cfg['optimizer']['name']} s{run.seed}")
     stop_after = int(os.environ.get(STOP_AFTER_ENV, 0) or 0)
     batches = iter(data.batches(step * accumulation))
@@ -212,8 +213,9 @@ def fit(
                 with torch.no_grad(), run.autocast():
                     records = evaluate(model, step)
                 model.train()
+                records = [stamp(record) for record in records]
                 for record in records:
-                    log.log(stamp(record))
+                    log.log(record)
                     if record.get("split") == sel_split and sel_key in record:
                         value = float(record[sel_key])
                         better = best is None or (value < best["value"] if sel_mode == "min" else value > best["value"])
@@ -288,10 +290,10 @@ def fit(
             "world_size": run.world_size, "device": str(run.device), "precision": run.precision,
             "versions": versions(),
         }
-        if sel_split == "val":
-            best_rec = best_of(records, "val", sel_key, sel_mode)
+        for key, mode in (("loss", "min"), ("acc", "max")):
+            best_rec = best_of(records, "val", key, mode)
             if best_rec is not None:
-                summary[f"best_val_{sel_key}"] = best_rec[sel_key]
+                summary[f"best_val_{key}"] = best_rec[key]
         if flops_per_step and step > start_step:
             summary["mfu"] = estimate_mfu(flops_per_step * summary["steps_per_s"], run.device)
         write_summary(run.dir, summary)

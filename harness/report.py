@@ -117,6 +117,8 @@ def table(by_opt: dict[str, list[dict]]) -> str:
         head += ["best val acc", "final val acc"]
     if "test" in splits:
         head += ["final test loss"] + (["final test acc"] if has_acc else [])
+    if "test_at_best_val" in splits:  # cifar: the best-validation weights, evaluated on test
+        head += ["test acc at best val"]
     head += ["wall time (s)", "status"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in sorted(by_opt, key=_sort_key):
@@ -131,6 +133,8 @@ def table(by_opt: dict[str, list[dict]]) -> str:
             cells.append(_mean_std([_metric(r, "test", "loss", "final") for r in runs]))
             if has_acc:
                 cells.append(_mean_std([_metric(r, "test", "acc", "final") for r in runs]))
+        if "test_at_best_val" in splits:
+            cells.append(_mean_std([_metric(r, "test_at_best_val", "acc", "final") for r in runs]))
         walls = [r["summary"].get("wall_time_s") for r in runs]
         cells.append(_mean_std([w for w in walls if isinstance(w, (int, float))]).split(".")[0] if any(walls) else "–")
         statuses = defaultdict(int)

@@ -46,7 +46,7 @@ from torch.utils.data import Subset
 from harness import checkpoint as ckpt
 from harness.data import EpochBatches, classification_evaluate, eval_loader
 from harness.errors import UsageError
-from harness.logging import best_of, read_metrics, write_summary
+from harness.logging import write_summary
 from harness.loop import fit
 from harness.run import Run, start
 from vit import data as cifar10
@@ -177,11 +177,7 @@ def main(argv=None, experiment: str = "vit", build_model: Callable[[dict], torch
 
     model = build_model(run.cfg["model"])
     accumulation = int(t["gradient_accumulation_steps"])
-    # A DataLoader draws its workers' base seed when iterated: from the global torch RNG
-    # unless given a generator. A run resumed mid-epoch starts its loader at a different
-    # moment, so that draw would shift the dropout masks; a private generator keeps the
-    # global stream exact (augmentation is seeded per item, so the workers' seeds do not matter).
-    kwargs = {**cifar10.loader_kwargs(run.device), "generator": torch.Generator().manual_seed(run.seed)}
+    kwargs = cifar10.loader_kwargs(run.device)
     train = EpochBatches(splits["train"], micro_batch, run.seed, run.rank, run.world_size, loader_kwargs=kwargs)
     steps_per_epoch, uneven = divmod(train.steps_per_epoch, accumulation)
     evals = int(t["evals_per_epoch"])
@@ -199,21 +195,18 @@ def main(argv=None, experiment: str = "vit", build_model: Callable[[dict], torch
     eval_splits = ("val",) if keep_best else ("val", "test")
     loaders = {name: eval_loader(run, splits[name], micro_batch, loader_kwargs=kwargs) for name in eval_splits}
     test_loader = eval_loader(run, splits["test"], micro_batch, loader_kwargs=kwargs)
-    last_eval = {"step": 0}
-
     def evaluate(net, step):
-        last_eval["step"] = step
         records = classification_evaluate(run, net, loaders, forward)
         if keep_best and step == total_steps:
             records.append(best_weights_on_test(run, model, net, step, records[0], test_loader, steps_per_epoch))
         return records
 
     def on_best(raw, record):
-        # Rank 0, right after the evaluation at last_eval["step"] improved the validation
+        # Rank 0, right after the evaluation at record["step"] improved the validation
         # accuracy. The loop's checkpoint follows: after a crash in between, the resumed
         # run redoes these steps and writes the same weights again.
         ckpt.save_atomic({"model": {k: v.detach().to("cpu", copy=True) for k, v in raw.state_dict().items()},
-                          "step": last_eval["step"], "val_acc": record["acc"], "val_loss": record["loss"]},
+                          "step": record["step"], "val_acc": record["acc"], "val_loss": record["loss"]},
                          run.dir / BEST_MODEL)
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -230,16 +223,10 @@ def main(argv=None, experiment: str = "vit", build_model: Callable[[dict], torch
         select=("val", "acc", "max") if keep_best else ("val", "loss", "min"),
         on_best=on_best if keep_best else None,
     )
-    if run.is_main:
-        records = read_metrics(run.dir)
-        for key, mode in (("loss", "min"), ("acc", "max")):
-            best = best_of(records, "val", key, mode)
-            if best is not None:
-                summary[f"best_val_{key}"] = best[key]
-        if "test_at_best_val" in summary["final"]:
-            summary["test_at_best_val"] = result = summary["final"]["test_at_best_val"]
-            run.print(f"test at the best validation accuracy (step {result['best_step']}): "
-                      f"acc {result['acc']:.4f}, loss {result['loss']:.4f}")
+    if run.is_main and "test_at_best_val" in summary["final"]:
+        summary["test_at_best_val"] = result = summary["final"]["test_at_best_val"]
+        run.print(f"test at the best validation accuracy (step {result['best_step']}): "
+                  f"acc {result['acc']:.4f}, loss {result['loss']:.4f}")
         write_summary(run.dir, summary)
     return 0
 

@@ -1,0 +1,161 @@
+"""Run many trainings of one experiment: every optimizer x seed, a few at a time.
+
+    python -m harness.launch nano [--optimizers adam cadam] [--seeds 1337 1338]
+                                  [--gpus 0,1] [--parallel N] [--config FILE] [--set k=v ...]
+                                  [--runs-dir runs/nano] [--report results/nano]
+
+Each run is an ordinary ``python -m <exp>.train`` subprocess writing
+``<runs-dir>/<optimizer>/seed<S>`` (its console output goes to
+``<runs-dir>/logs/<optimizer>-seed<S>.log``). Finished runs are skipped and
+interrupted ones resume, so the same command can be repeated after a crash or
+preemption. With GPUs, one run per GPU at a time (``CUDA_VISIBLE_DEVICES``);
+on the CPU, ``--parallel`` runs at a time sharing the cores. One progress bar
+follows the whole set. Afterwards ``harness.report`` draws the figures and table.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+import optimizers
+
+from .config import read_yaml, resolve
+from .errors import UsageError
+from .experiments import experiment
+from .run import run_status
+
+
+def _progress(run_dir: Path, train_cfg: dict) -> float:
+    """How far a run is, from 0 to 1, by its last logged record."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 4096))
+            last = json.loads(f.read().decode(errors="ignore").strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    if "epoch" in last and train_cfg.get("epochs"):
+        return min(1.0, last["epoch"] / train_cfg["epochs"])
+    return min(1.0, last.get("step", 0) / max(1, train_cfg.get("max_iters", 1)))
+
+
+def _gpus(arg: str | None) -> list[str]:
+    if arg:
+        return [g for g in arg.split(",") if g != ""]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g != ""]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        return []
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harness.launch", description=__doc__.split("\n\n")[0])
+    p.add_argument("experiment", help="nano, owt, gpt2, vit, cifar, bert/sst2, bert/qnli")
+    p.add_argument("--optimizers", nargs="+", default=None, help="default: those in the experiment's best.yaml")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the seeds of paper.yaml")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids (default: all visible)")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="CPU runs at a time, each with cores/N threads (default: one per core, at most 8)")
+    p.add_argument("--config", default=None)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--runs-dir", type=Path, default=None, help="default runs/<experiment>")
+    p.add_argument("--report", type=Path, default=None, help="where harness.report writes (default results/<experiment>)")
+    args = p.parse_args(argv)
+
+    try:
+        exp = experiment(args.experiment)
+        names = [n.lower() for n in (args.optimizers or list(read_yaml(exp.configs_dir / "best.yaml")))]
+        seeds = args.seeds or [int(s) for s in read_yaml(exp.configs_dir / "paper.yaml").get("seeds", [0])]
+        for name in names:  # fail fast, before launching anything, on any bad name, key or value
+            resolve(exp.name, name, seeds[0], args.config, args.sets, exp.configs_dir)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if any(n not in optimizers.NAMES for n in names):
+        print(f"error: unknown optimizer in {names}; valid: {', '.join(optimizers.NAMES)}", file=sys.stderr)
+        return 2
+
+    runs_dir = args.runs_dir or Path("runs") / exp.runs_subdir
+    (runs_dir / "logs").mkdir(parents=True, exist_ok=True)
+    jobs = [(n, s) for n, s in itertools.product(names, seeds)
+            if run_status(runs_dir / n / f"seed{s}") not in ("completed", "diverged")]
+    done_before = len(names) * len(seeds) - len(jobs)
+    gpus = _gpus(args.gpus)
+    # Small models use one core far better than several: on the CPU, one run per core.
+    slots = gpus or [None] * (args.parallel or max(1, min(8, os.cpu_count() or 1)))
+    threads = max(1, (os.cpu_count() or 1) // len(slots))
+    print(f"{exp.name}: {len(jobs)} runs to do ({done_before} already finished) on "
+          + (f"GPUs {','.join(gpus)}" if gpus else f"the CPU, {len(slots)} at a time x {threads} threads")
+          + f"; runs in {runs_dir}", flush=True)
+
+    extra = (["--config", args.config] if args.config else []) + [a for s in args.sets for a in ("--set", s)]
+    train_cfg = {n: resolve(exp.name, n, seeds[0], args.config, args.sets, exp.configs_dir).get("train", {})
+                 for n in names}
+    bar = tqdm(total=len(jobs), dynamic_ncols=True, desc=exp.name,
+               bar_format="{l_bar}{bar}| {n:.2f}/{total} runs [{elapsed}<{remaining}]")
+    running: dict = {}  # slot -> (process, run_dir, name, seed, log file)
+    queue, failed, finished = list(jobs), [], 0
+
+    def stop(signum, frame):
+        for proc, *_ in running.values():
+            proc.send_signal(signal.SIGTERM)  # each run checkpoints and exits 75
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while queue or running:
+            for slot in range(len(slots)):
+                if slot in running or not queue:
+                    continue
+                name, seed = queue.pop(0)
+                run_dir = runs_dir / name / f"seed{seed}"
+                env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+                if slots[slot] is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = slots[slot]
+                else:
+                    env["OMP_NUM_THREADS"] = str(threads)
+                log = open(runs_dir / "logs" / f"{name}-seed{seed}.log", "a")
+                cmd = [*exp.command(sys.executable), "--optimizer", name, "--seed", str(seed), "--out", str(run_dir), *extra]
+                running[slot] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), run_dir, name, seed, log)
+            time.sleep(1.0)
+            for slot, (proc, run_dir, name, seed, log) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    del running[slot]
+                    finished += 1
+                    status = run_status(run_dir)
+                    tqdm.write(f"  {name} seed {seed}: {status or 'failed'} (exit {proc.returncode})")
+                    if status not in ("completed", "diverged"):
+                        failed.append((name, seed, proc.returncode))
+            bar.n = finished + sum(_progress(r[1], train_cfg[r[2]]) for r in running.values())
+            bar.refresh()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        bar.close()
+
+    if failed:
+        print(f"{len(failed)} runs did not finish (see {runs_dir / 'logs'}): "
+              + ", ".join(f"{n} seed {s} (exit {rc})" for n, s, rc in failed), file=sys.stderr)
+    from .report import report
+
+    written = report(runs_dir, args.report or Path("results") / exp.runs_subdir, title=exp.name)
+    print("Results: " + ", ".join(str(p) for p in written), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
