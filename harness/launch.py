@@ -31,6 +31,7 @@ import optimizers
 from .config import read_yaml, resolve
 from .errors import UsageError
 from .experiments import experiment
+from .loop import EXIT_INTERRUPTED
 from .run import run_status
 
 
@@ -74,6 +75,10 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--runs-dir", type=Path, default=None, help="default runs/<experiment>")
     p.add_argument("--report", type=Path, default=None, help="where harness.report writes (default results/<experiment>)")
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--list", action="store_true", help="print the runs (index optimizer seed) and exit")
+    p.add_argument("--index", type=int, default=None,
+                   help="do only run number INDEX of --list (a SLURM array task); exit 0 if out of range")
     args = p.parse_args(argv)
 
     try:
@@ -90,10 +95,19 @@ def main(argv=None) -> int:
         return 2
 
     runs_dir = args.runs_dir or Path("runs") / exp.runs_subdir
+    everything = list(itertools.product(names, seeds))
+    if args.list:
+        for i, (name, seed) in enumerate(everything):
+            print(i, name, seed)
+        return 0
+    if args.index is not None:
+        if not 0 <= args.index < len(everything):
+            print(f"run index {args.index} is out of range (0-{len(everything) - 1}): nothing to do")
+            return 0
+        everything = [everything[args.index]]
     (runs_dir / "logs").mkdir(parents=True, exist_ok=True)
-    jobs = [(n, s) for n, s in itertools.product(names, seeds)
-            if run_status(runs_dir / n / f"seed{s}") not in ("completed", "diverged")]
-    done_before = len(names) * len(seeds) - len(jobs)
+    jobs = [(n, s) for n, s in everything if run_status(runs_dir / n / f"seed{s}") not in ("completed", "diverged")]
+    done_before = len(everything) - len(jobs)
     gpus = _gpus(args.gpus)
     # Small models use one core far better than several: on the CPU, one run per core.
     slots = gpus or [None] * (args.parallel or max(1, min(8, os.cpu_count() or 1)))
@@ -109,8 +123,11 @@ def main(argv=None) -> int:
                bar_format="{l_bar}{bar}| {n:.2f}/{total} runs [{elapsed}<{remaining}]")
     running: dict = {}  # slot -> (process, run_dir, name, seed, log file)
     queue, failed, finished = list(jobs), [], 0
+    interrupted = []
 
     def stop(signum, frame):
+        queue.clear()
+        interrupted.append(signum)
         for proc, *_ in running.values():
             proc.send_signal(signal.SIGTERM)  # each run checkpoints and exits 75
 
@@ -150,10 +167,14 @@ def main(argv=None) -> int:
     if failed:
         print(f"{len(failed)} runs did not finish (see {runs_dir / 'logs'}): "
               + ", ".join(f"{n} seed {s} (exit {rc})" for n, s, rc in failed), file=sys.stderr)
-    from .report import report
+    if interrupted:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not args.no_report and any(run_status(runs_dir / n / f"seed{s}") for n, s in everything):
+        from .report import report
 
-    written = report(runs_dir, args.report or Path("results") / exp.runs_subdir, title=exp.name)
-    print("Results: " + ", ".join(str(p) for p in written), flush=True)
+        written = report(runs_dir, args.report or Path("results") / exp.runs_subdir, title=exp.name)
+        print("Results: " + ", ".join(str(p) for p in written), flush=True)
     return 1 if failed else 0
 
 

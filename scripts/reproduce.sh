@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Reproduce an experiment at the paper's protocol on this machine:
+# every optimizer of its configs/best.yaml x the paper's seeds, one run per visible GPU at a
+# time (on a CPU-only machine: one per core), skipping finished runs and resuming
+# interrupted ones, then the report (results/<exp>/: figures + results.md).
+#
+#   bash scripts/reproduce.sh nano
+#   bash scripts/reproduce.sh nano --seeds 1337 1338 --optimizers adam cadam --gpus 0,1
+#   bash scripts/reproduce.sh bert/sst2 --set train.epochs=1
+#
+# Arguments after the experiment go to `python -m harness.launch` (see --help).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if [ $# -lt 1 ]; then
+  echo "usage: bash scripts/reproduce.sh <experiment> [--seeds ...] [--optimizers ...] [--gpus 0,1,...]" >&2
+  exit 2
+fi
+PY="${PYTHON:-}"
+[ -n "$PY" ] || { [ -x "$ROOT/.venv/bin/python" ] && PY="$ROOT/.venv/bin/python" || PY=python3; }
+exec "$PY" -m harness.launch "$@"
