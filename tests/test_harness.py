@@ -175,3 +175,21 @@ def test_report_draws_figures_and_a_table(nano_data, tmp_path):
     table = (tmp_path / "results" / "results.md").read_text()
     assert "| Adam | 2 |" in table and "| CADAM | 2 |" in table and "±" in table
     assert "![val_loss](val_loss.png)" in table
+
+
+def test_launch_runs_a_grid_skips_finished_runs_and_reports(nano_data, tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    cmd = [sys.executable, "-m", "harness.launch", "nano", "--config", SMOKE, "--set", f"data.dir={nano_data}",
+           "--optimizers", "adam", "cadam0", "--seeds", "1", "--runs-dir", str(runs), "--report", str(results)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("adam", "cadam0"):
+        assert json.loads((runs / name / "seed1" / "summary.json").read_text())["status"] == "completed"
+    assert (results / "val_loss.png").exists() and "| CADAM0 | 1 |" in (results / "results.md").read_text()
+    stamp = (runs / "adam" / "seed1" / "metrics.jsonl").stat().st_mtime_ns
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 runs to do (2 already finished)" in again.stdout
+    assert (runs / "adam" / "seed1" / "metrics.jsonl").stat().st_mtime_ns == stamp
+    listing = subprocess.run([*cmd[:4], "--optimizers", "adam", "cadam0", "--seeds", "1", "2", "--list"],
+                             cwd=ROOT, capture_output=True, text=True).stdout.split("\n")
+    assert listing[:4] == ["0 adam 1", "1 adam 2", "2 cadam0 1", "3 cadam0 2"]
