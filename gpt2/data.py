@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from harness.errors import UsageError
 from harness.gpt2_tokenizer import hf_gpt2_tokenizer
 
-__all__ = ["DATASET", "CONFIG", "MARKER", "LMBlocks", "articles", "lm_splits", "main", "tokenize_stream"]
+__all__ = ["DATASET", "CONFIG", "MARKER", "LMBlocks", "articles", "lm_splits", "main", "read_meta", "tokenize_stream"]
 
 DATASET, CONFIG = "Salesforce/wikitext", "wikitext-103-raw-v1"
 MARKER = "meta.json"
@@ -144,6 +144,19 @@ def _read_cache(cache_dir: Path, tokenizer) -> dict | None:
     if tokenizer is not None and (len(tokenizer), tokenizer.eos_token_id) != (meta["vocab_size"], meta["eos_token_id"]):
         return None
     return streams
+
+
+def read_meta(cache_dir) -> dict | None:
+    """The marker (``meta.json``) of a finished cache in ``cache_dir``, or None when there is none.
+
+    Finished means what ``lm_splits`` requires to reuse it: the marker parses and every
+    split's array holds the number of tokens it records. Training reads only finished
+    caches and never builds one (``python -m gpt2.data`` does).
+    """
+    cache_dir = Path(cache_dir)
+    if _read_cache(cache_dir, None) is None:
+        return None
+    return json.loads((cache_dir / MARKER).read_text())
 
 
 def _build_cache(cache_dir: Path, raw, tokenizer) -> dict:

@@ -1,0 +1,141 @@
+"""Fine-tune GPT-2 small on WikiText-103 with one optimizer: the gpt2 experiment (ours, beyond the paper).
+
+    python -m gpt2.train --optimizer cadam --seed 1337 [--config FILE] [--set key=value ...] [--out DIR]
+    torchrun --nproc_per_node 8 -m gpt2.train --optimizer cadam --seed 1337
+
+Hugging Face's pretrained GPT-2 small (``GPT2LMHeadModel.from_pretrained
+("openai-community/gpt2")``, ``gpt2/model.py``) fine-tuned on WikiText-103 (raw) in
+blocks of 1024 GPT-2 tokens (``python -m gpt2.data`` prepares them once): 5,000
+optimizer updates of 8 blocks each, shuffled passes over the training blocks,
+global grad-norm clipping at 1.0, constant step size, bf16 autocast on CUDA.
+The protocol is ``gpt2/configs/paper.yaml`` and the optimizer's hyperparameters
+default to ``gpt2/configs/best.yaml`` (owt's tuned values: not tuned for gpt2).
+
+What is recorded, every ``train.eval_interval`` updates (and at step 0, the
+pretrained model): a ``train`` record (mean training loss since the previous
+evaluation), then a ``val`` record with the mean cross entropy ``loss`` (nats per
+predicted token) over the first ``train.eval_iters`` batches of validation blocks
+(the whole split when it has fewer) and its ``perplexity`` = exp(loss). The
+run directory (default ``runs/gpt2/<optimizer>/seed<S>``) gets ``config.yaml``,
+``metrics.jsonl``, ``summary.json`` and ``checkpoint.pt``; re-running the command
+resumes it, mid-epoch included.
+
+``train.batch_size`` is the global batch: the blocks of one optimizer update,
+summed over the ranks and the micro-batches of gradient accumulation, so a run on
+K GPUs takes the same updates on the same blocks as a run on one.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Optional
+
+import torch
+from torch.utils.data import Subset
+
+from gpt2 import data as wikitext
+from gpt2.model import build_model, flops_per_token
+from harness.data import EpochBatches, eval_loader, reduce_sum
+from harness.errors import UsageError
+from harness.loop import fit, move
+from harness.run import Run, start
+
+PREPARE = "python -m gpt2.data"
+
+
+def micro_batch_size(train_cfg: dict, world_size: int) -> int:
+    """Blocks per rank per forward pass: the global batch over ranks and accumulation steps."""
+    batch, accumulation = int(train_cfg["batch_size"]), int(train_cfg["gradient_accumulation_steps"])
+    parts = world_size * accumulation
+    if batch < 1 or accumulation < 1 or batch % parts:
+        raise UsageError(
+            f"train.batch_size {batch} must be a positive multiple of ranks x train.gradient_accumulation_steps "
+            f"= {world_size} x {accumulation}")
+    return batch // parts
+
+
+def load_blocks(cache_dir: str, block_size: int) -> tuple[dict, dict]:
+    """(``{"train", "val"}`` LMBlocks, the cache's meta) from a prepared cache; never builds one."""
+    meta = wikitext.read_meta(cache_dir)
+    if meta is None:
+        hint = PREPARE if str(cache_dir).rstrip("/") == "data/gpt2" else f"{PREPARE} --cache-dir {cache_dir}"
+        raise UsageError(f"dataset {cache_dir} is not prepared; run `{hint}` (add --raw DIR offline)")
+    return wikitext.lm_splits(cache_dir, block_size), meta
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where that overflows a float."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def loss_fn(model, batch) -> tuple[torch.Tensor, dict]:
+    """Mean next-token cross entropy (nats) of a batch of blocks."""
+    return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss, {}
+
+
+def evaluate(run: Run, model, loader) -> list[dict]:
+    """Validation loss (mean over every predicted token, all ranks) and perplexity."""
+    total, count = 0.0, 0.0
+    for batch in loader:
+        batch = move(batch, run.device)
+        predicted = batch["labels"][:, 1:].numel()  # the model predicts tokens 2..T of each block
+        total += model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.float().item() * predicted
+        count += predicted
+    total, count = reduce_sum(run, [total, count])
+    loss = total / count
+    return [{"split": "val", "loss": loss, "perplexity": perplexity(loss)}]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    run = start("gpt2", argv)
+    if run is None:
+        return 0
+    d, m, t = run.cfg["data"], run.cfg["model"], run.cfg["train"]
+    block = int(d["block_size"])
+    try:
+        micro = micro_batch_size(t, run.world_size)
+        splits, meta = load_blocks(d["cache_dir"], block)
+        # Seeded by start(): every rank draws the same initial weights (from scratch).
+        model = build_model(m["pretrained"], from_scratch=m["from_scratch"], n_layer=m["n_layer"],
+                            n_head=m["n_head"], n_embd=m["n_embd"], n_positions=max(block, 1024),
+                            vocab_size=meta["vocab_size"], dropout=m["dropout"])
+        if meta["vocab_size"] > model.config.vocab_size:
+            raise UsageError(f"{d['cache_dir']} holds token ids up to {meta['vocab_size'] - 1}, beyond the "
+                             f"model's vocabulary of {model.config.vocab_size}; prepare it with the model's tokenizer")
+        if block > model.config.n_positions:
+            raise UsageError(f"data.block_size {block} exceeds the model's {model.config.n_positions} positions")
+    except UsageError as e:
+        if run.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    n_params = sum(p.numel() for p in model.parameters())
+    run.print(f"gpt2: GPT2LMHeadModel with {n_params / 1e6:.2f}M parameters "
+              f"({'random init' if m['from_scratch'] else 'pretrained ' + str(m['pretrained'])}), "
+              f"{len(splits['train']):,} train / {len(splits['val']):,} val blocks of {block} tokens, "
+              f"optimizer {run.cfg['optimizer']}, device {run.device} ({run.precision}), {run.world_size} rank(s)")
+
+    # A DataLoader draws a seed from the generator it is given, by default torch's global one,
+    # which also drives dropout: a private generator keeps a resumed run's dropout masks those
+    # of the uninterrupted run (the loaders use no workers: a block is a slice of a memmap).
+    loader_kwargs = {"generator": torch.Generator(), "pin_memory": run.device.type == "cuda"}
+    train = EpochBatches(splits["train"], micro, run.seed, run.rank, run.world_size, loader_kwargs=loader_kwargs)
+    accumulation = int(t["gradient_accumulation_steps"])
+    n_val = min(len(splits["val"]), int(t["eval_iters"]) * int(t["batch_size"]))
+    val_loader = eval_loader(run, Subset(splits["val"], range(n_val)), max(1, int(t["batch_size"]) // run.world_size),
+                             loader_kwargs={"pin_memory": run.device.type == "cuda"})
+    fit(
+        run, model, train,
+        loss_fn=loss_fn,
+        evaluate=lambda model, step: evaluate(run, model, val_loader),
+        total_steps=int(t["max_iters"]),
+        eval_interval=int(t["eval_interval"]),
+        steps_per_epoch=math.ceil(train.steps_per_epoch / accumulation),
+        tokens_per_step=int(t["batch_size"]) * block,
+        flops_per_step=flops_per_token(model, block) * block * micro * accumulation,
+        select=("val", "loss", "min"),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
