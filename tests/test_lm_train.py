@@ -1,0 +1,285 @@
+"""Training the language-model experiments: owt (nano's GPT on GPT-2 token bins) and gpt2
+(Hugging Face GPT2LMHeadModel on WikiText blocks), on generated corpora, offline, CPU."""
+import json
+import math
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import gpt2.data as gpt2_data
+import owt.prepare as owt_prepare
+from gpt2 import train as gpt2_train
+from harness.config import resolve
+from harness.gpt2_tokenizer import hf_gpt2_tokenizer
+from harness.loop import EXIT_INTERRUPTED, STOP_AFTER_ENV
+from owt import train as owt_train
+
+ROOT = Path(__file__).resolve().parents[1]
+OWT_SMOKE = str(ROOT / "owt" / "configs" / "smoke.yaml")
+GPT2_SMOKE = str(ROOT / "gpt2" / "configs" / "smoke.yaml")
+WORDS = ("the model damping friction momentum cubic adaptive kinetic energy step size gradient loss "
+         "Schrödinger café naïve 1990s don't — 日本語 x=3.5 (ok) #42 OpenWebText GPT-2").split()
+OPTIMIZER_ROWS = {"adam", "msgd", "cd", "cd0", "ikfad", "ikfad0", "cadam", "cadam0"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models on a shared 2-core machine: one thread avoids oversubscription.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _text(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+@pytest.fixture(scope="module")
+def owt_data(tmp_path_factory):
+    """nanoGPT bins of 40 generated documents, made by owt.prepare as a user would."""
+    tmp = tmp_path_factory.mktemp("owt")
+    rng = random.Random(0)
+    (tmp / "corpus").mkdir()
+    for i in range(40):
+        (tmp / "corpus" / f"doc{i:02d}.txt").write_text(f"Document {i}. {_text(rng, 120)}", encoding="utf-8")
+    return owt_prepare.prepare(tmp / "data", data_files=str(tmp / "corpus" / "*.txt"), num_proc=1,
+                               cache_dir=tmp / "hf_cache")
+
+
+@pytest.fixture(scope="module")
+def gpt2_cache(tmp_path_factory):
+    """A WikiText-layout corpus (articles with headings), tokenized into gpt2.data's cache."""
+    tmp = tmp_path_factory.mktemp("gpt2")
+    rng = random.Random(1)
+
+    def rows(n_articles):
+        out = []
+        for a in range(n_articles):
+            out += [f" = Article {a} = \n", "", f" {_text(rng, 90)} \n", "", f" = = Part {a} = = \n", "",
+                    f" {_text(rng, 60)} \n", ""]
+        return out
+
+    gpt2_data.lm_splits(tmp / "cache", block_size=32, raw={"train": rows(24), "val": rows(4)},
+                        tokenizer=hf_gpt2_tokenizer())
+    return tmp / "cache"
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tmp_path_factory):
+    """A 'pretrained' checkpoint directory in Hugging Face's format: a one-block GPT-2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(7)
+    out = tmp_path_factory.mktemp("pretrained") / "tiny-gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)).save_pretrained(out)
+    return out
+
+
+def owt_args(data, out, optimizer="adam", *extra):
+    return ["--optimizer", optimizer, "--seed", "1", "--config", OWT_SMOKE, "--set", f"data.dir={data}",
+            "--out", str(out), *extra]
+
+
+def gpt2_args(cache, out, optimizer="adam", *extra):
+    return ["--optimizer", optimizer, "--seed", "1", "--config", GPT2_SMOKE, "--set", f"data.cache_dir={cache}",
+            "--out", str(out), *extra]
+
+
+def records(run_dir, drop=("time_s",)):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def weights(run_dir) -> dict:
+    return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=False)["model"]
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+def test_owt_paper_config_is_the_papers_protocol():
+    cfg = resolve("owt", "cadam", 1337)
+    assert cfg["model"] == {"n_layer": 6, "n_head": 8, "n_embd": 512, "block_size": 1024, "vocab_size": 50304,
+                            "dropout": 0.0, "bias": False}
+    t = cfg["train"]
+    assert (t["batch_size"], t["max_iters"], t["eval_interval"], t["eval_iters"]) == (16, 50001, 1000, 200)
+    assert (t["grad_clip"], t["gradient_accumulation_steps"], t["precision"]) == (1.0, 1, "fp16")
+    assert cfg["seeds"] == list(range(1337, 1347))
+    assert cfg["optimizer"] == {"name": "cadam", "h": 6.775e-3, "gamma": 7.532, "c": 3.106e6, "alpha": 0.4402}
+    big = resolve("owt", "adam", 1337, str(ROOT / "owt" / "configs" / "gpt2-124m.yaml"))
+    assert (big["model"]["n_layer"], big["model"]["n_head"], big["model"]["n_embd"]) == (12, 12, 768)
+    # nanoGPT's ~0.5M tokens per optimizer step on one GPU
+    assert big["train"]["batch_size"] * big["train"]["gradient_accumulation_steps"] * 1024 == 491_520
+
+
+@pytest.mark.parametrize("exp", ["owt", "gpt2"])
+def test_best_and_space_cover_all_eight_optimizers(exp):
+    from harness.sweep import experiment, load_space
+
+    best = yaml.safe_load((ROOT / exp / "configs" / "best.yaml").read_text())
+    assert set(best) == OPTIMIZER_ROWS
+    owt_best = yaml.safe_load((ROOT / "owt" / "configs" / "best.yaml").read_text())
+    assert best == owt_best  # gpt2 starts from owt's values (and says so)
+    space = load_space(experiment(exp))
+    assert set(space["optimizers"]) == OPTIMIZER_ROWS
+    cd = space["optimizers"]["cd"]
+    assert (cd["h"].low, cd["h"].high, cd["c"].low, cd["c"].high) == (1e-4, 0.1, 1e4, 1e10)
+    assert all(r.log for hps in space["optimizers"].values() for r in hps.values())
+    assert "gamma" not in space["optimizers"]["cadam0"] and "gamma" in space["optimizers"]["cadam"]
+    assert set(space["budget"]) == {"train.max_iters"}
+    if exp == "gpt2":
+        assert "NOT TUNED FOR gpt2" in (ROOT / "gpt2" / "configs" / "best.yaml").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- owt
+
+
+def test_owt_smoke_runs_write_the_run_contract(owt_data, tmp_path):
+    for name in ("adam", "cadam"):
+        out = tmp_path / name
+        assert owt_train.main(owt_args(owt_data, out, name)) == 0
+        cfg = yaml.safe_load((out / "config.yaml").read_text())
+        assert cfg["experiment"] == "owt" and cfg["optimizer"]["name"] == name
+        rows = records(out)
+        val = [r for r in rows if r["split"] == "val"]
+        assert [r["step"] for r in val] == [0, 10, 20]
+        assert [r["step"] for r in rows if r["split"] == "train"] == [10, 20]
+        assert all(r["tokens"] == r["step"] * 4 * 32 for r in rows)
+        assert all(math.isfinite(r["loss"]) for r in rows)
+        assert val[0]["loss"] == pytest.approx(math.log(50304), abs=0.1)  # untrained: uniform over the vocab
+        assert val[-1]["loss"] < val[0]["loss"] - 0.05, name  # it learned something
+        summary = json.loads((out / "summary.json").read_text())
+        assert (summary["status"], summary["steps"], summary["experiment"]) == ("completed", 20, "owt")
+        assert summary["best_val_loss"] == min(r["loss"] for r in val)
+        # GPT-2's vocabulary padded to 50304, as the paper's model; the head is tied to it
+        assert weights(out)["transformer.wte.weight"].shape == (50304, 32)
+
+
+@pytest.mark.parametrize("exp", ["owt", "gpt2"])
+def test_gradient_accumulation_equals_a_k_times_larger_batch(exp, owt_data, gpt2_cache, tmp_path):
+    """k micro-batches per update give the update of one batch k times larger (same examples).
+
+    owt (nanoGPT's convention, batch_size per micro-batch): 2 x 4 windows vs 1 x 8; the windows
+    come from one generator, so the 8 offsets of one draw are the 4 + 4 of two draws.
+    gpt2 (batch_size is the global batch): 8 blocks as 2 x 4 vs 1 x 8 from the same shuffle.
+    A third run with half the batch and no accumulation shows the comparison can tell.
+    """
+    if exp == "owt":
+        main, base = owt_train.main, lambda out, *s: owt_args(owt_data, out, "adam", *s)
+        setups = {"one": (8, 1), "accumulated": (4, 2), "half": (4, 1)}
+    else:
+        main, base = gpt2_train.main, lambda out, *s: gpt2_args(gpt2_cache, out, "adam", "--set", "model.dropout=0.0", *s)
+        setups = {"one": (8, 1), "accumulated": (8, 2), "half": (4, 1)}
+    for name, (batch, k) in setups.items():
+        assert main(base(tmp_path / name, "--set", "train.max_iters=3", "--set", "train.eval_interval=3",
+                         "--set", "train.eval_iters=1", "--set", f"train.batch_size={batch}",
+                         "--set", f"train.gradient_accumulation_steps={k}")) == 0
+    one, acc, half = (weights(tmp_path / n) for n in setups)
+    train_loss = {n: [r for r in records(tmp_path / n) if r["split"] == "train"][0] for n in setups}
+    assert train_loss["accumulated"]["loss"] == pytest.approx(train_loss["one"]["loss"], rel=1e-5)
+    assert train_loss["accumulated"]["tokens"] == train_loss["one"]["tokens"] == 3 * 8 * 32
+    worst = max((acc[k] - one[k]).abs().max().item() for k in one)
+    control = max((half[k] - one[k]).abs().max().item() for k in one)
+    assert worst < 1e-5, worst
+    assert control > 100 * max(worst, 1e-7), (control, worst)
+
+
+def test_owt_missing_or_unfinished_dataset_is_a_one_line_error(tmp_path, capsys):
+    assert owt_train.main(owt_args(tmp_path / "nowhere", tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "python -m owt.prepare" in err[0]
+    half = tmp_path / "half"
+    half.mkdir()
+    for name in ("train.bin", "val.bin"):  # bins without the marker: an interrupted prepare
+        (half / name).write_bytes(b"\0\0" * 100)
+    assert owt_train.main(owt_args(half, tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unfinished (no meta.json)" in err[0] and "python -m owt.prepare" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_owt_slurm_script_parses():
+    script = ROOT / "owt" / "slurm.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    for piece in ("#SBATCH --requeue", "--signal=B:USR1@", "--rdzv-backend c10d", "--nnodes", "-m owt.train",
+                  "trap", "scontrol requeue"):
+        assert piece in text, piece
+
+
+# ---------------------------------------------------------------------------------------------- gpt2
+
+
+def _first_blocks_loss(pretrained, cache, n_blocks):
+    """Mean next-token cross entropy of a checkpoint on the first validation blocks, computed directly."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(pretrained).eval()
+    x = torch.from_numpy(gpt2_data.lm_splits(cache, 32)["val"].blocks[:n_blocks].astype("int64"))
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1)).item()
+
+
+def test_gpt2_smoke_runs_fine_tune_and_report_perplexity(gpt2_cache, tiny_pretrained, tmp_path):
+    n_val = len(gpt2_data.lm_splits(gpt2_cache, 32)["val"])
+    for name, extra in (("adam", ["--set", "model.from_scratch=false", "--set", f"model.pretrained={tiny_pretrained}"]),
+                        ("cd", [])):
+        out = tmp_path / name
+        assert gpt2_train.main(gpt2_args(gpt2_cache, out, name, *extra)) == 0
+        cfg = yaml.safe_load((out / "config.yaml").read_text())
+        assert cfg["experiment"] == "gpt2" and cfg["optimizer"]["name"] == name
+        rows = records(out)
+        val = [r for r in rows if r["split"] == "val"]
+        assert [r["step"] for r in val] == [0, 10, 20]
+        assert all(r["perplexity"] == pytest.approx(math.exp(r["loss"]), rel=1e-9) for r in val)
+        assert all(r["tokens"] == r["step"] * 4 * 32 for r in rows)
+        steps_per_epoch = math.ceil(len(gpt2_data.lm_splits(gpt2_cache, 32)["train"]) / 4)
+        assert all(r["epoch"] == pytest.approx(r["step"] / steps_per_epoch) for r in rows)
+        assert val[-1]["loss"] < val[0]["loss"], name
+        summary = json.loads((out / "summary.json").read_text())
+        assert (summary["status"], summary["steps"]) == ("completed", 20)
+        assert summary["best_val_loss"] == min(r["loss"] for r in val)
+        assert summary["final"]["val"]["perplexity"] == val[-1]["perplexity"]
+        if name == "adam":
+            # step 0 is the pretrained checkpoint, evaluated on the first eval_iters x batch_size blocks
+            expected = _first_blocks_loss(tiny_pretrained, gpt2_cache, min(n_val, 2 * 4))
+            assert val[0]["loss"] == pytest.approx(expected, rel=1e-5)
+        else:  # from scratch: about uniform over GPT-2's 50,257 tokens
+            assert val[0]["loss"] == pytest.approx(math.log(50257), abs=0.1)
+
+
+def test_gpt2_kill_and_resume_mid_epoch_is_exact(gpt2_cache, tmp_path, monkeypatch):
+    # dropout on (0.1, GPT-2's): the resumed run must draw the same masks
+    args = lambda out: gpt2_args(gpt2_cache, out, "ikfad", "--set", "train.max_iters=8", "--set", "train.eval_interval=4",
+                                 "--set", "model.dropout=0.1")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert gpt2_train.main(args(whole)) == 0
+    monkeypatch.setenv(STOP_AFTER_ENV, "6")  # between evaluations, mid-epoch
+    with pytest.raises(SystemExit) as stop:
+        gpt2_train.main(args(parts))
+    assert stop.value.code == EXIT_INTERRUPTED
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    assert gpt2_train.main(args(parts)) == 0
+    assert records(parts) == records(whole)
+    assert all(torch.equal(a, b) for a, b in zip(weights(parts).values(), weights(whole).values()))
+
+
+def test_gpt2_bad_input_is_a_one_line_error(gpt2_cache, tmp_path, capsys):
+    cases = [
+        (gpt2_args(tmp_path / "nowhere", tmp_path / "run"), "python -m gpt2.data --cache-dir"),
+        (gpt2_args(gpt2_cache, tmp_path / "run", "adam", "--set", "train.gradient_accumulation_steps=3"),
+         "train.batch_size 4 must be a positive multiple"),
+        (gpt2_args(gpt2_cache, tmp_path / "run", "adam", "--set", "model.from_scratch=false",
+                   "--set", f"model.pretrained={tmp_path / 'no-model'}"), "could not load the pretrained model"),
+    ]
+    for argv, message in cases:
+        assert gpt2_train.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "run").exists()
