@@ -172,11 +172,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"optimizer {run.cfg['optimizer']}, device {run.device} ({run.precision}), {run.world_size} rank(s)")
 
     collate = collate_fn(tokenizer)
-    # A DataLoader draws a seed for its workers from the generator it is given, by default
-    # torch's global one, which also drives dropout: a private generator keeps a resumed
-    # run's dropout masks those of the uninterrupted run (the loaders use no workers).
-    train = EpochBatches(splits["train"], micro, run.seed, run.rank, run.world_size, collate_fn=collate,
-                         loader_kwargs={"generator": torch.Generator()})
+    train = EpochBatches(splits["train"], micro, run.seed, run.rank, run.world_size, collate_fn=collate)
     accumulation = int(t["gradient_accumulation_steps"])
     steps_per_epoch = math.ceil(train.steps_per_epoch / accumulation)
     # evals_per_epoch evaluations per epoch (the last one within a few steps of the epoch's end
