@@ -45,6 +45,7 @@ CONFIGS = config_lib.REPO / "bert" / "configs"
 
 def prepare(task: str, config_file: Optional[str] = None, sets=()) -> dict:
     """Tokenize and cache ``task``'s splits (and fetch qnli's pretrained model); returns the splits."""
+    # The data and model sections do not depend on the optimizer or seed: any valid pair will do.
     cfg = config_lib.resolve(f"bert-{task}", "adam", 0, config_file, sets, configs_dir=CONFIGS / task)
     d = cfg["data"]
     tokenizer = load_tokenizer(d["tokenizer"])
@@ -166,6 +167,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", default="data/bert-smoke", help="where --smoke writes (default data/bert-smoke)")
     args = p.parse_args(argv)
     try:
+        if (args.config or args.sets) and len(args.task) > 1:
+            raise UsageError("--config and --set apply to one task's config: give one --task (sst2 or qnli)")
         if args.smoke:
             prepare_smoke(args.out)
         else:
