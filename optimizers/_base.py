@@ -5,23 +5,35 @@ per-element state (a momentum ``p`` and, for iKFAD and CADAM, one more
 variable) by operator splitting: each sub-step is the *exact* flow of one piece
 of the vector field over one time step ``h``. The sub-steps below are the only
 place the arithmetic of a piece lives; each optimizer module strings them
-together in the order of ``spec/optimizers.md``.
+together in the order of ``spec/optimizers.md``, once, in its ``_update``.
 
 Each sub-step exists twice: a single-tensor form (plain tensor ops, the
 readable reference) and a multi-tensor form on ``torch._foreach_*`` ops. The
 two forms perform the same floating-point operations in the same order, so
 the two paths of every optimizer agree to rounding.
+
+The single-tensor forms take their coefficients (``h``, decay factors, ...)
+either as Python floats, in the eager loop, or as 0-d tensors, inside the
+compiled kernel of the fused path (``optimizers/_fused.py``), where
+hyperparameters must be inputs of the compiled graph rather than constants
+baked into it, so that a scheduler changing them never recompiles. The fused
+path therefore runs the very same ``_update`` as the loop.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _fused
+
 __all__ = ["DampedOptimizer"]
+
+# A sub-step coefficient: a Python float (eager paths) or a 0-d tensor (compiled kernel).
+Coefficient = Union[float, Tensor]
 
 
 def decay_factor(rate: float, h: float) -> float:
@@ -35,54 +47,84 @@ def relax_weight(rate: float, h: float) -> float:
     return -math.expm1(-rate * h) / rate
 
 
+def _is_number(value: Coefficient, constant: float) -> bool:
+    """True when ``value`` is a Python number equal to ``constant``.
+
+    The eager paths skip a sub-step that this makes an exact no-op, to save a
+    pass over memory. A compiled kernel gets tensors and skips nothing: its
+    graph must not depend on hyperparameter values, and multiplying by exactly
+    1 (or adding 0 * x to 1) changes no bit anyway.
+    """
+    return not isinstance(value, Tensor) and value == constant
+
+
 # ----------------------------------------------------------------------------
 # Sub-steps, single tensor. ``p`` momentum, ``g`` gradient, ``q`` parameter.
+# A Python-float coefficient uses the in-place ATen form with a scalar
+# argument (one pass, no temporary); a tensor coefficient (compiled kernel)
+# spells the same formula with tensor arithmetic, which Inductor fuses into
+# its single loop, so the temporary never exists there either.
 # ----------------------------------------------------------------------------
 
-def kick(p: Tensor, g: Tensor, h: float) -> None:
+def kick(p: Tensor, g: Tensor, h: Coefficient) -> None:
     """Exact flow of p' = -g over time h: ``p <- p - h g``."""
-    p.add_(g, alpha=-h)
+    if isinstance(h, Tensor):
+        p.sub_(g * h)
+    else:
+        p.add_(g, alpha=-h)
 
 
-def drift(q: Tensor, p: Tensor, h: float) -> None:
+def drift(q: Tensor, p: Tensor, h: Coefficient) -> None:
     """Exact flow of q' = p over time h: ``q <- q + h p``."""
-    q.add_(p, alpha=h)
+    if isinstance(h, Tensor):
+        q.add_(p * h)
+    else:
+        q.add_(p, alpha=h)
 
 
-def scale(x: Tensor, factor: float) -> None:
+def scale(x: Tensor, factor: Coefficient) -> None:
     """Exact flow of x' = -k x over time h, with ``factor = exp(-k h)``.
 
     Used for linear friction (k = gamma) and decoupled weight decay (k = lambda).
-    A factor of exactly 1 is skipped so that gamma = 0 or lambda = 0 is an exact no-op.
+    A factor of exactly 1 is skipped on the eager paths (``_is_number``); either
+    way gamma = 0 or lambda = 0 is an exact no-op.
     """
-    if factor != 1.0:
+    if not _is_number(factor, 1.0):
         x.mul_(factor)
 
 
-def cubic_damping(p: Tensor, c: float, h: float) -> None:
+def cubic_damping(p: Tensor, c: Coefficient, h: Coefficient) -> None:
     """Exact flow of p' = -c p^3 over time h: ``p <- p / sqrt(1 + 2 c h p^2)``."""
-    if c != 0.0:
+    if not _is_number(c, 0.0):
         p.div_(torch.sqrt(p.square().mul_(2.0 * c * h).add_(1.0)))
 
 
-def relax(x: Tensor, source: Tensor, decay: float, weight: float) -> None:
+def relax(x: Tensor, source: Tensor, decay: Coefficient, weight: Coefficient) -> None:
     """Exact flow of x' = s - a x over time h for a frozen source s.
 
     With ``decay = exp(-a h)`` and ``s = weight_raw * source^2`` the solution is
     ``x <- decay x + (1 - decay) s / a``; the caller folds ``(1 - decay)/a`` and
     any constant of s into ``weight``, so this computes ``x <- decay x + weight source^2``.
     """
-    x.mul_(decay).addcmul_(source, source, value=weight)
+    x.mul_(decay)
+    if isinstance(weight, Tensor):
+        x.addcmul_(source * weight, source)
+    else:
+        x.addcmul_(source, source, value=weight)
 
 
-def friction(p: Tensor, xi: Tensor, h: float) -> None:
+def friction(p: Tensor, xi: Tensor, h: Coefficient) -> None:
     """Exact flow of p' = -xi p over time h with xi frozen: ``p <- exp(-h xi) p``."""
     p.mul_(torch.exp(xi * -h))
 
 
-def preconditioned_drift(q: Tensor, p: Tensor, zeta: Tensor, h: float, eps: float) -> None:
+def preconditioned_drift(q: Tensor, p: Tensor, zeta: Tensor, h: Coefficient, eps: Coefficient) -> None:
     """Exact flow of q' = p / (sqrt(zeta) + eps) over time h (p, zeta frozen)."""
-    q.addcdiv_(p, torch.sqrt(zeta).add_(eps), value=h)
+    denom = torch.sqrt(zeta).add_(eps)
+    if isinstance(h, Tensor):
+        q.add_(p / denom * h)
+    else:
+        q.addcdiv_(p, denom, value=h)
 
 
 # ----------------------------------------------------------------------------
@@ -162,24 +204,53 @@ def check_hyperparameter(name: str, value: Any) -> float:
 # The optimizer base class
 # ----------------------------------------------------------------------------
 
+# With ``fused=None`` the compiled kernel is used only when the optimizer holds
+# at least this many parameter elements. Below it, a step is cheap eagerly and
+# the one-off compile (a few seconds per optimizer and dtype, less with a warm
+# Inductor cache) would outweigh the saving over a short run; above it the
+# kernel saves several times its compile time within the first few hundred steps.
+# See benchmarks/README.md for the measurements behind the number.
+FUSED_DEFAULT_MIN_NUMEL = 1 << 22
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if value not in (None, True, False):
+        raise ValueError(f"Invalid {name}: {value!r}; expected None, True or False")
+
+
 class DampedOptimizer(Optimizer):
     """Base class: validation, lazy state, closure handling and path selection.
 
     A subclass sets ``state_names`` (the per-element state tensors, created as
     zeros the first time a parameter has a gradient) and implements
-    ``_single_tensor(params, grads, states, group)`` and ``_multi_tensor(...)``
-    with the same signature, where ``states`` holds one list per state name,
-    aligned with ``params``. ``step`` picks the path (see ``foreach``).
+
+    - ``_coefficients(group)``: the step's scalar coefficients (``h``, decay
+      factors, ...) as a tuple of Python floats, computed once per group and step;
+    - ``_update(q, g, *states, k)``: one step for ONE parameter tensor, given the
+      coefficient tuple ``k``; it strings together the single-tensor sub-steps and
+      is the one statement of the optimizer's arithmetic. The single-tensor loop
+      calls it with floats; the fused path compiles it and calls it with ``k`` a
+      1-D tensor (``optimizers/_fused.py``);
+    - ``_multi_tensor(params, grads, states, group)``: the same step on lists,
+      with the ``torch._foreach_*`` sub-steps.
+
+    ``states`` holds one list per state name, aligned with ``params``.
+    ``step`` picks the path (see ``foreach`` and ``fused``).
     """
 
     state_names: Sequence[str] = ("momentum",)
 
-    def __init__(self, params: Iterable, defaults: dict, foreach: Optional[bool] = None):
-        if foreach not in (None, True, False):
-            raise ValueError(f"Invalid foreach: {foreach!r}; expected None, True or False")
+    def __init__(
+        self, params: Iterable, defaults: dict, foreach: Optional[bool] = None, fused: Optional[bool] = None
+    ):
+        _check_flag("foreach", foreach)
+        _check_flag("fused", fused)
+        if foreach and fused:
+            raise ValueError("Invalid foreach=True with fused=True; choose at most one of them")
         for name, value in defaults.items():
             defaults[name] = check_hyperparameter(name, value)
         defaults["foreach"] = foreach
+        defaults["fused"] = fused
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -191,6 +262,7 @@ class DampedOptimizer(Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
 
     def _gather(self, group: dict):
         """Parameters with a gradient, their gradients, and their state lists."""
@@ -212,6 +284,20 @@ class DampedOptimizer(Optimizer):
             for lst, name in zip(states, self.state_names):
                 lst.append(state[name])
         return params, grads, states
+
+    def _use_fused(self, group: dict) -> bool:
+        fused = group["fused"]
+        if torch.compiler.is_compiling():
+            # The step is being traced by an outer torch.compile: give it plain
+            # tensor ops to trace rather than a nested compiled kernel.
+            return False
+        if fused is None:
+            # An explicit foreach choice is a request for that eager path.
+            if group["foreach"] is not None:
+                return False
+            numel = sum(p.numel() for g in self.param_groups for p in g["params"])
+            return numel >= FUSED_DEFAULT_MIN_NUMEL
+        return fused
 
     def _use_foreach(self, group: dict, params: list[Tensor]) -> bool:
         foreach = group["foreach"]
@@ -237,18 +323,32 @@ class DampedOptimizer(Optimizer):
             params, grads, states = self._gather(group)
             if not params:
                 continue
-            if not self._use_foreach(group, params):
+            if self._use_fused(group):
+                _fused.fused_step(type(self)._update, self._coefficients(group), params, grads, states)
+            elif not self._use_foreach(group, params):
                 self._single_tensor(params, grads, states, group)
-                continue
-            # foreach kernels want one device and dtype per call.
-            buckets = Optimizer._group_tensors_by_device_and_dtype([params, grads, *states])
-            for (tensors, _) in buckets.values():
-                self._multi_tensor(tensors[0], tensors[1], tensors[2:], group)
+            else:
+                # foreach kernels want one device and dtype per call.
+                buckets = Optimizer._group_tensors_by_device_and_dtype([params, grads, *states])
+                for (tensors, _) in buckets.values():
+                    self._multi_tensor(tensors[0], tensors[1], tensors[2:], group)
         return loss
 
-    @staticmethod
-    def _single_tensor(params, grads, states, group) -> None:  # pragma: no cover
+    def _single_tensor(self, params, grads, states, group) -> None:
         """One step of the dynamics, a parameter at a time (the reference)."""
+        k = self._coefficients(group)
+        update = type(self)._update
+        for q, g, *state in zip(params, grads, *states):
+            update(q, g, *state, k)
+
+    @staticmethod
+    def _coefficients(group) -> tuple:  # pragma: no cover
+        """The step's scalar coefficients for ``_update``, as Python floats."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _update(q, g, *states_and_coefficients) -> None:  # pragma: no cover
+        """One step for one parameter tensor: ``_update(q, g, *states, k)``."""
         raise NotImplementedError
 
     @staticmethod

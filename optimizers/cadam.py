@@ -51,17 +51,30 @@ class CADAM(DampedOptimizer):
         weight_decay: rate lambda (>= 0) of the decoupled decay q' = -lambda q.
         foreach: ``True`` multi-tensor path, ``False`` single-tensor loop,
             ``None`` (default) as ``torch.optim`` chooses.
+        fused: ``True`` compiled single-pass kernel, ``False`` an eager path,
+            ``None`` (default) the kernel for models of at least 4M elements when
+            ``foreach`` is None (see optimizers/README.md, "Code paths").
     """
 
     state_names = ("momentum", "zeta")
 
     def __init__(
-        self, params, h=1e-3, gamma=1.0, c=1.0, alpha=1.0, eps=1e-8, weight_decay=0.0, foreach=None
+        self,
+        params,
+        h=1e-3,
+        gamma=1.0,
+        c=1.0,
+        alpha=1.0,
+        eps=1e-8,
+        weight_decay=0.0,
+        foreach=None,
+        fused=None,
     ):
         super().__init__(
             params,
             dict(h=h, gamma=gamma, c=c, alpha=alpha, eps=eps, weight_decay=weight_decay),
             foreach,
+            fused,
         )
 
     @staticmethod
@@ -73,27 +86,27 @@ class CADAM(DampedOptimizer):
             decay_factor(alpha, h),
             relax_weight(alpha, h),  # the source is g^2
             decay_factor(group["gamma"], h),
+            group["c"],
+            group["eps"],
         )
 
     @staticmethod
-    def _single_tensor(params, grads, states, group):
-        h, decay, relax_decay, source_weight, linear = CADAM._coefficients(group)
-        c, eps = group["c"], group["eps"]
-        for q, g, p, zeta in zip(params, grads, *states):
-            scale(q, decay)
-            kick(p, g, h)
-            relax(zeta, g, relax_decay, source_weight)
-            preconditioned_drift(q, p, zeta, h, eps)
-            cubic_damping(p, c, h)
-            scale(p, linear)
+    def _update(q, g, p, zeta, k):
+        h, decay, relax_decay, source_weight, linear, c, eps = k
+        scale(q, decay)
+        kick(p, g, h)
+        relax(zeta, g, relax_decay, source_weight)
+        preconditioned_drift(q, p, zeta, h, eps)
+        cubic_damping(p, c, h)
+        scale(p, linear)
 
     @staticmethod
     def _multi_tensor(params, grads, states, group):
-        h, decay, relax_decay, source_weight, linear = CADAM._coefficients(group)
+        h, decay, relax_decay, source_weight, linear, c, eps = CADAM._coefficients(group)
         ps, zetas = states
         foreach_scale(params, decay)
         foreach_kick(ps, grads, h)
         foreach_relax(zetas, grads, relax_decay, source_weight)
-        foreach_preconditioned_drift(params, ps, zetas, h, group["eps"])
-        foreach_cubic_damping(ps, group["c"], h)
+        foreach_preconditioned_drift(params, ps, zetas, h, eps)
+        foreach_cubic_damping(ps, c, h)
         foreach_scale(ps, linear)

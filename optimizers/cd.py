@@ -47,33 +47,38 @@ class CD(DampedOptimizer):
         weight_decay: rate lambda (>= 0) of the decoupled decay q' = -lambda q.
         foreach: ``True`` multi-tensor path, ``False`` single-tensor loop,
             ``None`` (default) as ``torch.optim`` chooses.
+        fused: ``True`` compiled single-pass kernel, ``False`` an eager path,
+            ``None`` (default) the kernel for models of at least 4M elements when
+            ``foreach`` is None (see optimizers/README.md, "Code paths").
 
     The authors' release starts the momentum at ``+g0``; here it starts at zero.
     """
 
     state_names = ("momentum",)
 
-    def __init__(self, params, h=1e-3, gamma=1.0, c=1.0, weight_decay=0.0, foreach=None):
-        super().__init__(params, dict(h=h, gamma=gamma, c=c, weight_decay=weight_decay), foreach)
+    def __init__(self, params, h=1e-3, gamma=1.0, c=1.0, weight_decay=0.0, foreach=None, fused=None):
+        super().__init__(params, dict(h=h, gamma=gamma, c=c, weight_decay=weight_decay), foreach, fused)
 
     @staticmethod
-    def _single_tensor(params, grads, states, group):
-        h, c = group["h"], group["c"]
-        friction = decay_factor(group["gamma"], h)
-        decay = decay_factor(group["weight_decay"], h)
-        for q, g, p in zip(params, grads, states[0]):
-            scale(q, decay)
-            kick(p, g, h)
-            drift(q, p, h)
-            cubic_damping(p, c, h)
-            scale(p, friction)
+    def _coefficients(group):
+        h = group["h"]
+        return h, decay_factor(group["weight_decay"], h), group["c"], decay_factor(group["gamma"], h)
+
+    @staticmethod
+    def _update(q, g, p, k):
+        h, decay, c, friction = k
+        scale(q, decay)
+        kick(p, g, h)
+        drift(q, p, h)
+        cubic_damping(p, c, h)
+        scale(p, friction)
 
     @staticmethod
     def _multi_tensor(params, grads, states, group):
-        h = group["h"]
+        h, decay, c, friction = CD._coefficients(group)
         ps = states[0]
-        foreach_scale(params, decay_factor(group["weight_decay"], h))
+        foreach_scale(params, decay)
         foreach_kick(ps, grads, h)
         foreach_drift(params, ps, h)
-        foreach_cubic_damping(ps, group["c"], h)
-        foreach_scale(ps, decay_factor(group["gamma"], h))
+        foreach_cubic_damping(ps, c, h)
+        foreach_scale(ps, friction)

@@ -52,13 +52,18 @@ class iKFAD(DampedOptimizer):
         weight_decay: rate lambda (>= 0) of the decoupled decay q' = -lambda q.
         foreach: ``True`` multi-tensor path, ``False`` single-tensor loop,
             ``None`` (default) as ``torch.optim`` chooses.
+        fused: ``True`` compiled single-pass kernel, ``False`` an eager path,
+            ``None`` (default) the kernel for models of at least 4M elements when
+            ``foreach`` is None (see optimizers/README.md, "Code paths").
     """
 
     state_names = ("momentum", "xi")
 
-    def __init__(self, params, h=1e-3, alpha=1.0, mu=1.0, gamma=1.0, weight_decay=0.0, foreach=None):
+    def __init__(
+        self, params, h=1e-3, alpha=1.0, mu=1.0, gamma=1.0, weight_decay=0.0, foreach=None, fused=None
+    ):
         super().__init__(
-            params, dict(h=h, alpha=alpha, mu=mu, gamma=gamma, weight_decay=weight_decay), foreach
+            params, dict(h=h, alpha=alpha, mu=mu, gamma=gamma, weight_decay=weight_decay), foreach, fused
         )
 
     @staticmethod
@@ -73,16 +78,15 @@ class iKFAD(DampedOptimizer):
         )
 
     @staticmethod
-    def _single_tensor(params, grads, states, group):
-        h, decay, relax_decay, source_weight, linear = iKFAD._coefficients(group)
-        for q, g, p, xi in zip(params, grads, *states):
-            scale(q, decay)
-            kick(p, g, h)
-            drift(q, p, h)
-            friction(p, xi, h / 2)
-            relax(xi, p, relax_decay, source_weight)
-            friction(p, xi, h / 2)
-            scale(p, linear)
+    def _update(q, g, p, xi, k):
+        h, decay, relax_decay, source_weight, linear = k
+        scale(q, decay)
+        kick(p, g, h)
+        drift(q, p, h)
+        friction(p, xi, h / 2)
+        relax(xi, p, relax_decay, source_weight)
+        friction(p, xi, h / 2)
+        scale(p, linear)
 
     @staticmethod
     def _multi_tensor(params, grads, states, group):

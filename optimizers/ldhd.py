@@ -32,31 +32,36 @@ class LDHD(DampedOptimizer):
         foreach: ``True`` uses the ``torch._foreach_*`` multi-tensor path,
             ``False`` the single-tensor loop, ``None`` (default) chooses as
             ``torch.optim`` does (multi-tensor when all tensors are on CUDA).
+        fused: ``True`` compiled single-pass kernel, ``False`` an eager path,
+            ``None`` (default) the kernel for models of at least 4M elements when
+            ``foreach`` is None (see optimizers/README.md, "Code paths").
 
     The authors' release starts the momentum at ``+g0``; here it starts at zero.
     """
 
     state_names = ("momentum",)
 
-    def __init__(self, params, h=1e-3, gamma=0.1, weight_decay=0.0, foreach=None):
-        super().__init__(params, dict(h=h, gamma=gamma, weight_decay=weight_decay), foreach)
+    def __init__(self, params, h=1e-3, gamma=0.1, weight_decay=0.0, foreach=None, fused=None):
+        super().__init__(params, dict(h=h, gamma=gamma, weight_decay=weight_decay), foreach, fused)
 
     @staticmethod
-    def _single_tensor(params, grads, states, group):
+    def _coefficients(group):
         h = group["h"]
-        friction = decay_factor(group["gamma"], h)
-        decay = decay_factor(group["weight_decay"], h)
-        for q, g, p in zip(params, grads, states[0]):
-            scale(q, decay)
-            kick(p, g, h)
-            scale(p, friction)
-            drift(q, p, h)
+        return h, decay_factor(group["weight_decay"], h), decay_factor(group["gamma"], h)
+
+    @staticmethod
+    def _update(q, g, p, k):
+        h, decay, friction = k
+        scale(q, decay)
+        kick(p, g, h)
+        scale(p, friction)
+        drift(q, p, h)
 
     @staticmethod
     def _multi_tensor(params, grads, states, group):
-        h = group["h"]
+        h, decay, friction = LDHD._coefficients(group)
         ps = states[0]
-        foreach_scale(params, decay_factor(group["weight_decay"], h))
+        foreach_scale(params, decay)
         foreach_kick(ps, grads, h)
-        foreach_scale(ps, decay_factor(group["gamma"], h))
+        foreach_scale(ps, friction)
         foreach_drift(params, ps, h)

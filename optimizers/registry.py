@@ -34,13 +34,13 @@ def _without_gamma(cls):
 _REGISTRY: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "adam": (_adam, ("lr", "beta1", "beta2", "eps", "weight_decay")),
     "msgd": (_msgd, ("lr", "momentum", "weight_decay")),
-    "ldhd": (LDHD, ("h", "gamma", "weight_decay", "foreach")),
-    "cd": (CD, ("h", "gamma", "c", "weight_decay", "foreach")),
-    "cd0": (_without_gamma(CD), ("h", "c", "weight_decay", "foreach")),
-    "ikfad": (iKFAD, ("h", "alpha", "mu", "gamma", "weight_decay", "foreach")),
-    "ikfad0": (_without_gamma(iKFAD), ("h", "alpha", "mu", "weight_decay", "foreach")),
-    "cadam": (CADAM, ("h", "gamma", "c", "alpha", "eps", "weight_decay", "foreach")),
-    "cadam0": (_without_gamma(CADAM), ("h", "c", "alpha", "eps", "weight_decay", "foreach")),
+    "ldhd": (LDHD, ("h", "gamma", "weight_decay", "foreach", "fused")),
+    "cd": (CD, ("h", "gamma", "c", "weight_decay", "foreach", "fused")),
+    "cd0": (_without_gamma(CD), ("h", "c", "weight_decay", "foreach", "fused")),
+    "ikfad": (iKFAD, ("h", "alpha", "mu", "gamma", "weight_decay", "foreach", "fused")),
+    "ikfad0": (_without_gamma(iKFAD), ("h", "alpha", "mu", "weight_decay", "foreach", "fused")),
+    "cadam": (CADAM, ("h", "gamma", "c", "alpha", "eps", "weight_decay", "foreach", "fused")),
+    "cadam0": (_without_gamma(CADAM), ("h", "c", "alpha", "eps", "weight_decay", "foreach", "fused")),
 }
 
 NAMES: tuple[str, ...] = tuple(_REGISTRY)

@@ -39,11 +39,11 @@ HAND_CHECKED = [
 ]
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("foreach,fused", [(False, False), (True, False), (None, True)])
 @pytest.mark.parametrize("cls,hp,one,hundred", HAND_CHECKED, ids=lambda x: getattr(x, "__name__", None))
-def test_hand_checked_values(cls, hp, one, hundred, foreach):
-    torch.testing.assert_close(run_quadratic(cls, 1, foreach=foreach, **hp), torch.tensor(one, dtype=torch.float64), rtol=0, atol=1e-9)
-    torch.testing.assert_close(run_quadratic(cls, 100, foreach=foreach, **hp), torch.tensor(hundred, dtype=torch.float64), rtol=0, atol=1e-9)
+def test_hand_checked_values(cls, hp, one, hundred, foreach, fused):
+    torch.testing.assert_close(run_quadratic(cls, 1, foreach=foreach, fused=fused, **hp), torch.tensor(one, dtype=torch.float64), rtol=0, atol=1e-9)
+    torch.testing.assert_close(run_quadratic(cls, 100, foreach=foreach, fused=fused, **hp), torch.tensor(hundred, dtype=torch.float64), rtol=0, atol=1e-9)
 
 
 # ---------------------------------------------------------------- exact identities
@@ -257,7 +257,7 @@ def test_deepcopy_repr_closure_and_hyperparameter_mutation(cls):
     opt.step(closure)
     for a, p in zip(before, net.parameters()):
         torch.testing.assert_close(a, p.detach(), rtol=0, atol=1e-9)
-    assert all(type(v) is float for g in opt.param_groups for k, v in g.items() if k not in ("params", "foreach"))
+    assert all(type(v) is float for g in opt.param_groups for k, v in g.items() if k not in ("params", "foreach", "fused"))
 
 
 @pytest.mark.parametrize("cls", OURS)
