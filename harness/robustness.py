@@ -91,6 +91,8 @@ def run_scan(exp: Experiment, runs: list[dict], config: Optional[str], sets: Seq
     with Signals() as signals, tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"{exp.name} robustness",
                                     dynamic_ncols=True) as progress:
         for r in todo:
+            if signals.flag:  # a signal between two runs
+                raise SystemExit(EXIT_INTERRUPTED)
             cmd = train_command(exp, r["optimizer"], r["seed"], r["dir"], config,
                                 [*sets, set_arg(f"optimizer.{r['hp']}", r["value"])])
             proc = launch(cmd, r["dir"] / "train.log")
@@ -172,8 +174,7 @@ def plot(results: dict, path: Path, metric: str, title: str) -> bool:
     if not results:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    top = ax.get_xaxis_transform()  # x in data, y in axes coordinates: 1.0 is the top of the axis
-    any_diverged = False
+    diverged = []  # (multipliers, colour, curve index) drawn once the y range is known
     for k, name in enumerate(sorted(results, key=_sort_key)):
         xs, means, stds, div = [], [], [], []
         for m in sorted(results[name]["points"]):
@@ -184,9 +185,14 @@ def plot(results: dict, path: Path, metric: str, title: str) -> bool:
                 div.append(m)
         bars = ax.errorbar(xs, means, yerr=stds, marker="o", ms=4, capsize=3, label=LABELS.get(name, name))
         if div:
-            any_diverged = True
-            ax.scatter(div, [0.97 - 0.03 * k] * len(div), marker="x", s=40, color=bars[0].get_color(),
-                       transform=top, clip_on=False, zorder=3)
+            diverged.append((div, bars[0].get_color(), k))
+    if diverged:
+        # A band above the curves, x in data and y in axes coordinates, one row per optimizer.
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, hi + 0.15 * (hi - lo))
+        for div, color, k in diverged:
+            ax.scatter(div, [0.975 - 0.015 * k] * len(div), marker="x", s=36, color=color,
+                       transform=ax.get_xaxis_transform(), clip_on=False, zorder=3)
     ax.set_xscale("log")
     ax.axvline(1.0, color="0.6", ls=":", lw=1)
     ax.set_xlabel("step size / tuned step size (h; lr for Adam and mSGD)")
@@ -194,7 +200,7 @@ def plot(results: dict, path: Path, metric: str, title: str) -> bool:
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     handles, labels = ax.get_legend_handles_labels()
-    if any_diverged:
+    if diverged:
         handles.append(Line2D([], [], marker="x", ls="", color="0.3"))
         labels.append("diverged (a seed)")
     ax.legend(handles, labels, fontsize=8, ncol=2)

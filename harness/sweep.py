@@ -62,8 +62,11 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import yaml
 
-from .config import REPO, as_number, flatten, read_yaml
 from .errors import UsageError
+
+# harness.config (and with it torch) is imported only where a config is read: `plot` and
+# `export` stay light.
+REPO = Path(__file__).resolve().parents[1]
 
 EXIT_INTERRUPTED = 75          # as harness.loop: re-run the same command to continue
 MAX_RETRY = 10                 # re-enqueues of one interrupted trial before it is given up
@@ -104,6 +107,8 @@ def experiment(spec: str) -> Experiment:
 
 
 def paper_seeds(exp: Experiment) -> list[int]:
+    from .config import read_yaml
+
     return [int(s) for s in (read_yaml(exp.configs / "paper.yaml").get("seeds") or [0])]
 
 
@@ -144,6 +149,8 @@ def load_space(exp: Experiment, path: Optional[str] = None) -> dict:
     """``space.yaml`` checked: ``{"budget": {dotted key: value}, "trials": int, "optimizers":
     {name: {hp: Range}}}``."""
     import optimizers
+
+    from .config import as_number, flatten, read_yaml
 
     path = Path(path) if path else exp.configs / "space.yaml"
     if not path.is_file():
@@ -190,6 +197,8 @@ def budget_sets(budget: dict, config: Optional[str]) -> list[str]:
     """The budget as ``--set`` items, minus keys a user ``--config`` file sets itself
     (so ``--config nano/configs/smoke.yaml`` keeps its tiny ``train.max_iters``)."""
     import optimizers
+
+    from .config import flatten, read_yaml
 
     own = set()
     if config:
@@ -242,11 +251,12 @@ def stop(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> int:
 
 
 def last_line(log: Path) -> str:
+    """What a run's log says went wrong: its last ``error:`` message, else its last line."""
     try:
         lines = [l for l in Path(log).read_text(errors="replace").splitlines() if l.strip()]
     except OSError:
         return ""
-    errors = [l for l in lines if l.startswith("error:")]
+    errors = [l[len("error:"):] for l in lines if l.startswith("error:")]
     return (errors or lines or [""])[-1].strip()
 
 
@@ -343,7 +353,8 @@ def parse_records(data: bytes) -> list[dict]:
 def _optuna():
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # The worker prints one line per trial itself (and the reason of a failure), no tracebacks.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
     return optuna
@@ -541,6 +552,7 @@ class Objective:
         if rc == 2:
             raise UsageError(f"trial {trial.number} could not start: {last_line(run_dir / 'train.log')}")
         if rc != 0:
+            trial.set_user_attr("error", f"exit status {rc}: {last_line(run_dir / 'train.log')}")
             raise TrialCrashed(f"{run_dir} exited with status {rc}: {last_line(run_dir / 'train.log')}")
         self._drop_checkpoint(run_dir)
         if status == "diverged" or best is None:
@@ -622,6 +634,10 @@ def run_sweep(spec: str, optimizer: str, *, trials: Optional[int] = None, storag
             def after_trial(study, frozen):
                 state = frozen.state.name.lower()
                 value = f" best val loss {frozen.value:.4f}" if frozen.value is not None else ""
+                if state == "fail":
+                    value = f" ({frozen.user_attrs.get('error', '?')})"
+                elif state == "pruned":
+                    value = f" (run {frozen.user_attrs.get('status') or 'stopped early'})"
                 progress.write(f"trial {frozen.number} ({frozen.user_attrs.get('run_dir', '?')}): {state}{value}; "
                                f"{_format_params(frozen.params)}")
                 crashes[0] = crashes[0] + 1 if state == "fail" else 0
@@ -687,6 +703,8 @@ def export_best(study, optimizer: str, out: Path, force: bool = False) -> Path:
 
 def write_best(best_yaml: Path, optimizer: str, params: dict) -> None:
     """Replace (or append) the ``optimizer:`` entry of a best.yaml, keeping every other line and comment."""
+    from .config import as_number
+
     best_yaml = Path(best_yaml)
     text = best_yaml.read_text() if best_yaml.exists() else ""
     before = yaml.safe_load(text) or {}
