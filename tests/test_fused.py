@@ -296,3 +296,26 @@ def test_falls_back_with_one_warning_when_compilation_fails(monkeypatch, failure
     assert ("no C++ compiler" if failure == "no compiler" else "InvalidCxxCompiler") in messages[0]
     for a, b in zip(fused, train(False)):
         assert torch.equal(a, b)
+
+
+def test_fused_optimizer_inside_a_compiled_training_step():
+    """A training step compiled as a whole, optimizer step included (dynamo's
+    eager backend: traced, no code generated), gives the reference numbers."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 3).double()
+    ref_net = copy.deepcopy(net)
+    opt = CD(net.parameters(), h=0.1, c=2.0, fused=True)
+    opt_ref = CD(ref_net.parameters(), h=0.1, c=2.0, fused=False)
+    x = torch.randn(8, 5, dtype=torch.float64)
+
+    def train_step(model, optimizer):
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+
+    compiled_step = torch.compile(train_step, backend="eager")
+    for _ in range(3):
+        compiled_step(net, opt)
+        train_step(ref_net, opt_ref)
+    for a, b in zip(net.parameters(), ref_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
