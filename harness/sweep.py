@@ -477,14 +477,11 @@ class Objective:
 
     def __init__(self, exp: Experiment, optimizer: str, space: dict[str, Range], *, seed: int, out: Path,
                  config: Optional[str], sets: Sequence[str], signals: Signals, poll_s: float = 10.0,
-                 keep_checkpoints: bool = False, nproc: int = 1, progress=None):
+                 keep_checkpoints: bool = False, nproc: int = 1):
         self.exp, self.optimizer, self.space, self.seed, self.out = exp, optimizer, space, seed, out
         self.config, self.sets, self.signals, self.poll_s = config, list(sets), signals, poll_s
-        self.keep_checkpoints, self.nproc, self.progress = keep_checkpoints, nproc, progress
-        self.current: Optional[int] = None  # the number of the trial being run
-
-    def log(self, text: str) -> None:
-        (self.progress.write if self.progress is not None else print)(text)
+        self.keep_checkpoints, self.nproc = keep_checkpoints, nproc
+        self.current: Optional[int] = None  # the number of the trial whose run is in flight
 
     def __call__(self, trial) -> float:
         import optuna
@@ -547,7 +544,7 @@ class Objective:
         if pruned:
             self._drop_checkpoint(run_dir)
             raise optuna.TrialPruned(f"median pruner stopped the run at {run_dir}")
-        if rc == EXIT_INTERRUPTED or self.signals.flag:
+        if rc == EXIT_INTERRUPTED or (rc != 0 and self.signals.flag):  # a run that finished anyway counts
             raise WorkerInterrupted(f"{run_dir} interrupted (exit status {rc}); the trial will be retried")
         if rc == 2:
             raise UsageError(f"trial {trial.number} could not start: {last_line(run_dir / 'train.log')}")
@@ -628,7 +625,7 @@ def run_sweep(spec: str, optimizer: str, *, trials: Optional[int] = None, storag
                                         dynamic_ncols=True) as progress:
             objective = Objective(exp, optimizer, hp_space, seed=seed, out=out, config=config, sets=run_sets,
                                   signals=signals, poll_s=poll_s, keep_checkpoints=keep_checkpoints,
-                                  nproc=nproc, progress=progress)
+                                  nproc=nproc)
             crashes = [0]
 
             def after_trial(study, frozen):

@@ -68,7 +68,7 @@ index="$RESULTS/README.md"
   echo "# Results"
   echo
   echo "Rendered by \`bash scripts/figures.sh\` from the run directories under \`$RUNS/\`."
-  echo "Each table gives mean ± std over seeds; the figures are described in the tables' pages."
+  echo "Tables give mean ± std over seeds where there are several."
   find "$RESULTS" -mindepth 2 -type f \( -name '*.md' -o -name '*.png' \) -printf '%h\n' | sort -u |
   while read -r folder; do
     rel="${folder#"$RESULTS"/}"
