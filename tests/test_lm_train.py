@@ -2,8 +2,10 @@
 (Hugging Face GPT2LMHeadModel on WikiText blocks), on generated corpora, offline, CPU."""
 import json
 import math
+import os
 import random
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -283,3 +285,23 @@ def test_gpt2_bad_input_is_a_one_line_error(gpt2_cache, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_gpt2_two_processes_take_the_same_updates_as_one(gpt2_cache, tmp_path):
+    """batch_size is the global batch: 2 ranks x 2 blocks train and evaluate as 1 process x 4 blocks."""
+    args = lambda out: gpt2_args(gpt2_cache, out, "adam", "--set", "model.dropout=0.0", "--set", "train.max_iters=4",
+                                 "--set", "train.eval_interval=2")
+    assert gpt2_train.main(args(tmp_path / "one")) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "gpt2.train", *args(tmp_path / "two")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+    one, two = ([r for r in records(tmp_path / n) if r["split"] == "val"] for n in ("one", "two"))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [0, 2, 4]
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
+    for a, b in zip(one, two):  # the validation blocks are split between the ranks and summed back
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
