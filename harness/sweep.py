@@ -684,7 +684,7 @@ def flow_entry(params: dict) -> str:
     return "{" + ", ".join(f"{k}: {yaml_float(v)}" for k, v in params.items()) + "}"
 
 
-def export_best(study, optimizer: str, out: Path, force: bool = False) -> Path:
+def export_best(study, exp: Experiment, optimizer: str, out: Path, force: bool = False) -> Path:
     """Write ``{optimizer: {hp: value}}`` (best.yaml format) to a new file ``out``."""
     out = Path(out)
     if out.exists() and not force:
@@ -693,7 +693,7 @@ def export_best(study, optimizer: str, out: Path, force: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"# Best of study {study.study_name}: trial {best.number}, best val loss {best.value:.6g}, "
                    f"run {best.user_attrs.get('run_dir', '?')}.\n"
-                   f"# Use with: python -m <exp>.train --optimizer {optimizer} --config {out}\n"
+                   f"# Use with: python -m {' '.join([exp.module, *exp.args])} --optimizer {optimizer} --config {out}\n"
                    f"{optimizer}: {flow_entry(best_params(study))}\n")
     return out
 
@@ -859,7 +859,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not args.out and not args.write_best:
                 raise UsageError("export needs --out FILE (a new file) or --write-best")
             if args.out:
-                print(export_best(study, optimizer, Path(args.out), args.force))
+                print(export_best(study, exp, optimizer, Path(args.out), args.force))
             if args.write_best:
                 write_best(exp.configs / "best.yaml", optimizer, best_params(study))
                 print(f"{exp.configs / 'best.yaml'}: {optimizer} replaced by trial {study.best_trial.number}")
