@@ -65,17 +65,6 @@ def parse_task(argv: list[str]) -> tuple[str, list[str]]:
     return check_task(args.task), rest
 
 
-def micro_batch_size(train_cfg: dict, world_size: int) -> int:
-    """Examples per rank per forward pass: the global batch over ranks and accumulation steps."""
-    batch, accumulation = int(train_cfg["batch_size"]), int(train_cfg["gradient_accumulation_steps"])
-    parts = world_size * accumulation
-    if batch < 1 or accumulation < 1 or batch % parts:
-        raise UsageError(
-            f"train.batch_size {batch} must be a positive multiple of ranks x train.gradient_accumulation_steps "
-            f"= {world_size} x {accumulation}")
-    return batch // parts
-
-
 @contextlib.contextmanager
 def fetch_hint(task: str, alternative: str = ""):
     """Add the command that downloads what is missing to a UsageError raised inside."""
@@ -153,7 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     d, m, t = run.cfg["data"], run.cfg["model"], run.cfg["train"]
     try:
-        micro = micro_batch_size(t, run.world_size)
+        micro = run.micro_batch_size()
         with fetch_hint(task):
             tokenizer = load_tokenizer(d["tokenizer"])
         splits = load_splits(run, task, tokenizer, d)

@@ -43,17 +43,6 @@ from harness.run import Run, start
 PREPARE = "python -m gpt2.data"
 
 
-def micro_batch_size(train_cfg: dict, world_size: int) -> int:
-    """Blocks per rank per forward pass: the global batch over ranks and accumulation steps."""
-    batch, accumulation = int(train_cfg["batch_size"]), int(train_cfg["gradient_accumulation_steps"])
-    parts = world_size * accumulation
-    if batch < 1 or accumulation < 1 or batch % parts:
-        raise UsageError(
-            f"train.batch_size {batch} must be a positive multiple of ranks x train.gradient_accumulation_steps "
-            f"= {world_size} x {accumulation}")
-    return batch // parts
-
-
 def load_blocks(cache_dir: str, block_size: int) -> tuple[dict, dict]:
     """(``{"train", "val"}`` LMBlocks, the cache's meta) from a prepared cache; never builds one."""
     meta = wikitext.read_meta(cache_dir)
@@ -93,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     d, m, t = run.cfg["data"], run.cfg["model"], run.cfg["train"]
     block = int(d["block_size"])
     try:
-        micro = micro_batch_size(t, run.world_size)
+        micro = run.micro_batch_size()
         splits, meta = load_blocks(d["cache_dir"], block)
         # Seeded by start(): every rank draws the same initial weights (from scratch).
         model = build_model(m["pretrained"], from_scratch=m["from_scratch"], n_layer=m["n_layer"],

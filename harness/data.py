@@ -57,19 +57,21 @@ def lm_evaluate(run: Run, model: torch.nn.Module, bins, batch_size: int, block_s
                 splits: Sequence[str] = ("val",)) -> list[dict]:
     """Mean loss over ``eval_iters`` batches per split (``model(x, y)`` returns ``(logits, loss)``).
 
-    The batches are the same at every evaluation (a generator seeded by run seed and rank),
-    so successive points of a curve differ only through the model.
+    The batches are the same at every evaluation and on any number of ranks (a generator
+    seeded by the run seed; rank r computes batches r, r + K, ...), so successive points of
+    a curve differ only through the model and a K-GPU run reports what one GPU would.
     """
     out = []
     for i, split in enumerate(splits):
-        gen = torch.Generator().manual_seed(derive_seed(run.seed, run.rank, 1 + i))
+        gen = torch.Generator().manual_seed(derive_seed(run.seed, 1 + i))
         total = 0.0
-        for _ in range(eval_iters):
+        for k in range(eval_iters):
             x, y = bins.get_batch(split, batch_size, block_size, gen)
-            _, loss = model(x.to(run.device), y.to(run.device))
-            total += loss.float().item()
-        total, count = reduce_sum(run, [total, eval_iters])
-        out.append({"split": split, "loss": total / count})
+            if k % run.world_size == run.rank:
+                _, loss = model(x.to(run.device), y.to(run.device))
+                total += loss.float().item()
+        (total,) = reduce_sum(run, [total])
+        out.append({"split": split, "loss": total / eval_iters})
     return out
 
 

@@ -201,12 +201,22 @@ def fit(
     stop_after = int(os.environ.get(STOP_AFTER_ENV, 0) or 0)
     batches = iter(data.batches(step * accumulation))
     t_last, step_last = time.time(), step
+    window = (time.time(), step)  # (time, step) where the current MFU window started
     model.train()
     with _Interrupt() as interrupt:
         while True:
             if step % eval_interval == 0 and not (resumed and step == start_step):
                 if running_n:
-                    means = {k: (v / running_n).item() for k, v in running.items()}
+                    names = sorted(running)
+                    totals = torch.stack([running[k] for k in names]) / running_n
+                    if run.distributed:  # the mean over every rank's batches
+                        dist.all_reduce(totals)
+                        totals /= run.world_size
+                    means = dict(zip(names, totals.tolist()))
+                    if flops_per_step and step > window[1]:  # on GPUs: MFU over the training since the last eval
+                        mfu = estimate_mfu(flops_per_step * (step - window[1]) / (time.time() - window[0]), run.device)
+                        if mfu is not None:
+                            means["mfu"] = mfu
                     log.log(stamp({"split": "train", **means}))
                     running, running_n = {}, 0
                 model.eval()
@@ -228,6 +238,7 @@ def fit(
                     break
                 pbar.set_postfix({f"{r['split']}_{sel_key}": f"{r[sel_key]:.4f}" for r in records if sel_key in r})
                 save_checkpoint()
+                window = (time.time(), step)
             if step >= total_steps:
                 break
             if _any(run, interrupt.flag or (stop_after and step - start_step >= stop_after)):
@@ -310,11 +321,12 @@ def fit(
 
 
 # Dense bf16/fp16 tensor-core peak per GPU, FLOP/s (vendor datasheets).
-PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10": 125e12, "L40": 181e12, "V100": 125e12}
+PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12,
+              "A10": 125e12, "L40": 181e12, "L40S": 362e12, "V100": 125e12}
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
-    """The detected GPU's peak, or None (CPU, unknown GPU)."""
+    """The detected GPU's peak (the longest matching name), or None (CPU, unknown GPU)."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)

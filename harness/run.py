@@ -59,6 +59,20 @@ class Run:
             return torch.autocast("cuda", dtype=dtype)
         return contextlib.nullcontext()
 
+    def micro_batch_size(self) -> int:
+        """Examples one rank feeds forward at a time: ``train.batch_size`` (the global batch,
+        whatever the number of processes) / (ranks x ``train.gradient_accumulation_steps``).
+
+        So a run on K GPUs takes the same optimizer steps on as many examples as on one.
+        """
+        t = self.cfg["train"]
+        batch, accumulation = int(t["batch_size"]), int(t.get("gradient_accumulation_steps", 1))
+        parts = self.world_size * accumulation
+        if batch < 1 or accumulation < 1 or batch % parts:
+            raise UsageError(f"train.batch_size {batch} (the global batch) must be a positive multiple of "
+                             f"ranks x train.gradient_accumulation_steps = {self.world_size} x {accumulation}")
+        return batch // parts
+
     def build_optimizer(self, params):
         hp = {k: v for k, v in self.cfg["optimizer"].items() if k != "name"}
         return optimizers.build(self.cfg["optimizer"]["name"], params, **hp)

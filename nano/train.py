@@ -35,6 +35,7 @@ def main(argv=None, experiment: str = "nano") -> int:
     m, t = run.cfg["model"], run.cfg["train"]
     try:
         bins = TokenBins(run.cfg["data"]["dir"], prepare_hint=PREPARE[experiment], marker=MARKER[experiment])
+        micro = run.micro_batch_size()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -43,17 +44,19 @@ def main(argv=None, experiment: str = "nano") -> int:
     run.print(f"{experiment}: GPT with {model.get_num_params() / 1e6:.2f}M parameters, vocab {vocab_size}, "
               f"optimizer {run.cfg['optimizer']}, device {run.device} ({run.precision})")
 
+    # train.batch_size is the global batch: each of K ranks takes batch / (K x accumulation)
+    # sequences per forward pass, so the paper's 16 sequences per update hold on any GPU count.
     accumulation = int(t.get("gradient_accumulation_steps", 1))
     batch, block = t["batch_size"], m["block_size"]
     fit(
         run, model,
-        RandomTokenBatches(bins, batch, block, run.seed, run.rank),
+        RandomTokenBatches(bins, micro, block, run.seed, run.rank),
         loss_fn=lambda model, xy: (model(*xy)[1], {}),
         evaluate=lambda model, step: lm_evaluate(run, model, bins, batch, block, t["eval_iters"]),
         total_steps=t["max_iters"],
         eval_interval=t["eval_interval"],
-        tokens_per_step=batch * block * accumulation * run.world_size,
-        flops_per_step=model.estimate_flops_per_iter(batch * accumulation),
+        tokens_per_step=batch * block,
+        flops_per_step=model.estimate_flops_per_iter(micro * accumulation),
     )
     return 0
 

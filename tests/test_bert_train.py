@@ -145,7 +145,10 @@ def test_global_batch_is_the_same_examples_on_any_number_of_ranks():
     from harness.data import EpochBatches
 
     items = list(range(37))
-    assert bert_train.micro_batch_size({"batch_size": 8, "gradient_accumulation_steps": 2}, 2) == 2
+    from harness.run import Run
+
+    cfg = {"train": {"batch_size": 8, "gradient_accumulation_steps": 2}}
+    assert Run(cfg=cfg, dir=None, device=torch.device("cpu"), world_size=2).micro_batch_size() == 2
     one = EpochBatches(items, 8, seed=3)
     ranks = [EpochBatches(items, 2, seed=3, rank=r, world_size=2) for r in range(2)]
     for epoch in range(2):
@@ -182,7 +185,7 @@ def test_help_lists_task_and_the_standard_arguments(capsys):
     ("sst2", ["--set", "data.raw={tmp}/nowhere"], "is not a directory"),
     ("qnli", ["--set", "model.pretrained={tmp}/no-model"], "could not load the pretrained model"),
     ("sst2", ["--set", "train.batch_size=6", "--set", "train.gradient_accumulation_steps=4"],
-     "train.batch_size 6 must be a positive multiple of ranks x train.gradient_accumulation_steps = 1 x 4"),
+     r"train.batch_size 6 \(the global batch\) must be a positive multiple of ranks x train.gradient_accumulation_steps = 1 x 4"),
     ("qnli", ["--set", "model.dim=64"], "unknown key 'model.dim'; valid keys: .*model.pretrained"),
 ])
 def test_bad_data_model_or_batch_is_a_one_line_error(smoke, tmp_path, capsys, task, extra, message):

@@ -156,7 +156,7 @@ def test_torchrun_two_processes_log_once_and_resume_in_one(nano_data, tmp_path):
     assert [r["step"] for r in rows if r["split"] == "val"] == [0, 10, 20]  # logged once, not per rank
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["world_size"] == 2
-    assert all(r["tokens"] == r["step"] * 8 * 32 * 2 for r in rows)
+    assert all(r["tokens"] == r["step"] * 8 * 32 for r in rows)  # batch_size is the global batch
     assert nano_train.main(nano_args(nano_data, out, "cadam")) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 30 and summary["world_size"] == 1

@@ -115,8 +115,9 @@ def test_owt_paper_config_is_the_papers_protocol():
     assert cfg["optimizer"] == {"name": "cadam", "h": 6.775e-3, "gamma": 7.532, "c": 3.106e6, "alpha": 0.4402}
     big = resolve("owt", "adam", 1337, str(ROOT / "owt" / "configs" / "gpt2-124m.yaml"))
     assert (big["model"]["n_layer"], big["model"]["n_head"], big["model"]["n_embd"]) == (12, 12, 768)
-    # nanoGPT's ~0.5M tokens per optimizer step on one GPU
-    assert big["train"]["batch_size"] * big["train"]["gradient_accumulation_steps"] * 1024 == 491_520
+    # nanoGPT's ~0.5M tokens per optimizer step (batch_size is the global batch), 12 per micro-batch on one GPU
+    assert big["train"]["batch_size"] * 1024 == 491_520
+    assert big["train"]["batch_size"] // big["train"]["gradient_accumulation_steps"] == 12
 
 
 @pytest.mark.parametrize("exp", ["owt", "gpt2"])
@@ -166,17 +167,16 @@ def test_owt_smoke_runs_write_the_run_contract(owt_data, tmp_path):
 def test_gradient_accumulation_equals_a_k_times_larger_batch(exp, owt_data, gpt2_cache, tmp_path):
     """k micro-batches per update give the update of one batch k times larger (same examples).
 
-    owt (nanoGPT's convention, batch_size per micro-batch): 2 x 4 windows vs 1 x 8; the windows
-    come from one generator, so the 8 offsets of one draw are the 4 + 4 of two draws.
-    gpt2 (batch_size is the global batch): 8 blocks as 2 x 4 vs 1 x 8 from the same shuffle.
-    A third run with half the batch and no accumulation shows the comparison can tell.
+    batch_size is the global batch: 8 sequences as 2 micro-batches of 4 vs 1 x 8. owt's windows
+    come from one generator, so the 8 offsets of one draw are the 4 + 4 of two draws; gpt2's
+    blocks come from the same shuffle. A third run with half the batch and no accumulation
+    shows the comparison can tell.
     """
     if exp == "owt":
         main, base = owt_train.main, lambda out, *s: owt_args(owt_data, out, "adam", *s)
-        setups = {"one": (8, 1), "accumulated": (4, 2), "half": (4, 1)}
     else:
         main, base = gpt2_train.main, lambda out, *s: gpt2_args(gpt2_cache, out, "adam", "--set", "model.dropout=0.0", *s)
-        setups = {"one": (8, 1), "accumulated": (8, 2), "half": (4, 1)}
+    setups = {"one": (8, 1), "accumulated": (8, 2), "half": (4, 1)}
     for name, (batch, k) in setups.items():
         assert main(base(tmp_path / name, "--set", "train.max_iters=3", "--set", "train.eval_interval=3",
                          "--set", "train.eval_iters=1", "--set", f"train.batch_size={batch}",
@@ -276,7 +276,7 @@ def test_gpt2_bad_input_is_a_one_line_error(gpt2_cache, tmp_path, capsys):
     cases = [
         (gpt2_args(tmp_path / "nowhere", tmp_path / "run"), "python -m gpt2.data --cache-dir"),
         (gpt2_args(gpt2_cache, tmp_path / "run", "adam", "--set", "train.gradient_accumulation_steps=3"),
-         "train.batch_size 4 must be a positive multiple"),
+         "train.batch_size 4 (the global batch) must be a positive multiple"),
         (gpt2_args(gpt2_cache, tmp_path / "run", "adam", "--set", "model.from_scratch=false",
                    "--set", f"model.pretrained={tmp_path / 'no-model'}"), "could not load the pretrained model"),
     ]

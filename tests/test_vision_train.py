@@ -250,7 +250,7 @@ def test_missing_dataset_is_a_one_line_error_and_creates_nothing(exp, tmp_path, 
 
 @pytest.mark.parametrize("extra,message", [
     (["--set", "train.gradient_accumulation_steps=3"],
-     "train.batch_size=32 (the global batch) must be divisible by the 1 rank(s) x train.gradient_accumulation_steps=3"),
+     "train.batch_size 32 (the global batch) must be a positive multiple of ranks x train.gradient_accumulation_steps = 1 x 3"),
     (["--set", "train.evals_per_epoch=4"], "train.evals_per_epoch=4 must divide the 6 steps of an epoch"),
     (["--set", "model.depth=two"], None),
 ])

@@ -114,19 +114,6 @@ def forward(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return model(images), labels
 
 
-def per_rank_batch(run: Run) -> int:
-    """The micro-batch one rank feeds forward: global batch / (ranks x accumulation steps)."""
-    t = run.cfg["train"]
-    accumulation = int(t["gradient_accumulation_steps"])
-    share = run.world_size * accumulation
-    if t["batch_size"] % share:
-        raise UsageError(
-            f"train.batch_size={t['batch_size']} (the global batch) must be divisible by the "
-            f"{run.world_size} rank(s) x train.gradient_accumulation_steps={accumulation}"
-        )
-    return t["batch_size"] // share
-
-
 def best_weights_on_test(run: Run, raw: torch.nn.Module, model: torch.nn.Module, step: int, val_record: dict,
                          test_loader, steps_per_epoch: int) -> dict:
     """cifar's ``test_at_best_val`` record: test loss and accuracy of the weights with the best
@@ -168,7 +155,7 @@ def main(argv=None, experiment: str = "vit", build_model: Callable[[dict], torch
         return 0
     t = run.cfg["train"]
     try:
-        micro_batch = per_rank_batch(run)
+        micro_batch = run.micro_batch_size()
         splits = load_cifar10(run)
     except UsageError as e:
         if not isinstance(e, OtherRankFailed):
