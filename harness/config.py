@@ -28,8 +28,6 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
-import optimizers
-
 from .errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,6 +123,8 @@ def resolve(
     configs_dir: Optional[Path] = None,
 ) -> dict:
     """The fully resolved config of one run; raises UsageError on any bad key or value."""
+    import optimizers  # here, not at the top: tools that only read configs need no torch
+
     configs_dir = Path(configs_dir) if configs_dir else REPO / experiment / "configs"
     name = str(optimizer).lower()
     if name not in optimizers.NAMES:

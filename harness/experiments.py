@@ -1,50 +1,64 @@
 """Experiment names -> how to run them.
 
 Most experiments are one folder (``nano`` -> ``python -m nano.train``, configs in
-``nano/configs``). GLUE has one folder with a task per config folder: ``bert/sst2``
-(also written ``bert-sst2``) -> ``python -m bert.train --task sst2``, configs in
-``bert/configs/sst2``, runs under ``runs/bert/sst2``.
+``nano/configs``). GLUE has one folder with a config folder per task:
+``bert/sst2`` (also written ``bert-sst2``) -> ``python -m bert.train --task sst2``,
+configs in ``bert/configs/sst2``, runs under ``runs/bert/sst2``.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence
 
-from .config import REPO
+from . import config as config_lib
 from .errors import UsageError
 
 
 @dataclass(frozen=True)
 class Experiment:
-    name: str            # as recorded in configs and summaries: "nano", "bert-sst2"
-    module: str          # the train module: "nano.train"
-    args: tuple          # extra arguments of the train module: ("--task", "sst2")
-    configs_dir: Path
-    runs_subdir: str     # runs/<runs_subdir>/<optimizer>/seed<S>
+    """How to run one experiment: ``python -m <module> <args...>`` with configs in ``configs``."""
 
-    def command(self, python: str = "python") -> list[str]:
-        return [python, "-m", self.module, *self.args]
-
-
-def available() -> list[str]:
-    """Every experiment spec with a configs/paper.yaml in this checkout."""
-    out = []
-    for paper in sorted(REPO.glob("*/configs/paper.yaml")):
-        out.append(paper.parts[-3])
-    for paper in sorted(REPO.glob("*/configs/*/paper.yaml")):
-        out.append(f"{paper.parts[-4]}/{paper.parts[-2]}")
-    return out
+    name: str              # run and study names: "nano", "bert-sst2"
+    module: str            # "nano.train", "bert.train"
+    args: tuple[str, ...]  # () or ("--task", "sst2")
+    configs: Path          # <repo>/nano/configs, <repo>/bert/configs/sst2
+    runs_subdir: str       # runs/<runs_subdir>/<optimizer>/seed<S>: "nano", "bert/sst2"
 
 
 def experiment(spec: str) -> Experiment:
     """The experiment called ``spec`` ("nano", "vit", "bert/sst2", "bert-sst2", ...)."""
-    folder, _, task = str(spec).strip("/").replace("-", "/", 1).partition("/")
+    repo = config_lib.REPO
+    folder, _, task = str(spec).strip("/").replace("/", "-").partition("-")
+    root = repo / folder
+    if not folder or not (root / "train.py").is_file():
+        known = sorted(p.parent.name for p in repo.glob("*/train.py"))
+        raise UsageError(f"unknown experiment {spec!r}; valid: {', '.join(known) or 'none yet'}")
+    tasks = sorted(p.parent.name for p in (root / "configs").glob("*/paper.yaml"))
     if task:
-        configs = REPO / folder / "configs" / task
-        if (configs / "paper.yaml").is_file():
-            return Experiment(f"{folder}-{task}", f"{folder}.train", ("--task", task), configs, f"{folder}/{task}")
-    else:
-        configs = REPO / folder / "configs"
-        if (configs / "paper.yaml").is_file():
-            return Experiment(folder, f"{folder}.train", (), configs, folder)
-    raise UsageError(f"unknown experiment {spec!r}; valid: {', '.join(available())}")
+        if task not in tasks:
+            raise UsageError(f"{folder} has no task {task!r}; valid: {', '.join(tasks) or 'none'}")
+        return Experiment(f"{folder}-{task}", f"{folder}.train", ("--task", task), root / "configs" / task,
+                          f"{folder}/{task}")
+    if not (root / "configs" / "paper.yaml").is_file():
+        raise UsageError(f"{folder} has several tasks: name one of " + ", ".join(f"{folder}/{t}" for t in tasks))
+    return Experiment(folder, f"{folder}.train", (), root / "configs", folder)
+
+
+def paper_seeds(exp: Experiment) -> list[int]:
+    return [int(s) for s in (config_lib.read_yaml(exp.configs / "paper.yaml").get("seeds") or [0])]
+
+
+def train_command(exp: Experiment, optimizer: str, seed: int, out: Path, config: Optional[str] = None,
+                  sets: Sequence[str] = (), nproc: int = 1) -> list[str]:
+    """The command line of one ordinary run (under torchrun when ``nproc`` > 1)."""
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd = launcher + ["-m", exp.module, *exp.args, "--optimizer", optimizer, "--seed", str(seed)]
+    if config:
+        cmd += ["--config", str(config)]
+    for item in sets:
+        cmd += ["--set", item]
+    return cmd + ["--out", str(out)]

@@ -30,7 +30,7 @@ import optimizers
 
 from .config import read_yaml, resolve
 from .errors import UsageError
-from .experiments import experiment
+from .experiments import experiment, paper_seeds, train_command
 from .loop import EXIT_INTERRUPTED
 from .run import run_status
 
@@ -83,10 +83,10 @@ def main(argv=None) -> int:
 
     try:
         exp = experiment(args.experiment)
-        names = [n.lower() for n in (args.optimizers or list(read_yaml(exp.configs_dir / "best.yaml")))]
-        seeds = args.seeds or [int(s) for s in read_yaml(exp.configs_dir / "paper.yaml").get("seeds", [0])]
+        names = [n.lower() for n in (args.optimizers or list(read_yaml(exp.configs / "best.yaml")))]
+        seeds = args.seeds or paper_seeds(exp)
         for name in names:  # fail fast, before launching anything, on any bad name, key or value
-            resolve(exp.name, name, seeds[0], args.config, args.sets, exp.configs_dir)
+            resolve(exp.name, name, seeds[0], args.config, args.sets, exp.configs)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -116,8 +116,7 @@ def main(argv=None) -> int:
           + (f"GPUs {','.join(gpus)}" if gpus else f"the CPU, {len(slots)} at a time x {threads} threads")
           + f"; runs in {runs_dir}", flush=True)
 
-    extra = (["--config", args.config] if args.config else []) + [a for s in args.sets for a in ("--set", s)]
-    train_cfg = {n: resolve(exp.name, n, seeds[0], args.config, args.sets, exp.configs_dir).get("train", {})
+    train_cfg = {n: resolve(exp.name, n, seeds[0], args.config, args.sets, exp.configs).get("train", {})
                  for n in names}
     bar = tqdm(total=len(jobs), dynamic_ncols=True, desc=exp.name,
                bar_format="{l_bar}{bar}| {n:.2f}/{total} runs [{elapsed}<{remaining}]")
@@ -145,7 +144,7 @@ def main(argv=None) -> int:
                 else:
                     env["OMP_NUM_THREADS"] = str(threads)
                 log = open(runs_dir / "logs" / f"{name}-seed{seed}.log", "a")
-                cmd = [*exp.command(sys.executable), "--optimizer", name, "--seed", str(seed), "--out", str(run_dir), *extra]
+                cmd = train_command(exp, name, seed, run_dir, args.config, args.sets)
                 running[slot] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), run_dir, name, seed, log)
             time.sleep(1.0)
             for slot, (proc, run_dir, name, seed, log) in list(running.items()):

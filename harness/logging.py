@@ -11,8 +11,6 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from .checkpoint import write_text_atomic
 from .config import REPO
 from .errors import UsageError
@@ -22,7 +20,7 @@ def _clean(value):
     """JSON-safe: floats that are not finite become strings ("nan", "inf")."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    if isinstance(value, torch.Tensor):
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a 0-d tensor or numpy scalar
         return _clean(value.item())
     return value
 
@@ -70,6 +68,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def versions() -> dict:
+    import torch
+
     import optimizers
 
     out = {"python": platform.python_version(), "torch": torch.__version__,

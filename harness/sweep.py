@@ -63,67 +63,14 @@ import numpy as np
 import yaml
 
 from .errors import UsageError
+from .experiments import Experiment, experiment, paper_seeds, train_command  # noqa: F401 (re-exported)
 
-# harness.config (and with it torch) is imported only where a config is read: `plot` and
-# `export` stay light.
-REPO = Path(__file__).resolve().parents[1]
+from .config import REPO  # noqa: E402
 
 EXIT_INTERRUPTED = 75          # as harness.loop: re-run the same command to continue
 MAX_RETRY = 10                 # re-enqueues of one interrupted trial before it is given up
 MAX_CONSECUTIVE_CRASHES = 3    # a worker whose trials keep crashing stops (something is broken)
 STOP_TIMEOUT_S = 600           # how long a run may take to checkpoint after SIGTERM before SIGKILL
-
-
-# --------------------------------------------------------------------------- experiments
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """How to run one experiment: ``python -m <module> <args...>`` with configs in ``configs``."""
-
-    name: str              # run and study names: "nano", "bert-sst2"
-    module: str            # "nano.train", "bert.train"
-    args: tuple[str, ...]  # () or ("--task", "sst2")
-    configs: Path          # <repo>/nano/configs, <repo>/bert/configs/sst2
-
-
-def experiment(spec: str) -> Experiment:
-    """``"nano"`` -> nano.train; ``"bert/sst2"`` or ``"bert-sst2"`` -> ``bert.train --task sst2``
-    with configs in ``bert/configs/sst2`` (an experiment folder whose configs have one folder per task)."""
-    folder, _, task = str(spec).strip("/").replace("/", "-").partition("-")
-    root = REPO / folder
-    if not (root / "train.py").is_file():
-        known = sorted(p.parent.name for p in REPO.glob("*/train.py"))
-        raise UsageError(f"unknown experiment {spec!r}; valid: {', '.join(known) or 'none yet'}")
-    if task:
-        if not (root / "configs" / task / "paper.yaml").is_file():
-            tasks = sorted(p.parent.name for p in (root / "configs").glob("*/paper.yaml"))
-            raise UsageError(f"{folder} has no task {task!r}; valid: {', '.join(tasks) or 'none'}")
-        return Experiment(f"{folder}-{task}", f"{folder}.train", ("--task", task), root / "configs" / task)
-    if not (root / "configs" / "paper.yaml").is_file():
-        tasks = sorted(p.parent.name for p in (root / "configs").glob("*/paper.yaml"))
-        raise UsageError(f"{folder} has several tasks: name one of " + ", ".join(f"{folder}/{t}" for t in tasks))
-    return Experiment(folder, f"{folder}.train", (), root / "configs")
-
-
-def paper_seeds(exp: Experiment) -> list[int]:
-    from .config import read_yaml
-
-    return [int(s) for s in (read_yaml(exp.configs / "paper.yaml").get("seeds") or [0])]
-
-
-def train_command(exp: Experiment, optimizer: str, seed: int, out: Path, config: Optional[str],
-                  sets: Sequence[str], nproc: int = 1) -> list[str]:
-    """The command line of one ordinary run (under torchrun when ``nproc`` > 1)."""
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    cmd = launcher + ["-m", exp.module, *exp.args, "--optimizer", optimizer, "--seed", str(seed)]
-    if config:
-        cmd += ["--config", str(config)]
-    for item in sets:
-        cmd += ["--set", item]
-    return cmd + ["--out", str(out)]
 
 
 def set_arg(key: str, value: Any) -> str:

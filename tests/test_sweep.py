@@ -216,7 +216,9 @@ def test_nano_space_is_the_papers():
 
 
 def test_experiment_specs_map_tasks_to_folders(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, "REPO", tmp_path)
+    from harness import config as config_lib
+
+    monkeypatch.setattr(config_lib, "REPO", tmp_path)
     (tmp_path / "bert" / "configs" / "sst2").mkdir(parents=True)
     (tmp_path / "bert" / "train.py").write_text("")
     (tmp_path / "bert" / "configs" / "sst2" / "paper.yaml").write_text("seeds: [0]\n")
