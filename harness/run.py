@@ -9,6 +9,7 @@ torchrun (it maps SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID when MASTER_ADDR is se
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -181,6 +182,9 @@ def start(experiment: str, argv: Optional[list[str]] = None, configs_dir: Option
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Tear the group down before the interpreter does: a rank that exits with its
+        # connections still open can make its peers abort (SIGABRT in gloo/NCCL).
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     precision = cfg.get("train", {}).get("precision", "fp32") if device.type == "cuda" else "fp32"
     if precision not in ("fp32", "fp16", "bf16"):
         print(f"error: train.precision must be fp32, fp16 or bf16, got {precision!r}", file=sys.stderr)
