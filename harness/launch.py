@@ -18,7 +18,6 @@ import argparse
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from .errors import UsageError
 from .experiments import experiment, paper_seeds, train_command
 from .loop import EXIT_INTERRUPTED
 from .run import run_status
+from .signals import StopFlag
 
 
 def _progress(run_dir: Path, train_cfg: dict) -> float:
@@ -122,19 +122,11 @@ def main(argv=None) -> int:
                bar_format="{l_bar}{bar}| {n:.2f}/{total} runs [{elapsed}<{remaining}]")
     running: dict = {}  # slot -> (process, run_dir, name, seed, log file)
     queue, failed, finished = list(jobs), [], 0
-    interrupted = []
-
-    def stop(signum, frame):
-        queue.clear()
-        interrupted.append(signum)
-        for proc, *_ in running.values():
-            proc.send_signal(signal.SIGTERM)  # each run checkpoints and exits 75
-
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while queue or running:
+    # A stop request reaches every running run (each checkpoints and exits 75); no new one starts.
+    with StopFlag() as stop:
+        while (queue and not stop.flag) or running:
             for slot in range(len(slots)):
-                if slot in running or not queue:
+                if slot in running or not queue or stop.flag:
                     continue
                 name, seed = queue.pop(0)
                 run_dir = runs_dir / name / f"seed{seed}"
@@ -145,12 +137,15 @@ def main(argv=None) -> int:
                     env["OMP_NUM_THREADS"] = str(threads)
                 log = open(runs_dir / "logs" / f"{name}-seed{seed}.log", "a")
                 cmd = train_command(exp, name, seed, run_dir, args.config, args.sets)
-                running[slot] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), run_dir, name, seed, log)
+                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+                stop.children.append(proc)
+                running[slot] = (proc, run_dir, name, seed, log)
             time.sleep(1.0)
             for slot, (proc, run_dir, name, seed, log) in list(running.items()):
                 if proc.poll() is not None:
                     log.close()
                     del running[slot]
+                    stop.children.remove(proc)
                     finished += 1
                     status = run_status(run_dir)
                     tqdm.write(f"  {name} seed {seed}: {status or 'failed'} (exit {proc.returncode})")
@@ -158,15 +153,12 @@ def main(argv=None) -> int:
                         failed.append((name, seed, proc.returncode))
             bar.n = finished + sum(_progress(r[1], train_cfg[r[2]]) for r in running.values())
             bar.refresh()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        bar.close()
+    bar.close()
 
     if failed:
         print(f"{len(failed)} runs did not finish (see {runs_dir / 'logs'}): "
               + ", ".join(f"{n} seed {s} (exit {rc})" for n, s, rc in failed), file=sys.stderr)
-    if interrupted:
+    if stop.flag:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     if not args.no_report and any(run_status(runs_dir / n / f"seed{s}") for n, s in everything):

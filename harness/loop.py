@@ -17,9 +17,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .logging import MetricsLog, best_of, read_metrics, start_wandb, versions, write_summary
 from .run import Run
+from .signals import StopFlag
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: rerun the same command to resume
 
@@ -47,46 +47,12 @@ def move(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-class _Interrupt:
-    """Turns SIGTERM/SIGUSR1/SIGINT into a flag the loop checks between steps."""
-
-    def __init__(self):
-        self.flag = False
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
-            if sig is not None:
-                try:
-                    self._old[sig] = signal.signal(sig, self._handle)
-                except ValueError:  # not the main thread
-                    pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.flag and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C means now
-        self.flag = True
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def _gather(run: Run, obj: Any) -> list:
     if not run.distributed:
         return [obj]
     out = [None] * run.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def _any(run: Run, flag: bool) -> bool:
-    if not run.distributed:
-        return flag
-    t = torch.tensor([float(flag)], device=run.device)
-    dist.all_reduce(t)
-    return bool(t.item())
 
 
 def fit(
@@ -203,7 +169,7 @@ def fit(
     t_last, step_last = time.time(), step
     window = (time.time(), step)  # (time, step) where the current MFU window started
     model.train()
-    with _Interrupt() as interrupt:
+    with StopFlag() as interrupt:
         while True:
             if step % eval_interval == 0 and not (resumed and step == start_step):
                 if running_n:
@@ -241,7 +207,7 @@ def fit(
                 window = (time.time(), step)
             if step >= total_steps:
                 break
-            if _any(run, interrupt.flag or (stop_after and step - start_step >= stop_after)):
+            if run.any_rank(interrupt.flag or (stop_after and step - start_step >= stop_after)):
                 save_checkpoint()
                 status = "interrupted"
                 break

@@ -74,6 +74,14 @@ class Run:
                              f"ranks x train.gradient_accumulation_steps = {self.world_size} x {accumulation}")
         return batch // parts
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank (a collective: all ranks call it)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t)
+        return bool(t.item())
+
     def build_optimizer(self, params):
         hp = {k: v for k, v in self.cfg["optimizer"].items() if k != "name"}
         return optimizers.build(self.cfg["optimizer"]["name"], params, **hp)

@@ -63,6 +63,7 @@ import numpy as np
 import yaml
 
 from .errors import UsageError
+from .signals import StopFlag as Signals
 from .experiments import Experiment, experiment, paper_seeds, train_command  # noqa: F401 (re-exported)
 
 from .config import REPO  # noqa: E402
@@ -205,33 +206,6 @@ def last_line(log: Path) -> str:
         return ""
     errors = [l[len("error:"):] for l in lines if l.startswith("error:")]
     return (errors or lines or [""])[-1].strip()
-
-
-class Signals:
-    """SIGTERM/SIGUSR1/SIGINT set ``flag`` and are forwarded (as SIGTERM) to the running child."""
-
-    def __init__(self):
-        self.flag = False
-        self.child: Optional[subprocess.Popen] = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
-            if sig is not None:
-                try:
-                    self._old[sig] = signal.signal(sig, self._handle)
-                except ValueError:  # not the main thread: no forwarding
-                    pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.flag = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def _proc_start(pid: int) -> Optional[str]:

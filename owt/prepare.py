@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import sys
 from pathlib import Path

@@ -39,7 +39,6 @@ import sys
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
@@ -54,15 +53,6 @@ from vit.model import build_vit
 
 BEST_MODEL = "best_model.pt"  # cifar: the weights with the best validation accuracy so far
 NUM_CLASSES = 10
-
-
-def _any_rank(run: Run, flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (a collective: all ranks must call it)."""
-    if not run.distributed:
-        return flag
-    t = torch.tensor([float(flag)], device=run.device)
-    dist.all_reduce(t)
-    return bool(t.item())
 
 
 class OtherRankFailed(UsageError):
@@ -89,7 +79,7 @@ def load_cifar10(run: Run) -> dict:
                 splits = cifar10.cifar10_splits(d["root"], download=d["download"] and run.is_main)
             except UsageError as e:
                 error = e
-        if _any_rank(run, error is not None):
+        if run.any_rank(error is not None):
             raise error or OtherRankFailed(f"another rank could not load CIFAR-10 from {d['root']}")
     if d["subset"] > 0:
         splits = {name: Subset(ds, range(min(d["subset"], len(ds)))) for name, ds in splits.items()}
