@@ -26,9 +26,8 @@ call per batch rather than one call each (see ``fused_step``). Large tensors
 whose layout differs between the parameter, its gradient and its state, a
 lone one-element tensor (dynamo would specialise a graph for it) and
 parameters whose gradient has another dtype go through the same ``_update``
-eagerly. Where
-compilation is unavailable (no C++ compiler, no Triton, an unsupported Python)
-the first step warns once and every step runs the eager loop.
+eagerly. Where compilation is unavailable (no C++ compiler, no Triton, an
+unsupported Python) the first step warns once and every step runs the eager loop.
 """
 from __future__ import annotations
 
@@ -38,7 +37,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["fused_step", "compiled_update", "WARMUP_NUMEL"]
+__all__ = ["fused_step", "compiled_update", "WARMUP_NUMEL", "SMALL_NUMEL", "BATCH_NUMEL"]
 
 WARMUP_NUMEL = 1 << 16
 SMALL_NUMEL = 1 << 15  # tensors below this size are updated in concatenated batches...
