@@ -38,14 +38,14 @@ def graphs_compiled() -> int:
 def run_groups(cls, fused, dtype, steps=20):
     """20 steps on four param groups with hyperparameters changed at step 10.
 
-    Small tensors go through the fused path in concatenated batches, a
-    (200, 200) one through its own kernel call; a large transposed parameter
+    Small tensors go through the fused path in concatenated batches (group 1
+    needs two), a (200, 200) one through its own kernel call; a large transposed parameter
     (its layout is not flat) and a group holding only a one-element parameter
     take the eager update inside the fused path; one parameter never gets a
     gradient.
     """
     g = torch.Generator().manual_seed(1)
-    shapes = [(7, 3), (5,), (2, 3, 4), (1,), (6,), (200, 200), (300,)]
+    shapes = [(7, 3), (5,), (2, 3, 4), (1,), (6,), (200, 200), (150, 200), (150, 200), (150, 200), (300,)]
     params = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
     params.append(torch.randn(4, 3, generator=g, dtype=dtype).t())
     params.append(torch.randn(180, 200, generator=g, dtype=dtype).t())
@@ -55,9 +55,9 @@ def run_groups(cls, fused, dtype, steps=20):
     trained = [p for p in params if p is not frozen]
     groups = [
         {"params": params[:2], "h": 0.1},
-        {"params": params[2:6], "h": 0.05, "gamma": 0.3, "weight_decay": 0.1},
-        {"params": params[6:9], "h": 0.02},
-        {"params": params[9:], "h": 0.1},
+        {"params": params[2:9], "h": 0.05, "gamma": 0.3, "weight_decay": 0.1},  # two batches
+        {"params": params[9:12], "h": 0.02},
+        {"params": params[12:], "h": 0.1},
     ]
     opt = cls(groups, fused=fused)
     for step in range(steps):
