@@ -9,6 +9,7 @@ torchrun (it maps SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID when MASTER_ADDR is se
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import atexit
 import contextlib
 import json
@@ -164,6 +165,8 @@ def start(experiment: str, argv: Optional[list[str]] = None, configs_dir: Option
             args.seed = int(seeds[0])
         cfg = config_lib.resolve(experiment, args.optimizer, args.seed, args.config, args.sets, configs_dir)
         run_dir = Path(args.out or default_out.format(optimizer=cfg["optimizer"]["name"], seed=args.seed))
+        if cfg.get("wandb") and importlib.util.find_spec("wandb") is None:
+            raise UsageError("wandb=true but wandb is not installed: pip install wandb (or --set wandb=false)")
         saved = run_dir / "config.yaml"
         if saved.exists() and (run_dir / "checkpoint.pt").exists():
             old = config_lib.read_yaml(saved)

@@ -193,3 +193,14 @@ def test_launch_runs_a_grid_skips_finished_runs_and_reports(nano_data, tmp_path)
     listing = subprocess.run([*cmd[:4], "--optimizers", "adam", "cadam0", "--seeds", "1", "2", "--list"],
                              cwd=ROOT, capture_output=True, text=True).stdout.split("\n")
     assert listing[:4] == ["0 adam 1", "1 adam 2", "2 cadam0 1", "3 cadam0 2"]
+
+
+def test_wandb_is_optional_and_checked_before_anything_is_written(nano_data, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "nano.train", *nano_args(nano_data, out), "--set", "wandb=true"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "pip install wandb" in proc.stderr and not out.exists()
