@@ -2,7 +2,6 @@
 
     python benchmarks/end_to_end.py                          # nano and owt smoke runs, every optimizer
     python benchmarks/end_to_end.py --experiments nano --optimizers adam,cadam --set train.max_iters=200
-    python benchmarks/end_to_end.py --set optimizer.fused=true   # force the fused path on the small smoke models
 
 Each run is the experiment's own command, in a fresh run directory under a
 temporary folder (so nothing is resumed):
