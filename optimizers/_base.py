@@ -9,8 +9,10 @@ together in the order of ``spec/optimizers.md``, once, in its ``_update``.
 
 Each sub-step exists twice: a single-tensor form (plain tensor ops, the
 readable reference) and a multi-tensor form on ``torch._foreach_*`` ops. The
-two forms perform the same floating-point operations in the same order, so
-the two paths of every optimizer agree to rounding.
+two forms perform the same floating-point operations in the same order (the
+one difference: friction's power of two is ``exp2`` in one and ``pow(2, .)``
+in the other, for want of a foreach exp2), so the two paths of every
+optimizer agree to rounding.
 
 The single-tensor forms take their coefficients (``h``, decay factors, ...)
 either as Python floats, in the eager loop, or as 0-d tensors, inside the
@@ -55,7 +57,7 @@ def _is_number(value: Coefficient, constant: float) -> bool:
     The eager paths skip a sub-step that this makes an exact no-op, to save a
     pass over memory. A compiled kernel gets tensors and skips nothing: its
     graph must not depend on hyperparameter values, and multiplying by exactly
-    1 (or adding 0 * x to 1) changes no bit anyway.
+    1, or dividing by sqrt(1 + 0 * p^2) = 1, changes no bit anyway.
     """
     return not isinstance(value, Tensor) and value == constant
 
