@@ -144,14 +144,18 @@ def resolve(
             hp = key[len("optimizer."):]
             if hp == "name":
                 raise UsageError(f"{origin}: choose the optimizer with --optimizer, not {key}")
-            value = as_number(value)
             if hp not in hp_names:
                 raise UsageError(
                     f"{origin}: unknown key {key} for optimizer {name}; valid: "
                     + ", ".join(f"optimizer.{k}" for k in hp_names)
                 )
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UsageError(f"{origin}: bad type for {key}: {value!r}, expected a number")
+            if hp in ("foreach", "fused"):  # code-path switches, not hyperparameters
+                if value is not None and not isinstance(value, bool):
+                    raise UsageError(f"{origin}: bad type for {key}: {value!r}, expected true, false or null")
+            else:
+                value = as_number(value)
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise UsageError(f"{origin}: bad type for {key}: {value!r}, expected a number")
             hyper[hp] = value
             return
         if key not in defaults:
@@ -174,7 +178,8 @@ def resolve(
         apply(key, value, "--set")
 
     for hp in hyper:
-        hyper[hp] = as_number(hyper[hp])
+        if hp not in ("foreach", "fused"):
+            hyper[hp] = as_number(hyper[hp])
         if hp not in hp_names:
             raise UsageError(f"best.yaml: unknown hyperparameter {hp} for {name}; valid: {', '.join(hp_names)}")
     try:  # validate the values now, before any run directory is touched

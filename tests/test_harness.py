@@ -60,6 +60,9 @@ def test_tuned_hyperparameters_come_from_best_yaml_and_set_overrides(nano_data, 
     nano_train.main(nano_args(nano_data, out, "cadam", 1, "--set", "train.max_iters=2", "--set", "optimizer.c=5"))
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["optimizer"] == {"name": "cadam", **best["cadam"], "c": 5.0}
+    from harness.config import resolve
+
+    assert resolve("nano", "cd", 1, sets=["optimizer.fused=false", "optimizer.foreach=true"])["optimizer"]["fused"] is False
 
 
 def test_kill_and_resume_gives_identical_metrics(nano_data, tmp_path, monkeypatch):
