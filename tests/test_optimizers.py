@@ -2,6 +2,8 @@
 import copy
 import io
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -281,15 +283,24 @@ def test_weight_decay_is_exact_flow_and_zero_is_noop(cls):
     assert_same(train(lambda p: cls(p, h=0.1)), train(lambda p: cls(p, h=0.1, weight_decay=0.0)), tol=0)
 
 
+NEEDS_COMPILER = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                                    reason="no C++ compiler for torch.compile on the CPU")
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=NEEDS_COMPILER)], ids=["eager", "fused"])
 @pytest.mark.parametrize("cls", OURS)
-def test_gradscaler_skip_leaves_everything_unchanged(cls):
+def test_gradscaler_skip_leaves_everything_unchanged(cls, fused):
     net = build_net().float()
-    opt = cls(net.parameters(), h=0.1)
+    opt = cls(net.parameters(), h=0.1, fused=fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     x = torch.randn(8, 4)
     scaler.scale(net(x).pow(2).mean()).backward()
     scaler.step(opt)
     scaler.update()
+    if fused:
+        from optimizers import _fused
+
+        assert (cls._update, "cpu", torch.float32) in _fused._ready  # the step ran the compiled kernel
     params = [p.detach().clone() for p in net.parameters()]
     state = copy.deepcopy(opt.state_dict()["state"])
     opt.zero_grad()
