@@ -314,12 +314,14 @@ def test_gradscaler_skip_leaves_everything_unchanged(cls, fused):
             assert torch.equal(t, state[k][name])
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("path", [dict(foreach=False), dict(foreach=True),
+                                  pytest.param(dict(fused=True), marks=NEEDS_COMPILER)],
+                         ids=["single", "foreach", "fused"])
 @pytest.mark.parametrize("cls", OURS)
-def test_bf16_parameters(cls, foreach):
+def test_bf16_parameters(cls, path):
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 2).to(torch.bfloat16)
-    opt = cls(net.parameters(), h=0.1, foreach=foreach)
+    opt = cls(net.parameters(), h=0.1, **path)
     x = torch.randn(16, 4, dtype=torch.bfloat16)
     first = None
     for _ in range(20):
@@ -328,6 +330,10 @@ def test_bf16_parameters(cls, foreach):
         first = first if first is not None else loss.item()
         loss.backward()
         opt.step()
+    if path.get("fused"):
+        from optimizers import _fused
+
+        assert (cls._update, "cpu", torch.bfloat16) in _fused._ready  # the steps ran the compiled kernel
     for st in opt.state.values():
         assert all(t.dtype == torch.bfloat16 for t in st.values())
     assert math.isfinite(loss.item()) and loss.item() < first
