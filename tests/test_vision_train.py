@@ -83,30 +83,26 @@ VIT_RUNS = {"adam": ["--set", "model.drop_rate=0"], "ikfad": []}  # ikfad keeps 
 CIFAR_RUNS = {"adam": [], "cd": []}
 
 
-@pytest.fixture(scope="module")
-def vit_runs(cifar_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("vit_runs")
+def train_all(main, exp, runs, seed, cifar_root, out):
+    """One smoke run per optimizer of ``runs`` on the generated CIFAR-10, under ``out``."""
     mp = pytest.MonkeyPatch()
     mp.setattr(vit.data, "DATASET_CLASS", UncheckedCIFAR10)
     try:
-        for name, extra in VIT_RUNS.items():
-            assert vit_train.main(args("vit", cifar_root, out / name, name, 0, *extra)) == 0
+        for name, extra in runs.items():
+            assert main(args(exp, cifar_root, out / name, name, seed, *extra)) == 0
     finally:
         mp.undo()
     return out
+
+
+@pytest.fixture(scope="module")
+def vit_runs(cifar_root, tmp_path_factory):
+    return train_all(vit_train.main, "vit", VIT_RUNS, 0, cifar_root, tmp_path_factory.mktemp("vit_runs"))
 
 
 @pytest.fixture(scope="module")
 def cifar_runs(cifar_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cifar_runs")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(vit.data, "DATASET_CLASS", UncheckedCIFAR10)
-    try:
-        for name, extra in CIFAR_RUNS.items():
-            assert cifar_train.main(args("cifar", cifar_root, out / name, name, 1, *extra)) == 0
-    finally:
-        mp.undo()
-    return out
+    return train_all(cifar_train.main, "cifar", CIFAR_RUNS, 1, cifar_root, tmp_path_factory.mktemp("cifar_runs"))
 
 
 def check_common_contract(run_dir, exp, name, eval_splits):
