@@ -77,9 +77,10 @@ def plot(by_opt: dict[str, list[dict]], split: str, key: str, path: Path, title:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = False
+    drawn, seen = False, []
     for name in sorted(by_opt, key=_sort_key):
         steps, values = _curves(by_opt[name], split, key)
+        seen.append(values.ravel())
         if len(steps) == 0 or np.isnan(values).all():
             continue
         with np.errstate(all="ignore"):
@@ -97,7 +98,7 @@ def plot(by_opt: dict[str, list[dict]], split: str, key: str, path: Path, title:
     ax.set_ylabel(f"{split} {key}")
     ax.set_title(title)
     if key == "loss":
-        finite = np.concatenate([_curves(r, split, key)[1].ravel() for r in by_opt.values()])
+        finite = np.concatenate(seen)
         finite = finite[np.isfinite(finite)]
         if len(finite):  # the first evaluations sit far above the interesting range
             ax.set_ylim(finite.min() - 0.05 * (np.percentile(finite, 90) - finite.min()), np.percentile(finite, 90))
