@@ -28,9 +28,8 @@ from tqdm.auto import tqdm
 from .config import read_yaml, resolve
 from .errors import UsageError
 from .experiments import experiment, paper_seeds, train_command
-from .loop import EXIT_INTERRUPTED
 from .run import run_status
-from .signals import StopFlag
+from .signals import EXIT_INTERRUPTED, StopFlag
 
 
 def _progress(run_dir: Path, train_cfg: dict) -> float:

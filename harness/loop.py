@@ -28,9 +28,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .logging import MetricsLog, best_of, read_metrics, start_wandb, versions, write_summary
 from .run import Run
-from .signals import StopFlag
-
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: rerun the same command to resume
+from .signals import EXIT_INTERRUPTED, StopFlag
 
 # For tests and preemption drills: behave as if SIGTERM arrived after this many steps.
 STOP_AFTER_ENV = "HARNESS_STOP_AFTER_STEPS"

@@ -6,6 +6,8 @@ import signal
 import subprocess
 from typing import Optional
 
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: a run or sweep stopped on request; rerun the same command to resume
+
 
 class StopFlag:
     """``with StopFlag() as stop: ... if stop.flag: checkpoint and exit``.

@@ -63,12 +63,11 @@ import numpy as np
 import yaml
 
 from .errors import UsageError
-from .signals import StopFlag as Signals
+from .signals import EXIT_INTERRUPTED, StopFlag as Signals  # noqa: F401 (re-exported)
 from .experiments import Experiment, experiment, paper_seeds, train_command  # noqa: F401 (re-exported)
 
 from .config import REPO  # noqa: E402
 
-EXIT_INTERRUPTED = 75          # as harness.loop: re-run the same command to continue
 MAX_RETRY = 10                 # re-enqueues of one interrupted trial before it is given up
 MAX_CONSECUTIVE_CRASHES = 3    # a worker whose trials keep crashing stops (something is broken)
 STOP_TIMEOUT_S = 600           # how long a run may take to checkpoint after SIGTERM before SIGKILL
