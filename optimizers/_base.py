@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _fused
+from . import _fused, _native
 
 __all__ = ["DampedOptimizer"]
 
@@ -213,11 +213,14 @@ def check_hyperparameter(name: str, value: Any) -> float:
 # The optimizer base class
 # ----------------------------------------------------------------------------
 
-# With ``fused=None`` the compiled kernel is used only when the optimizer holds
-# at least this many parameter elements. Below it, a step is cheap eagerly and
-# the one-off compile (a few seconds per optimizer and dtype, less with a warm
+# With ``fused=None`` on CUDA (or on a CPU where the native kernels cannot be
+# built) the compiled kernel is used only when the optimizer holds at least
+# this many parameter elements. Below it, a step is cheap eagerly and the
+# one-off compile (a few seconds per optimizer and dtype, less with a warm
 # Inductor cache) would outweigh the saving over a short run; above it the
-# kernel saves several times its compile time within the first few hundred steps.
+# kernel saves several times its compile time within the first few hundred
+# steps. On a CPU with the native kernels (built once per machine in about a
+# second, then loaded in milliseconds) the fused path is the default at any size.
 # See benchmarks/README.md for the measurements behind the number.
 FUSED_DEFAULT_MIN_NUMEL = 1 << 22
 
@@ -248,6 +251,16 @@ class DampedOptimizer(Optimizer):
     """
 
     state_names: Sequence[str] = ("momentum",)
+    # The name of the optimizer's kernel in optimizers/_native.c, which restates
+    # ``_update`` in C; None where there is none. A subclass that overrides
+    # ``_update`` without naming a kernel of its own gets None (``__init_subclass__``),
+    # so the fused path compiles its ``_update`` instead of running the parent's kernel.
+    native_kernel: Optional[str] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "_update" in vars(cls) and "native_kernel" not in vars(cls):
+            cls.native_kernel = None
 
     def __init__(
         self, params: Iterable, defaults: dict, foreach: Optional[bool] = None, fused: Optional[bool] = None
@@ -304,6 +317,9 @@ class DampedOptimizer(Optimizer):
             # An explicit foreach choice is a request for that eager path.
             if group["foreach"] is not None:
                 return False
+            params = group["params"]
+            if params and _native.supports(self.native_kernel, params[0].device, params[0].dtype):
+                return True
             numel = sum(p.numel() for g in self.param_groups for p in g["params"])
             return numel >= FUSED_DEFAULT_MIN_NUMEL
         return fused
@@ -333,7 +349,9 @@ class DampedOptimizer(Optimizer):
             if not params:
                 continue
             if self._use_fused(group):
-                _fused.fused_step(type(self)._update, self._coefficients(group), params, grads, states)
+                _fused.fused_step(
+                    type(self)._update, self.native_kernel, self._coefficients(group), params, grads, states
+                )
             elif not self._use_foreach(group, params):
                 self._single_tensor(params, grads, states, group)
             else:

@@ -57,6 +57,7 @@ class CADAM(DampedOptimizer):
     """
 
     state_names = ("momentum", "zeta")
+    native_kernel = "cadam"
 
     def __init__(
         self,

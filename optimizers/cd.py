@@ -55,6 +55,7 @@ class CD(DampedOptimizer):
     """
 
     state_names = ("momentum",)
+    native_kernel = "cd"
 
     def __init__(self, params, h=1e-3, gamma=1.0, c=1.0, weight_decay=0.0, foreach=None, fused=None):
         super().__init__(params, dict(h=h, gamma=gamma, c=c, weight_decay=weight_decay), foreach, fused)

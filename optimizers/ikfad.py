@@ -58,6 +58,7 @@ class iKFAD(DampedOptimizer):
     """
 
     state_names = ("momentum", "xi")
+    native_kernel = "ikfad"
 
     def __init__(
         self, params, h=1e-3, alpha=1.0, mu=1.0, gamma=1.0, weight_decay=0.0, foreach=None, fused=None

@@ -40,6 +40,7 @@ class LDHD(DampedOptimizer):
     """
 
     state_names = ("momentum",)
+    native_kernel = "ldhd"
 
     def __init__(self, params, h=1e-3, gamma=0.1, weight_decay=0.0, foreach=None, fused=None):
         super().__init__(params, dict(h=h, gamma=gamma, weight_decay=weight_decay), foreach, fused)

@@ -17,3 +17,62 @@ import torch  # noqa: E402  (after OMP_NUM_THREADS)
 
 torch.set_num_threads(1)
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+PATH_OPTIONS = {
+    "single": dict(foreach=False, fused=False),
+    "foreach": dict(foreach=True),
+    "native": dict(fused=True),
+    "compiled": dict(fused=True),
+}
+
+
+class StepPath:
+    """One code path of our optimizers' step, switched on for a test: the eager
+    single-tensor loop or foreach path, or one implementation of the fused path
+    (the native C kernels, or ``torch.compile`` of ``_update``, which is the
+    CUDA path, run here on the CPU)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.kwargs = PATH_OPTIONS[name]  # the constructor arguments that select it
+
+    def ran(self, cls, dtype) -> bool:
+        """True when the steps of ``cls`` on ``dtype`` CPU tensors took this path."""
+        from optimizers import _fused
+
+        fused = {kind for update, device, dt, kind in _fused.used if (update, device, dt) == (cls._update, "cpu", dtype)}
+        return fused == ({self.name} if self.name in ("native", "compiled") else set())
+
+
+def _step_path(request, monkeypatch) -> StepPath:
+    from optimizers import _fused, _native
+
+    monkeypatch.setattr(_fused, "used", set())
+    if request.param == "native":
+        reason = _native.why_unavailable()
+        if reason is not None:
+            pytest.skip(f"native kernels unavailable: {reason}")
+    elif request.param == "compiled":
+        # Inductor compiles CPU kernels with a C++ compiler.
+        if shutil.which(os.environ.get("CXX", "g++")) is None:
+            pytest.skip("no C++ compiler for torch.compile on the CPU")
+        monkeypatch.setattr(_native, "ENABLED", False)
+    return StepPath(request.param)
+
+
+@pytest.fixture(params=list(PATH_OPTIONS))
+def step_path(request, monkeypatch):
+    """Every code path in turn (see StepPath)."""
+    return _step_path(request, monkeypatch)
+
+
+@pytest.fixture(params=["native", "compiled"])
+def fused_backend(request, monkeypatch):
+    """Each implementation of the fused path in turn (see StepPath)."""
+    return _step_path(request, monkeypatch)

@@ -1,9 +1,13 @@
-"""The fused (compiled) step against the single-tensor reference (issue 8).
+"""The fused step against the single-tensor reference (issue 8).
 
-Compiling costs seconds, so every test here uses tiny tensors and the kernels
-are shared: one per (optimizer, dtype), compiled by whichever test needs it first.
+Both implementations of the fused path are tested on the CPU (the
+``fused_backend`` fixture, tests/conftest.py): the native C kernels and
+``torch.compile`` of ``_update``, which is the CUDA path. Compiling costs
+seconds, so every test here uses tiny tensors and the compiled kernels are
+shared: one per (optimizer, dtype), compiled by whichever test needs it first.
 """
 import copy
+import ctypes
 import os
 import shutil
 import warnings
@@ -12,15 +16,16 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from optimizers import CADAM, CD, LDHD, _fused, build, iKFAD
+from optimizers import CADAM, CD, LDHD, _fused, _native, build, iKFAD
 from optimizers._base import FUSED_DEFAULT_MIN_NUMEL
 
 OURS = [LDHD, CD, iKFAD, CADAM]
-# Inductor compiles CPU kernels with a C++ compiler; without one the fused path
-# falls back to the eager loop (tested below) and the kernel tests cannot run.
+# Inductor compiles CPU kernels with a C++ compiler; the native kernels need a C one.
 needs_compiler = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler for torch.compile on the CPU"
 )
+needs_native = pytest.mark.skipif(_native.why_unavailable() is not None,
+                                  reason=f"native kernels unavailable: {_native.why_unavailable()}")
 # A hyperparameter change mid-run, per optimizer: every coefficient moves.
 CHANGES = {
     LDHD: dict(gamma=0.9),
@@ -37,11 +42,13 @@ def graphs_compiled() -> int:
 def run_groups(cls, fused, dtype, steps=20):
     """20 steps on four param groups with hyperparameters changed at step 10.
 
-    Small tensors go through the fused path in concatenated batches (group 1
-    needs two), a (200, 200) one through its own kernel call; a large transposed parameter
-    (its layout is not flat) and a group holding only a one-element parameter
-    take the eager update inside the fused path; one parameter never gets a
-    gradient.
+    The compiled kernel updates small tensors in concatenated batches (group 1
+    needs two) and a (200, 200) one through its own call; the native kernels
+    take every tensor of a group in one call, transposed ones too. A parameter
+    whose elements are not contiguous in memory (a column slice) takes the
+    eager update inside either; so does, for the compiled kernel, a transposed
+    parameter and a group holding only a one-element parameter. One parameter
+    never gets a gradient.
     """
     g = torch.Generator().manual_seed(1)
     shapes = [(7, 3), (5,), (2, 3, 4), (1,), (6,), (200, 200), (150, 200), (150, 200), (150, 200), (300,)]
@@ -49,14 +56,15 @@ def run_groups(cls, fused, dtype, steps=20):
     params.append(torch.randn(4, 3, generator=g, dtype=dtype).t())
     params.append(torch.randn(180, 200, generator=g, dtype=dtype).t())
     params.append(torch.randn(1, generator=g, dtype=dtype))
+    params.append(torch.randn(30, 8, generator=g, dtype=dtype)[:, :5])
     params = [p.requires_grad_() for p in params]
     frozen = params[4]
     trained = [p for p in params if p is not frozen]
     groups = [
         {"params": params[:2], "h": 0.1},
         {"params": params[2:9], "h": 0.05, "gamma": 0.3, "weight_decay": 0.1},  # two batches
-        {"params": params[9:12], "h": 0.02},
-        {"params": params[12:], "h": 0.1},
+        {"params": params[9:12] + params[13:], "h": 0.02},
+        {"params": params[12:13], "h": 0.1},
     ]
     opt = cls(groups, fused=fused)
     for step in range(steps):
@@ -69,6 +77,7 @@ def run_groups(cls, fused, dtype, steps=20):
         loss.backward()
         opt.step()
     assert frozen not in opt.state
+    assert not params[13].is_contiguous() and params[13].grad.stride() != params[13].stride()
     return params, opt
 
 
@@ -76,13 +85,12 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("cls", OURS, ids=lambda c: c.__name__)
-def test_fused_matches_single_tensor(cls, dtype):
+def test_fused_matches_single_tensor(cls, dtype, fused_backend):
     ref, opt_ref = run_groups(cls, False, dtype)
     out, opt_out = run_groups(cls, True, dtype)
-    assert (cls._update, "cpu", dtype) in _fused._ready  # the compiled kernel ran
+    assert fused_backend.ran(cls, dtype)
     for p, q in zip(out, ref):
         assert p.dtype == q.dtype and p.stride() == q.stride()
         states = [(opt_out.state[p][n], opt_ref.state[q][n]) for n in cls.state_names] if q in opt_ref.state else []
@@ -90,26 +98,65 @@ def test_fused_matches_single_tensor(cls, dtype):
             for a, b in [(p, q), *states]:
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         else:
-            # Inductor contracts multiply-adds into FMAs, so single roundings
-            # differ from the eager ops' and the 20 steps amplify them: parameters
-            # agree to 1e-6 relative, a momentum near a sign change to 1e-6 absolute.
-            assert relative_error(p, q) <= 1e-6
+            # Both kernels contract multiply-adds into FMAs and the native one
+            # has its own exp2, so single roundings differ from the eager ops'
+            # and the 20 steps amplify them: elements agree to 1e-5 relative or,
+            # near a sign change, 1e-6 absolute; the parameters as a whole to 1e-6.
             for a, b in [(p, q), *states]:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if dtype == torch.float32:
+        flat = lambda params: torch.cat([p.detach().flatten() for p in params])
+        assert relative_error(flat(out), flat(ref)) <= 1e-6
 
 
-@needs_compiler
-def test_fused_step_bumps_the_autograd_version():
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("cls", OURS, ids=lambda c: c.__name__)
+def test_native_result_does_not_depend_on_the_thread_count(cls, dtype):
+    """The elements of all tensors are split into one contiguous range per
+    thread, cutting tensors anywhere: every element is updated exactly once, and
+    the same way, whatever the number of threads."""
+    shapes = [(40_000,), (3,), (70_001,), (123, 457), (1,), (9_999,)]  # 3 threads: cuts inside tensors
+
+    def run(threads):
+        g = torch.Generator().manual_seed(5)
+        params = [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in shapes]
+        opt = cls(params, h=0.1, fused=True)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=g, dtype=dtype)
+                opt.step()
+        finally:
+            torch.set_num_threads(before)
+        return params, opt
+
+    one, opt_one = run(1)
+    three, opt_three = run(3)
+    for p, q in zip(one, three):
+        assert torch.equal(p, q)
+        for name in cls.state_names:
+            assert torch.equal(opt_one.state[p][name], opt_three.state[q][name])
+        assert (opt_one.state[p]["momentum"] != 0).all()  # no element was skipped
+
+
+def test_fused_step_bumps_the_autograd_version(fused_backend):
     q = torch.randn(8, requires_grad=True)
     opt = CD([q], fused=True)
     q.grad = torch.ones(8)
     before = q._version
     opt.step()
+    assert fused_backend.ran(CD, torch.float32)
     assert q._version > before
 
 
-@needs_compiler
-def test_hyperparameter_changes_do_not_recompile():
+def test_hyperparameter_changes_do_not_recompile(fused_backend, monkeypatch):
+    """A scheduler's changes, and weight decay switched on from exactly 0, are
+    data: no graph is compiled again and the native library is not rebuilt."""
+    builds = []
+    monkeypatch.setattr(_native, "_build", lambda *args: builds.append(args))
     opts, params = [], []
     for cls in OURS:
         p = torch.randn(50, dtype=torch.float64, requires_grad=True)
@@ -121,18 +168,75 @@ def test_hyperparameter_changes_do_not_recompile():
     compiled = graphs_compiled()
     for cls, opt, p in zip(OURS, opts, params):
         group = opt.param_groups[0]
-        # A scheduler at work, and weight decay switched on from exactly 0.
         for h in (0.01, 0.02, 0.5):
             group.update({**CHANGES[cls], "h": h, "gamma": 3 * h, "weight_decay": 0.1 if h > 0.01 else 0.0})
             before = p.detach().clone()
             opt.step()
             assert not torch.equal(before, p.detach())
-    assert graphs_compiled() == compiled
+        assert fused_backend.ran(cls, torch.float64)
+    assert graphs_compiled() == compiled and not builds
 
 
-@needs_compiler
+def test_native_library_is_built_once_per_machine(tmp_path, monkeypatch):
+    """The first use builds the library into the cache folder; a later process
+    (here: the module's state reset) loads that file without compiling."""
+    if _native._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("NONLINEAR_DAMPING_CACHE", str(tmp_path / "cache"))
+    builds = []
+    real_build = _native._build
+    monkeypatch.setattr(_native, "_build", lambda *args: builds.append(args) or real_build(*args))
+    for _ in range(2):
+        monkeypatch.setattr(_native, "_library", None)
+        monkeypatch.setattr(_native, "_failure", None)
+        monkeypatch.setattr(_native, "_functions", {})
+        assert _native.why_unavailable() is None
+        assert _native.supports("cadam", torch.device("cpu"), torch.float32)
+    assert len(builds) == 1
+    built = list((tmp_path / "cache").iterdir())
+    assert [f.suffix for f in built] == [".so"]  # the library, no leftover temporary file
+    assert isinstance(_native.library(), ctypes.CDLL)
+
+
+def test_subclass_that_overrides_update_does_not_inherit_the_native_kernel():
+    class Faster(CD):
+        pass
+
+    class Different(CD):
+        @staticmethod
+        def _update(q, g, p, k):
+            CD._update(q, g, p, k)
+            p.mul_(0.5)
+
+    assert (CD.native_kernel, Faster.native_kernel, Different.native_kernel) == ("cd", "cd", None)
+
+
 @pytest.mark.parametrize("cls", OURS, ids=lambda c: c.__name__)
-def test_bf16_fused_update_is_float32_math_rounded_once(cls):
+def test_fused_step_propagates_nan_and_inf_like_the_eager_loop(cls, fused_backend):
+    """A non-finite gradient poisons the same elements on every path (so that
+    training reports divergence rather than carrying on)."""
+
+    def run(fused):
+        q = torch.linspace(-1, 1, 64, requires_grad=True)
+        opt = cls([q], h=0.1, fused=fused)
+        grad = torch.linspace(-2, 2, 64)
+        grad[[3, 17]] = float("nan")
+        grad[[5, 40]] = float("inf")
+        grad[41] = -float("inf")
+        for _ in range(2):
+            q.grad = grad.clone()
+            opt.step()
+        return q.detach(), [opt.state[q][n] for n in cls.state_names]
+
+    (q_eager, s_eager), (q_fused, s_fused) = run(False), run(True)
+    assert fused_backend.ran(cls, torch.float32)
+    for a, b in [(q_fused, q_eager), *zip(s_fused, s_eager)]:
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("cls", OURS, ids=lambda c: c.__name__)
+def test_bf16_fused_update_is_float32_math_rounded_once(cls, fused_backend):
     """One step from a non-zero state: the fused bf16 result is the float32
     update rounded to bf16 (to one bf16 unit), and closer to it than the eager
     bf16 loop, which rounds after every sub-step."""
@@ -158,6 +262,7 @@ def test_bf16_fused_update_is_float32_math_rounded_once(cls):
     q0, g0, states0 = bf(q0).float(), bf(g0).float(), [bf(s).float() for s in states0]
     reference = one_step(False, torch.float32)
     fused = one_step(True, torch.bfloat16).float()
+    assert fused_backend.ran(cls, torch.bfloat16)
     eager = one_step(False, torch.bfloat16).float()
     ulp = torch.finfo(torch.bfloat16).eps * reference.abs().clamp_min(1e-30)
     assert ((fused - reference).abs() <= ulp).all()
@@ -165,7 +270,7 @@ def test_bf16_fused_update_is_float32_math_rounded_once(cls):
 
 
 @needs_compiler
-def test_fused_step_inside_compiled_model():
+def test_fused_step_inside_compiled_model(fused_backend):
     torch.manual_seed(0)
     eager_net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     net = copy.deepcopy(eager_net)
@@ -178,12 +283,12 @@ def test_fused_step_inside_compiled_model():
             o.zero_grad()
             torch.nn.functional.mse_loss(m(x), y).backward()
             o.step()
+    assert fused_backend.ran(CADAM, torch.float32)
     for a, b in zip(net.parameters(), eager_net.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@needs_compiler
-def test_fused_step_under_ddp(tmp_path):
+def test_fused_step_under_ddp(tmp_path, fused_backend):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -202,15 +307,23 @@ def test_fused_step_under_ddp(tmp_path):
                 o.zero_grad()
                 torch.nn.functional.mse_loss(m(x), y).backward()
                 o.step()
+        assert fused_backend.ran(iKFAD, torch.float32)
         for a, b in zip(net.parameters(), ref_net.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     finally:
         dist.destroy_process_group()
 
 
-def test_default_path_depends_on_model_size():
+def test_default_path(monkeypatch):
+    """On a CPU with the native kernels, fused=None takes them at any size;
+    without them (and on CUDA) the compiled kernel only from 4M elements on."""
     small = [torch.zeros(10, requires_grad=True)]
     big = [torch.zeros(FUSED_DEFAULT_MIN_NUMEL // 2, requires_grad=True) for _ in range(2)]
+    native = _native.why_unavailable() is None
+    for params in (small, big):
+        opt = CD(params)
+        assert opt._use_fused(opt.param_groups[0]) is native or params is big
+    monkeypatch.setattr(_native, "ENABLED", False)
     opt = CD(small)
     assert not opt._use_fused(opt.param_groups[0])
     opt = CD(big)
@@ -229,9 +342,35 @@ def test_bad_fused_flags_raise():
         LDHD(p, foreach=True, fused=True)
 
 
+def _break_native(monkeypatch):
+    """This process, as on a machine without a C compiler."""
+    monkeypatch.setattr(_native, "_compiler", lambda: None)
+    monkeypatch.setattr(_native, "_library", None)
+    monkeypatch.setattr(_native, "_failure", None)
+    monkeypatch.setattr(_native, "_functions", {})
+    monkeypatch.setattr(_fused, "_native_warned", False)
+
+
+def _train_cd(fused):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2).double()
+    opt = CD(net.parameters(), h=0.1, c=5.0, fused=fused)
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.ones(4, 3, dtype=torch.float64)).pow(2).sum().backward()
+        opt.step()
+    return [p.detach() for p in net.parameters()]
+
+
+def _runtime_warnings(caught):
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
 @pytest.mark.parametrize("failure", ["compile error", "no compiler"])
 def test_falls_back_with_one_warning_when_compilation_fails(monkeypatch, failure):
-    """Where compiling is impossible, fused=True warns once and runs the eager loop."""
+    """Where neither fused implementation can be built (no C compiler for the
+    native kernels, and torch.compile failing or impossible), fused=True warns
+    once, naming both reasons, and runs the eager loop."""
 
     def broken(update):
         def kernel(*args):
@@ -239,6 +378,7 @@ def test_falls_back_with_one_warning_when_compilation_fails(monkeypatch, failure
 
         return kernel
 
+    _break_native(monkeypatch)
     monkeypatch.setattr(_fused, "_ready", set())
     monkeypatch.setattr(_fused, "_unavailable", {})
     if failure == "compile error":
@@ -246,25 +386,31 @@ def test_falls_back_with_one_warning_when_compilation_fails(monkeypatch, failure
     else:
         monkeypatch.setattr(_fused, "_why_unavailable", lambda device: "no C++ compiler")
 
-    def train(fused):
-        torch.manual_seed(0)
-        net = torch.nn.Linear(3, 2).double()
-        opt = CD(net.parameters(), h=0.1, c=5.0, fused=fused)
-        for _ in range(3):
-            opt.zero_grad()
-            net(torch.ones(4, 3, dtype=torch.float64)).pow(2).sum().backward()
-            opt.step()
-        return [p.detach() for p in net.parameters()]
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fused = train(True)
-        train(True)
-    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        fused = _train_cd(True)
+        _train_cd(True)
+    messages = _runtime_warnings(caught)
     assert len(messages) == 1 and "falling back to the single-tensor loop" in messages[0], messages
+    assert "native kernels: no C compiler" in messages[0]
     assert ("no C++ compiler" if failure == "no compiler" else "InvalidCxxCompiler") in messages[0]
-    for a, b in zip(fused, train(False)):
+    for a, b in zip(fused, _train_cd(False)):
         assert torch.equal(a, b)
+
+
+@needs_compiler
+def test_without_native_kernels_the_cpu_step_compiles_with_one_warning(monkeypatch):
+    _break_native(monkeypatch)
+    monkeypatch.setattr(_fused, "used", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = _train_cd(True)
+        _train_cd(True)
+    messages = _runtime_warnings(caught)
+    assert len(messages) == 1 and "native CPU optimizer kernels unavailable (no C compiler" in messages[0], messages
+    assert {kind for *_, kind in _fused.used} == {"compiled"}
+    for a, b in zip(fused, _train_cd(False)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @needs_compiler

@@ -2,8 +2,6 @@
 import copy
 import io
 import math
-import os
-import shutil
 
 import pytest
 import torch
@@ -41,11 +39,11 @@ HAND_CHECKED = [
 ]
 
 
-@pytest.mark.parametrize("foreach,fused", [(False, False), (True, False), (None, True)])
 @pytest.mark.parametrize("cls,hp,one,hundred", HAND_CHECKED, ids=lambda x: getattr(x, "__name__", None))
-def test_hand_checked_values(cls, hp, one, hundred, foreach, fused):
-    torch.testing.assert_close(run_quadratic(cls, 1, foreach=foreach, fused=fused, **hp), torch.tensor(one, dtype=torch.float64), rtol=0, atol=1e-9)
-    torch.testing.assert_close(run_quadratic(cls, 100, foreach=foreach, fused=fused, **hp), torch.tensor(hundred, dtype=torch.float64), rtol=0, atol=1e-9)
+def test_hand_checked_values(cls, hp, one, hundred, step_path):
+    torch.testing.assert_close(run_quadratic(cls, 1, **step_path.kwargs, **hp), torch.tensor(one, dtype=torch.float64), rtol=0, atol=1e-9)
+    torch.testing.assert_close(run_quadratic(cls, 100, **step_path.kwargs, **hp), torch.tensor(hundred, dtype=torch.float64), rtol=0, atol=1e-9)
+    assert step_path.ran(cls, torch.float64)
 
 
 # ---------------------------------------------------------------- exact identities
@@ -283,24 +281,16 @@ def test_weight_decay_is_exact_flow_and_zero_is_noop(cls):
     assert_same(train(lambda p: cls(p, h=0.1)), train(lambda p: cls(p, h=0.1, weight_decay=0.0)), tol=0)
 
 
-NEEDS_COMPILER = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
-                                    reason="no C++ compiler for torch.compile on the CPU")
-
-
-@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=NEEDS_COMPILER)], ids=["eager", "fused"])
 @pytest.mark.parametrize("cls", OURS)
-def test_gradscaler_skip_leaves_everything_unchanged(cls, fused):
+def test_gradscaler_skip_leaves_everything_unchanged(cls, step_path):
     net = build_net().float()
-    opt = cls(net.parameters(), h=0.1, fused=fused)
+    opt = cls(net.parameters(), h=0.1, **step_path.kwargs)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     x = torch.randn(8, 4)
     scaler.scale(net(x).pow(2).mean()).backward()
     scaler.step(opt)
     scaler.update()
-    if fused:
-        from optimizers import _fused
-
-        assert (cls._update, "cpu", torch.float32) in _fused._ready  # the step ran the compiled kernel
+    assert step_path.ran(cls, torch.float32)
     params = [p.detach().clone() for p in net.parameters()]
     state = copy.deepcopy(opt.state_dict()["state"])
     opt.zero_grad()
@@ -314,14 +304,11 @@ def test_gradscaler_skip_leaves_everything_unchanged(cls, fused):
             assert torch.equal(t, state[k][name])
 
 
-@pytest.mark.parametrize("path", [dict(foreach=False), dict(foreach=True),
-                                  pytest.param(dict(fused=True), marks=NEEDS_COMPILER)],
-                         ids=["single", "foreach", "fused"])
 @pytest.mark.parametrize("cls", OURS)
-def test_bf16_parameters(cls, path):
+def test_bf16_parameters(cls, step_path):
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 2).to(torch.bfloat16)
-    opt = cls(net.parameters(), h=0.1, **path)
+    opt = cls(net.parameters(), h=0.1, **step_path.kwargs)
     x = torch.randn(16, 4, dtype=torch.bfloat16)
     first = None
     for _ in range(20):
@@ -330,10 +317,7 @@ def test_bf16_parameters(cls, path):
         first = first if first is not None else loss.item()
         loss.backward()
         opt.step()
-    if path.get("fused"):
-        from optimizers import _fused
-
-        assert (cls._update, "cpu", torch.bfloat16) in _fused._ready  # the steps ran the compiled kernel
+    assert step_path.ran(cls, torch.bfloat16)
     for st in opt.state.values():
         assert all(t.dtype == torch.bfloat16 for t in st.values())
     assert math.isfinite(loss.item()) and loss.item() < first
