@@ -11,9 +11,12 @@ the optimizer step is timed. Hyperparameters are the paper's tuned values for
 the owt experiment (``HYPERPARAMETERS``); the step time does not depend on them
 except through the size of the numbers the state holds (see ``HYPERPARAMETERS``).
 Candidates: ours (LDHD, CD, iKFAD, CADAM) on the single-tensor loop, the
-foreach path and the fused (compiled) path, and torch.optim's Adam, AdamW and
-SGD (momentum 0.9) with foreach=True and fused=True. The "default" row of each
-of ours names the path that ``fused=None, foreach=None`` takes at that size.
+foreach path and the fused path (``fused=True``: on the CPU the native C
+kernels, on CUDA the ``torch.compile``d kernel), on the CPU also the compiled
+kernel ("compiled": the fused path with the native kernels switched off, for
+comparison), and torch.optim's Adam, AdamW and SGD (momentum 0.9) with
+foreach=True and fused=True. The "default" row of each of ours names the path
+that ``fused=None, foreach=None`` takes at that size.
 
 Measured per candidate, all in the same process as the reference:
 - step time: the median of ``--repeats`` steps, each timed alone, after two
@@ -28,16 +31,18 @@ Measured per candidate, all in the same process as the reference:
   allocated minus freed through PyTorch's CPU allocator during one step
   (torch.profiler with profile_memory=True); on CUDA, max_memory_allocated
   minus memory_allocated before the step;
-- first step, cold: for each of ours on the fused path, a fresh Python
-  process with an empty Inductor cache runs one step at the largest size
-  (imports excluded, compilation included), then a second process with the
-  now warm cache does the same.
+- first step, cold: for each of ours on each fused implementation, a fresh
+  Python process with empty caches (Inductor's, and the native kernels'
+  ``NONLINEAR_DAMPING_CACHE``) runs one step at the largest size (imports
+  excluded, compilation included), then a second process with the now warm
+  caches does the same.
 
 Writes ``benchmarks/results/<device>.md``, ``.json`` and ``.png``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import json
@@ -57,6 +62,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import optimizers  # noqa: E402
+from optimizers import _fused, _native  # noqa: E402
 
 # name -> GPT-2 configuration (n_layer, n_embd, vocab_size, block_size)
 SIZES = {
@@ -76,7 +82,8 @@ HYPERPARAMETERS = {
     "iKFAD": dict(h=0.07635, alpha=0.6737, mu=1.386e-6, gamma=9.138e-4),
     "CADAM": dict(h=6.775e-3, gamma=7.532, c=3.106e6, alpha=0.4402),
 }
-OUR_PATHS = {"single": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+OUR_PATHS = {"single": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True),
+             "compiled": dict(fused=True)}  # compiled: the fused path with the native kernels switched off
 TORCH = {
     "Adam": lambda params, **kw: torch.optim.Adam(params, lr=6.472e-4, betas=(0.8945, 0.9945), **kw),
     "AdamW": lambda params, **kw: torch.optim.AdamW(params, lr=6.472e-4, betas=(0.8945, 0.9945), **kw),
@@ -164,11 +171,29 @@ def peak_extra_bytes(opt, device: torch.device) -> int:
     return peak
 
 
-def candidates():
+@contextlib.contextmanager
+def path_switch(path: str):
+    """The process-wide setting a path needs while it runs: "compiled" switches
+    the native kernels off, so that the fused path compiles ``_update``."""
+    enabled = _native.ENABLED
+    _native.ENABLED = enabled and path != "compiled"
+    try:
+        yield
+    finally:
+        _native.ENABLED = enabled
+
+
+def our_paths(device: torch.device) -> list[str]:
+    # On CUDA "fused" is the compiled kernel already.
+    return [p for p in OUR_PATHS if device.type == "cpu" or p != "compiled"]
+
+
+def candidates(device: torch.device):
     """(optimizer, path, constructor) for every candidate, ours first."""
     for name in OURS:
         cls = getattr(optimizers, name)
-        for path, kw in OUR_PATHS.items():
+        for path in our_paths(device):
+            kw = OUR_PATHS[path]
             yield name, path, (lambda params, cls=cls, kw=kw: cls(params, **HYPERPARAMETERS[cls.__name__], **kw))
     for name, make in TORCH.items():
         for path in ("foreach", "fused"):
@@ -176,12 +201,37 @@ def candidates():
 
 
 def default_path(name: str, params) -> str:
-    """The path ``fused=None, foreach=None`` takes for these parameters."""
+    """The path ``fused=None, foreach=None`` takes for these parameters: single,
+    foreach, fused (native kernels on the CPU) or compiled (torch.compile)."""
     opt = getattr(optimizers, name)(params)
     group = opt.param_groups[0]
     if opt._use_fused(group):
-        return "fused"
+        return "fused" if _fused.backend(opt.native_kernel, params[0].device, params[0].dtype) == "native" or \
+            params[0].device.type != "cpu" else "compiled"
     return "foreach" if opt._use_foreach(group, list(group["params"])) else "single"
+
+
+def time_against(opt, reference, device: torch.device, repeats: int, max_other_load: float) -> dict:
+    """Median step times of ``opt`` and of ``reference`` (fused Adam), alternated."""
+    # Other processes on a small machine can stall multithreaded kernels for
+    # long stretches: re-measure a window in which they used more than
+    # max_other_load of the CPUs (up to three tries; the least disturbed window
+    # is kept and its disturbance reported).
+    best = None
+    for _ in range(3):
+        start = cpu_jiffies()
+        ours_t, ref_t = [], []
+        for _ in range(repeats):
+            ref_t.append(timed_step(reference, device))
+            ours_t.append(timed_step(opt, device))
+        load = other_load(start, cpu_jiffies())
+        if best is None or (load is not None and load < best[2]):
+            best = (ours_t, ref_t, load if load is not None else 0.0)
+        if load is None or load <= max_other_load:
+            break
+    ours_t, ref_t, load = best
+    step_ms, adam_ms = 1e3 * statistics.median(ours_t), 1e3 * statistics.median(ref_t)
+    return dict(other_load=load, step_ms=step_ms, adam_fused_ms=adam_ms, ratio=step_ms / adam_ms)
 
 
 def measure(size: str, dtype_name: str, device: torch.device, repeats: int, max_other_load: float,
@@ -193,37 +243,18 @@ def measure(size: str, dtype_name: str, device: torch.device, repeats: int, max_
     for _ in range(2):
         reference.step()
     rows = []
-    for name, path, make in candidates():
+    for name, path, make in candidates(device):
         progress.set_postfix_str(f"{size} {dtype_name} {name} {path}")
         row = dict(size=size, dtype=dtype_name, numel=numel, tensors=len(params), optimizer=name, path=path)
         try:
-            opt = make(params)
-            row["first_step_s"] = timed_step(opt, device)
-            timed_step(opt, device)
-            # Other processes on a small machine can stall multithreaded kernels
-            # for long stretches: re-measure a window in which they used more
-            # than max_other_load of the CPUs (up to three tries; the least
-            # disturbed window is kept and its disturbance reported).
-            best = None
-            for _ in range(3):
-                start = cpu_jiffies()
-                ours_t, ref_t = [], []
-                for _ in range(repeats):
-                    ref_t.append(timed_step(reference, device))
-                    ours_t.append(timed_step(opt, device))
-                load = other_load(start, cpu_jiffies())
-                if best is None or (load is not None and load < best[2]):
-                    best = (ours_t, ref_t, load if load is not None else 0.0)
-                if load is None or load <= max_other_load:
-                    break
-            ours_t, ref_t, load = best
-            row["other_load"] = load
-            row["step_ms"] = 1e3 * statistics.median(ours_t)
-            row["adam_fused_ms"] = 1e3 * statistics.median(ref_t)
-            row["ratio"] = row["step_ms"] / row["adam_fused_ms"]
-            row["state_bytes_per_param"] = state_bytes(opt) / numel
-            row["peak_extra_mb"] = peak_extra_bytes(opt, device) / 2**20
-            row["param_mb"] = numel * params[0].element_size() / 2**20
+            with path_switch(path):
+                opt = make(params)
+                row["first_step_s"] = timed_step(opt, device)
+                timed_step(opt, device)
+                row.update(time_against(opt, reference, device, repeats, max_other_load))
+                row["state_bytes_per_param"] = state_bytes(opt) / numel
+                row["peak_extra_mb"] = peak_extra_bytes(opt, device) / 2**20
+                row["param_mb"] = numel * params[0].element_size() / 2**20
         except (RuntimeError, ValueError) as error:  # e.g. a fused kernel that does not exist for bf16
             row["error"] = str(error).strip().splitlines()[0][:120]
         rows.append(row)
@@ -245,27 +276,35 @@ def first_step_child(name: str, size: str, dtype_name: str, device: str) -> None
     print(json.dumps(dict(first_step_s=first, second_step_s=second)))
 
 
+def fused_paths(device: torch.device) -> list[str]:
+    return [p for p in our_paths(device) if OUR_PATHS[p].get("fused")]
+
+
 def cold_first_steps(size: str, dtype_name: str, device: torch.device, progress) -> list[dict]:
     rows = []
-    for name in OURS:
-        with tempfile.TemporaryDirectory() as cache:
-            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
-            row = dict(optimizer=name, size=size, dtype=dtype_name)
-            for kind in ("cold", "warm"):
-                progress.set_postfix_str(f"first step {name} {kind} cache")
-                out = subprocess.run(
-                    [sys.executable, __file__, "--first-step", name, "--sizes", size, "--dtypes", dtype_name,
-                     "--device", device.type],
-                    env=env, capture_output=True, text=True,
-                )
-                if out.returncode != 0:
-                    row["error"] = (out.stderr.strip().splitlines() or ["failed"])[-1][:120]
-                    break
-                result = json.loads(out.stdout.strip().splitlines()[-1])
-                row[f"{kind}_first_step_s"] = result["first_step_s"]
-                row["step_s"] = result["second_step_s"]
-                progress.update(1)
-        rows.append(row)
+    for path in fused_paths(device):
+        for name in OURS:
+            with tempfile.TemporaryDirectory() as cache:
+                env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
+                           NONLINEAR_DAMPING_CACHE=os.path.join(cache, "native"))
+                if path == "compiled":
+                    env["NONLINEAR_DAMPING_NATIVE"] = "0"
+                row = dict(optimizer=name, path=path, size=size, dtype=dtype_name)
+                for kind in ("cold", "warm"):
+                    progress.set_postfix_str(f"first step {name} {path} {kind} cache")
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--first-step", name, "--sizes", size, "--dtypes", dtype_name,
+                         "--device", device.type],
+                        env=env, capture_output=True, text=True,
+                    )
+                    if out.returncode != 0:
+                        row["error"] = (out.stderr.strip().splitlines() or ["failed"])[-1][:120]
+                        break
+                    result = json.loads(out.stdout.strip().splitlines()[-1])
+                    row[f"{kind}_first_step_s"] = result["first_step_s"]
+                    row["step_s"] = result["second_step_s"]
+                    progress.update(1)
+            rows.append(row)
     return rows
 
 
@@ -348,14 +387,17 @@ def markdown(results: dict) -> str:
             lines.append("")
     if results.get("first_steps"):
         lines += ["## First fused step, including compilation", "",
-                  "A fresh process per row; cold: empty Inductor cache, warm: the cache the cold run left.", "",
-                  "| optimizer | size | dtype | cold first step s | warm first step s | next step s |",
-                  "|---|---|---|---:|---:|---:|"]
+                  "A fresh process per row; cold: empty caches (Inductor's and the native kernels'), "
+                  "warm: the caches the cold run left. fused: the native kernels on the CPU "
+                  "(torch.compile on CUDA); compiled: torch.compile.", "",
+                  "| optimizer | path | size | dtype | cold first step s | warm first step s | next step s |",
+                  "|---|---|---|---|---:|---:|---:|"]
         for r in results["first_steps"]:
+            head = f"| {r['optimizer']} | {r.get('path', 'fused')} | {r['size']} | {r['dtype']}"
             if "error" in r:
-                lines.append(f"| {r['optimizer']} | {r['size']} | {r['dtype']} | failed: {r['error']} | | |")
+                lines.append(f"{head} | failed: {r['error']} | | |")
             else:
-                lines.append(f"| {r['optimizer']} | {r['size']} | {r['dtype']} | {r['cold_first_step_s']:.1f} | "
+                lines.append(f"{head} | {r['cold_first_step_s']:.1f} | "
                              f"{fmt(r.get('warm_first_step_s'), '.1f')} | {r['step_s']:.3f} |")
         lines.append("")
     if summary:
@@ -387,8 +429,8 @@ def plot(results: dict, path: Path) -> None:
         for j, dtype in enumerate(dtypes):
             ax = axes[i][j]
             rows = [r for r in results["rows"] if r["size"] == size and r["dtype"] == dtype and "ratio" in r]
-            colors = ["tab:orange" if r["optimizer"] in TORCH else ("tab:blue" if r["path"] == "fused" else "tab:gray")
-                      for r in rows]
+            shade = {"fused": "tab:blue", "compiled": "lightsteelblue"}
+            colors = ["tab:orange" if r["optimizer"] in TORCH else shade.get(r["path"], "tab:gray") for r in rows]
             ax.barh(range(len(rows)), [r["ratio"] for r in rows], color=colors)
             ax.set_yticks(range(len(rows)), [f"{r['optimizer']} {r['path']}" for r in rows], fontsize=8)
             ax.set_xscale("log")
@@ -401,10 +443,11 @@ def plot(results: dict, path: Path) -> None:
                 ax.set_xlabel("step time / fused Adam step time (log scale)")
     axes[0][0].invert_yaxis()  # the y axis is shared: invert it once, first candidate on top
     m = results["machine"]
-    fig.suptitle(f"One optimizer step, {results['device']} ({m.get('gpu', m['cpu'])}, {m['threads']} threads). "
-                 f"Blue: our fused path, grey: our eager paths, orange: torch.optim; red: the {TARGET}x target",
+    fig.suptitle(f"One optimizer step, {results['device']} ({m.get('gpu', m['cpu'])}, {m['threads']} threads)\n"
+                 f"blue: our fused path (light: torch.compile), grey: our eager paths, orange: torch.optim; "
+                 f"red: the {TARGET}x target",
                  fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    fig.tight_layout(rect=(0, 0, 1, 0.975))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -442,8 +485,9 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     device = torch.device(args.device)
-    per_config = len(OURS) * len(OUR_PATHS) + len(TORCH) * 2
-    total = per_config * len(args.sizes) * len(args.dtypes) + (0 if args.no_first_step else 2 * len(OURS))
+    per_config = len(OURS) * len(our_paths(device)) + len(TORCH) * 2
+    first_steps = 0 if args.no_first_step else 2 * len(OURS) * len(fused_paths(device))
+    total = per_config * len(args.sizes) * len(args.dtypes) + first_steps
     results = dict(device=device.type, date=dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
                    command="python benchmarks/optimizer_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
                    machine=machine(), sizes=args.sizes, dtypes=args.dtypes, repeats=args.repeats,

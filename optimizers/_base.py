@@ -18,8 +18,11 @@ The single-tensor forms take their coefficients (``h``, decay factors, ...)
 either as Python floats, in the eager loop, or as 0-d tensors, inside the
 compiled kernel of the fused path (``optimizers/_fused.py``), where
 hyperparameters must be inputs of the compiled graph rather than constants
-baked into it, so that a scheduler changing them never recompiles. The fused
-path therefore runs the very same ``_update`` as the loop.
+baked into it, so that a scheduler changing them never recompiles. The
+compiled kernel therefore runs the very same ``_update`` as the loop. On the
+CPU the fused path runs native kernels instead (``optimizers/_native.c``),
+where the same sub-steps are C macros of the same names, strung together in
+each optimizer's order; the tests hold both to the single-tensor loop.
 """
 from __future__ import annotations
 

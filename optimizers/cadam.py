@@ -51,9 +51,10 @@ class CADAM(DampedOptimizer):
         weight_decay: rate lambda (>= 0) of the decoupled decay q' = -lambda q.
         foreach: ``True`` multi-tensor path, ``False`` single-tensor loop,
             ``None`` (default) as ``torch.optim`` chooses.
-        fused: ``True`` compiled single-pass kernel, ``False`` an eager path,
-            ``None`` (default) the kernel for models of at least 4M elements when
-            ``foreach`` is None (see optimizers/README.md, "Code paths").
+        fused: ``True`` the single-pass kernel (native C on the CPU,
+            ``torch.compile`` on CUDA), ``False`` an eager path, ``None``
+            (default, when ``foreach`` is None) the kernel on the CPU at any size
+            and on CUDA from 4M elements on (see optimizers/README.md, "Code paths").
     """
 
     state_names = ("momentum", "zeta")

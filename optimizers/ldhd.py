@@ -32,9 +32,10 @@ class LDHD(DampedOptimizer):
         foreach: ``True`` uses the ``torch._foreach_*`` multi-tensor path,
             ``False`` the single-tensor loop, ``None`` (default) chooses as
             ``torch.optim`` does (multi-tensor when all tensors are on CUDA).
-        fused: ``True`` compiled single-pass kernel, ``False`` an eager path,
-            ``None`` (default) the kernel for models of at least 4M elements when
-            ``foreach`` is None (see optimizers/README.md, "Code paths").
+        fused: ``True`` the single-pass kernel (native C on the CPU,
+            ``torch.compile`` on CUDA), ``False`` an eager path, ``None``
+            (default, when ``foreach`` is None) the kernel on the CPU at any size
+            and on CUDA from 4M elements on (see optimizers/README.md, "Code paths").
 
     The authors' release starts the momentum at ``+g0``; here it starts at zero.
     """

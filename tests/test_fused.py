@@ -235,16 +235,17 @@ def test_fused_step_propagates_nan_and_inf_like_the_eager_loop(cls, fused_backen
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("cls", OURS, ids=lambda c: c.__name__)
-def test_bf16_fused_update_is_float32_math_rounded_once(cls, fused_backend):
-    """One step from a non-zero state: the fused bf16 result is the float32
-    update rounded to bf16 (to one bf16 unit), and closer to it than the eager
-    bf16 loop, which rounds after every sub-step."""
+def test_low_precision_fused_update_is_float32_math_rounded_once(cls, low, fused_backend):
+    """One step from a non-zero state: the fused bf16 (fp16) result is the
+    float32 update rounded to bf16 (fp16), to one unit of that format, and
+    closer to it than the eager loop, which rounds after every sub-step."""
     g = torch.Generator().manual_seed(3)
     n = 4096
     q0, g0 = torch.randn(n, generator=g), torch.randn(n, generator=g)
     states0 = [torch.randn(n, generator=g).abs() * 0.3 for _ in cls.state_names]
-    bf = lambda t: t.to(torch.bfloat16)
+    rounded = lambda t: t.to(low).float()
 
     def one_step(fused, dtype):
         q = q0.to(dtype).clone().requires_grad_()
@@ -258,13 +259,13 @@ def test_bf16_fused_update_is_float32_math_rounded_once(cls, fused_backend):
         opt.step()
         return q.detach()
 
-    # The float32 reference starts from the bf16-rounded inputs, as the bf16 runs do.
-    q0, g0, states0 = bf(q0).float(), bf(g0).float(), [bf(s).float() for s in states0]
+    # The float32 reference starts from the rounded inputs, as the low-precision runs do.
+    q0, g0, states0 = rounded(q0), rounded(g0), [rounded(s) for s in states0]
     reference = one_step(False, torch.float32)
-    fused = one_step(True, torch.bfloat16).float()
-    assert fused_backend.ran(cls, torch.bfloat16)
-    eager = one_step(False, torch.bfloat16).float()
-    ulp = torch.finfo(torch.bfloat16).eps * reference.abs().clamp_min(1e-30)
+    fused = one_step(True, low).float()
+    assert fused_backend.ran(cls, low)
+    eager = one_step(False, low).float()
+    ulp = torch.finfo(low).eps * reference.abs().clamp_min(1e-30)
     assert ((fused - reference).abs() <= ulp).all()
     assert (fused - reference).norm() < (eager - reference).norm()
 
@@ -362,8 +363,13 @@ def _train_cd(fused):
     return [p.detach() for p in net.parameters()]
 
 
-def _runtime_warnings(caught):
-    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+def _train_cd_fused_twice():
+    """Two fused runs: the first one's parameters, and the RuntimeWarnings of both."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = _train_cd(True)
+        _train_cd(True)
+    return fused, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
 
 
 @pytest.mark.parametrize("failure", ["compile error", "no compiler"])
@@ -386,11 +392,7 @@ def test_falls_back_with_one_warning_when_compilation_fails(monkeypatch, failure
     else:
         monkeypatch.setattr(_fused, "_why_unavailable", lambda device: "no C++ compiler")
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fused = _train_cd(True)
-        _train_cd(True)
-    messages = _runtime_warnings(caught)
+    fused, messages = _train_cd_fused_twice()
     assert len(messages) == 1 and "falling back to the single-tensor loop" in messages[0], messages
     assert "native kernels: no C compiler" in messages[0]
     assert ("no C++ compiler" if failure == "no compiler" else "InvalidCxxCompiler") in messages[0]
@@ -402,11 +404,7 @@ def test_falls_back_with_one_warning_when_compilation_fails(monkeypatch, failure
 def test_without_native_kernels_the_cpu_step_compiles_with_one_warning(monkeypatch):
     _break_native(monkeypatch)
     monkeypatch.setattr(_fused, "used", set())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fused = _train_cd(True)
-        _train_cd(True)
-    messages = _runtime_warnings(caught)
+    fused, messages = _train_cd_fused_twice()
     assert len(messages) == 1 and "native CPU optimizer kernels unavailable (no C compiler" in messages[0], messages
     assert {kind for *_, kind in _fused.used} == {"compiled"}
     for a, b in zip(fused, _train_cd(False)):

@@ -1,0 +1,34 @@
+"""benchmarks/optimizer_step.py on its smallest configuration: it runs every
+candidate and writes its table, raw numbers and figure."""
+import json
+
+import pytest
+
+from benchmarks import optimizer_step
+from optimizers import _native
+
+
+def test_optimizer_step_benchmark_writes_its_report(tmp_path):
+    enabled = _native.ENABLED
+    assert optimizer_step.main(["--sizes", "1m", "--dtypes", "fp32", "--repeats", "1", "--no-first-step",
+                                "--out", str(tmp_path)]) == 0
+    assert _native.ENABLED == enabled  # the "compiled" candidates switched the native kernels back on
+    results = json.loads((tmp_path / "cpu.json").read_text())
+    timed = [r for r in results["rows"] if r["path"] != "default"]
+    paths = {(r["optimizer"], r["path"]) for r in timed}
+    for name in optimizer_step.OURS:
+        assert {(name, p) for p in ("single", "foreach", "fused", "compiled")} <= paths
+    assert {("Adam", "fused"), ("AdamW", "foreach"), ("SGD", "fused")} <= paths
+    for r in timed:
+        assert "error" not in r, r
+        assert r["step_ms"] > 0 and r["ratio"] > 0 and r["peak_extra_mb"] >= 0
+    states = {r["optimizer"]: r["state_bytes_per_param"] for r in timed if r["path"] == "fused"}
+    # Ours hold exactly what the math needs; torch's Adam adds a step counter per tensor.
+    assert states == {"LDHD": 4.0, "CD": 4.0, "iKFAD": 8.0, "CADAM": 8.0,
+                      "Adam": pytest.approx(8.0, rel=1e-3), "AdamW": pytest.approx(8.0, rel=1e-3), "SGD": 4.0}
+    defaults = {r["optimizer"]: r["resolves_to"] for r in results["rows"] if r["path"] == "default"}
+    expected = "fused" if _native.why_unavailable() is None else "single"
+    assert defaults == {name: expected for name in optimizer_step.OURS}
+    table = (tmp_path / "cpu.md").read_text()
+    assert "## 1M: 1.1M parameters in 52 tensors, fp32" in table and f"**default = {expected}**" in table
+    assert (tmp_path / "cpu.png").read_bytes().startswith(b"\x89PNG")
