@@ -323,7 +323,7 @@ def test_default_path(monkeypatch):
     native = _native.why_unavailable() is None
     for params in (small, big):
         opt = CD(params)
-        assert opt._use_fused(opt.param_groups[0]) is native or params is big
+        assert opt._use_fused(opt.param_groups[0]) is (native or params is big)
     monkeypatch.setattr(_native, "ENABLED", False)
     opt = CD(small)
     assert not opt._use_fused(opt.param_groups[0])
