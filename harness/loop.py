@@ -78,6 +78,8 @@ def fit(
             to scalar tensors averaged into the ``train`` records.
         evaluate: ``(model, step) -> [{"split": ..., "loss": ..., ...}, ...]``, called with the
             model in eval mode under ``torch.no_grad`` and the run's autocast, on every rank.
+            If it has ``state_dict``/``load_state_dict`` (e.g. the generator of fresh validation
+            batches), that state is checkpointed with the rest.
         steps_per_epoch: adds ``epoch`` to records; ``tokens_per_step`` adds ``tokens``;
             ``flops_per_step`` (model FLOPs of one optimizer step on one rank) adds ``mfu``
             on GPUs with a known peak.
@@ -110,6 +112,8 @@ def fit(
         scaler.load_state_dict(state["scaler"])
         mine = min(run.rank, len(state["data"]) - 1)  # a different world size reuses rank 0's stream
         data.load_state_dict(state["data"][mine])
+        if hasattr(evaluate, "load_state_dict"):
+            evaluate.load_state_dict(state["evaluate"])
         ckpt.set_rng_state(state["rng"][mine])
         step, wall, best = state["step"], state["wall_time_s"], state["best"]
         running = {k: v.to(run.device) for k, v in state["running"].items()}
@@ -137,7 +141,7 @@ def fit(
                 "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "data": data_states, "rng": rng_states, "step": step, "wall_time_s": elapsed(),
                 "best": best, "running": running, "running_n": running_n, "metrics_offset": log.offset(),
-                "config": run.cfg,
+                "config": run.cfg, "evaluate": evaluate.state_dict() if hasattr(evaluate, "state_dict") else None,
             }, ckpt_path)
         if run.distributed:
             dist.barrier()
@@ -265,10 +269,13 @@ def fit(
             "world_size": run.world_size, "device": str(run.device), "precision": run.precision,
             "versions": versions(),
         }
-        for key, mode in (("loss", "min"), ("acc", "max")):
+        estimators = [k for r in records if r.get("split") == "val" for k in r if k.startswith("loss_")]
+        for key, mode in (("loss", "min"), ("acc", "max"), *((k, "min") for k in dict.fromkeys(estimators))):
             best_rec = best_of(records, "val", key, mode)
             if best_rec is not None:
                 summary[f"best_val_{key}"] = best_rec[key]
+        if hasattr(evaluate, "estimators"):  # which estimator "loss" is, then the others recorded
+            summary["val_estimators"] = list(evaluate.estimators)
         if flops_per_step and step > start_step:
             summary["mfu"] = estimate_mfu(flops_per_step * summary["steps_per_s"], run.device)
         write_summary(run.dir, summary)

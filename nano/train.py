@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from harness.data import RandomTokenBatches, lm_evaluate
+from harness.data import LMEvaluation, RandomTokenBatches
 from harness.errors import UsageError
 from harness.loop import fit
 from harness.run import start
@@ -36,6 +36,8 @@ def main(argv=None, experiment: str = "nano") -> int:
     try:
         bins = TokenBins(run.cfg["data"]["dir"], prepare_hint=PREPARE[experiment], marker=MARKER[experiment])
         micro = run.micro_batch_size()
+        evaluate = LMEvaluation(run, bins, t["batch_size"], m["block_size"], t["eval_iters"],
+                                t.get("eval_batches", ["fixed"]))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -52,7 +54,7 @@ def main(argv=None, experiment: str = "nano") -> int:
         run, model,
         RandomTokenBatches(bins, micro, block, run.seed, run.rank),
         loss_fn=lambda model, xy: (model(*xy)[1], {}),
-        evaluate=lambda model, step: lm_evaluate(run, model, bins, batch, block, t["eval_iters"]),
+        evaluate=evaluate,
         total_steps=t["max_iters"],
         eval_interval=t["eval_interval"],
         tokens_per_step=batch * block,
