@@ -242,3 +242,46 @@ def test_several_runs_per_gpu_and_per_array_task(nano_data, tmp_path):
                                   text=True, timeout=300)
     assert past_the_end.returncode == 0 and "task index 2 is out of range (0-1 for 6 runs, 3 per task)" \
         in past_the_end.stdout
+
+
+def test_validation_estimators_fresh_and_fixed(nano_data, tmp_path):
+    """paper.yaml's estimators: `loss` is the paper's (fresh random batches at every
+    evaluation), `loss_fixed` the same batches every time; `--set train.eval_batches=[fixed]`
+    alone gives exactly those fixed-batch numbers, as the one `loss`."""
+    both, fixed = tmp_path / "both", tmp_path / "fixed"
+    assert nano_train.main(nano_args(nano_data, both, "cd")) == 0
+    assert nano_train.main(nano_args(nano_data, fixed, "cd", 1, "--set", "train.eval_batches=[fixed]")) == 0
+    val_both = [r for r in records(both) if r["split"] == "val"]
+    val_fixed = [r for r in records(fixed) if r["split"] == "val"]
+    assert [r["loss_fixed"] for r in val_both] == [r["loss"] for r in val_fixed]
+    assert all(r["loss"] == r["loss_fresh"] != r["loss_fixed"] for r in val_both)
+    assert all(set(r) == {"step", "split", "loss", "tokens"} for r in val_fixed)
+    summary = json.loads((both / "summary.json").read_text())
+    assert summary["val_estimators"] == ["fresh", "fixed"]
+    assert summary["best_val_loss"] == summary["best_val_loss_fresh"] == min(r["loss_fresh"] for r in val_both)
+    assert summary["best_val_loss_fixed"] == min(r["loss_fixed"] for r in val_both)
+    bad = subprocess.run([sys.executable, "-m", "nano.train", *nano_args(nano_data, tmp_path / "bad", "cd"),
+                          "--set", "train.eval_batches=[fresh, random]"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "train.eval_batches must be a non-empty list of distinct estimators" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_fresh_batches_change_every_evaluation_and_resume_from_their_state(nano_data):
+    from harness.data import LMEvaluation
+    from harness.run import Run
+    from harness.token_bins import TokenBins
+    from nano.model import GPT, GPTConfig
+
+    import torch
+
+    run = Run(cfg={"seed": 3}, dir=Path("unused"), device=torch.device("cpu"))
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=70)).eval()
+    evaluate = LMEvaluation(run, TokenBins(nano_data, prepare_hint="unused"), 4, 8, 5, ["fresh", "fixed"])
+    with torch.no_grad():
+        first = evaluate(model, 0)[0]
+        state = evaluate.state_dict()
+        second = evaluate(model, 1)[0]
+        evaluate.load_state_dict(state)
+        again = evaluate(model, 1)[0]
+    assert first["loss_fixed"] == second["loss_fixed"] and first["loss_fresh"] != second["loss_fresh"]
+    assert again == second
