@@ -178,6 +178,10 @@ def test_report_draws_figures_and_a_table(nano_data, tmp_path):
     table = (tmp_path / "results" / "results.md").read_text()
     assert "| Adam | 2 |" in table and "| CADAM | 2 |" in table and "±" in table
     assert "![val_loss](val_loss.png)" in table
+    # Both validation estimators, each named, the paper's (fresh batches) first.
+    assert "| optimizer | runs | best val loss (fresh) | best val loss (fixed) | final val loss (fresh) |" in table
+    assert "fresh: fresh random validation batches at every evaluation (nanoGPT's estimator, the paper's)" in table
+    assert "![val_loss_fixed](val_loss_fixed.png)" in table
 
 
 def test_launch_runs_a_grid_skips_finished_runs_and_reports(nano_data, tmp_path):
