@@ -54,6 +54,17 @@ def _gather(run: Run, obj: Any) -> list:
     return out
 
 
+def _my_running(saved, run: Run) -> dict:
+    """This rank's running training sums from a checkpoint's ``running``: one dict per rank
+    (a dict alone in checkpoints that kept rank 0's only). Resumed on another number of
+    ranks, every rank takes the mean over the saved ranks, so the next train record still
+    averages every rank's batches since the previous evaluation."""
+    saved = [saved] if isinstance(saved, dict) else saved
+    if len(saved) == run.world_size:
+        return saved[run.rank]
+    return {k: sum(s[k] for s in saved) / len(saved) for k in saved[0]}
+
+
 def fit(
     run: Run,
     model: torch.nn.Module,
@@ -126,7 +137,7 @@ def fit(
             evaluate.load_state_dict(state["evaluate"])
         ckpt.set_rng_state(state["rng"][mine])
         step, wall, best = state["step"], state["wall_time_s"], state["best"]
-        running = {k: v.to(run.device) for k, v in state["running"].items()}
+        running = {k: v.to(run.device) for k, v in _my_running(state["running"], run).items()}
         running_n = state["running_n"]
         log.truncate(state["metrics_offset"])
         run.print(f"Resuming {run.dir} from step {step}")
@@ -146,6 +157,8 @@ def fit(
             return
         saved_at[0] = step
         data_states, rng_states = _gather(run, data.state_dict()), _gather(run, ckpt.rng_state())
+        # Each rank's sums since the last evaluation: the train record averages them over the ranks.
+        running_states = _gather(run, {k: v.cpu() for k, v in running.items()})
         if fsdp:  # gathered to full tensors on rank 0 (a collective), the format of a 1-process run
             model_state, optim_state = par.full_state_dicts(raw, optimizer)
         elif run.is_main:
@@ -154,7 +167,7 @@ def fit(
             ckpt.save_atomic({
                 "model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict(),
                 "data": data_states, "rng": rng_states, "step": step, "wall_time_s": elapsed(),
-                "best": best, "running": running, "running_n": running_n, "metrics_offset": log.offset(),
+                "best": best, "running": running_states, "running_n": running_n, "metrics_offset": log.offset(),
                 "config": run.cfg, "evaluate": evaluate.state_dict() if hasattr(evaluate, "state_dict") else None,
             }, ckpt_path)
         if run.distributed:
