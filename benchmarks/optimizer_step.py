@@ -62,7 +62,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import optimizers  # noqa: E402
-from optimizers import _fused, _native  # noqa: E402
+from optimizers import _native  # noqa: E402
 
 # name -> GPT-2 configuration (n_layer, n_embd, vocab_size, block_size)
 SIZES = {
@@ -203,12 +203,10 @@ def candidates(device: torch.device):
 def default_path(name: str, params) -> str:
     """The path ``fused=None, foreach=None`` takes for these parameters: single,
     foreach, fused (native kernels on the CPU) or compiled (torch.compile)."""
-    opt = getattr(optimizers, name)(params)
-    group = opt.param_groups[0]
-    if opt._use_fused(group):
-        return "fused" if _fused.backend(opt.native_kernel, params[0].device, params[0].dtype) == "native" or \
-            params[0].device.type != "cpu" else "compiled"
-    return "foreach" if opt._use_foreach(group, list(group["params"])) else "single"
+    path = getattr(optimizers, name)(params).code_path()
+    if path == "native" or (path == "compiled" and params[0].device.type != "cpu"):
+        return "fused"
+    return path
 
 
 def time_against(opt, reference, device: torch.device, repeats: int, max_other_load: float) -> dict:

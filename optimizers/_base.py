@@ -5,24 +5,26 @@ per-element state (a momentum ``p`` and, for iKFAD and CADAM, one more
 variable) by operator splitting: each sub-step is the *exact* flow of one piece
 of the vector field over one time step ``h``. The sub-steps below are the only
 place the arithmetic of a piece lives; each optimizer module strings them
-together in the order of ``spec/optimizers.md``, once, in its ``_update``.
+together in its order (its class docstring), once, in its ``_update``.
 
-Each sub-step exists twice: a single-tensor form (plain tensor ops, the
-readable reference) and a multi-tensor form on ``torch._foreach_*`` ops. The
-two forms perform the same floating-point operations in the same order (the
-one difference: friction's power of two is ``exp2`` in one and ``pow(2, .)``
-in the other, for want of a foreach exp2), so the two paths of every
-optimizer agree to rounding.
+Each sub-step takes either single tensors or lists of tensors. On tensors it
+runs plain in-place tensor ops (the single-tensor loop, and the compiled kernel
+of the fused path); on lists, the same operations in the same order as
+``torch._foreach_*`` ops (the foreach path). The one difference: friction's
+power of two is ``exp2`` on a tensor and ``pow(2, .)`` on a list, for want of
+a foreach exp2. So the paths of every optimizer agree to rounding.
 
-The single-tensor forms take their coefficients (``h``, decay factors, ...)
-either as Python floats, in the eager loop, or as 0-d tensors, inside the
-compiled kernel of the fused path (``optimizers/_fused.py``), where
-hyperparameters must be inputs of the compiled graph rather than constants
-baked into it, so that a scheduler changing them never recompiles. The
-compiled kernel therefore runs the very same ``_update`` as the loop. On the
-CPU the fused path runs native kernels instead (``optimizers/_native.c``),
-where the same sub-steps are C macros of the same names, strung together in
-each optimizer's order; the tests hold both to the single-tensor loop.
+Coefficients (``h``, decay factors, ...) are Python floats or 0-d tensors. A
+float takes the in-place ATen form with a scalar argument (one pass, no
+temporary). A tensor, which is what a hyperparameter given as a tensor becomes
+and what the compiled kernel (``optimizers/_fused.py``) is always handed,
+spells the same formula with tensor arithmetic: inside ``torch.compile`` it is
+an input of the graph rather than a constant baked into it, so a scheduler that
+changes it never recompiles, and Inductor fuses the arithmetic into its one
+loop. On the CPU the fused path runs native kernels instead
+(``optimizers/_native.c``), where the same sub-steps are C macros of the same
+names, strung together in each optimizer's order; the tests hold every path to
+the single-tensor loop.
 """
 from __future__ import annotations
 
@@ -35,22 +37,28 @@ from torch.optim import Optimizer
 
 from . import _fused, _native
 
-__all__ = ["DampedOptimizer"]
+__all__ = ["DampedOptimizer", "PATHS"]
 
-# A sub-step coefficient: a Python float (eager paths) or a 0-d tensor (compiled kernel).
+# A sub-step coefficient: a Python float or a 0-d tensor.
 Coefficient = Union[float, Tensor]
+# What a sub-step updates: one tensor, or a list of them (the foreach path).
+Tensors = Union[Tensor, list]
 
 LOG2E = 1.0 / math.log(2.0)  # log2(e): exp(x) = 2 ** (x log2 e)
 
 
-def decay_factor(rate: float, h: float) -> float:
+def decay_factor(rate: Coefficient, h: Coefficient) -> Coefficient:
     """``exp(-rate h)``: the factor by which x' = -rate x shrinks x over time h."""
+    if isinstance(rate, Tensor) or isinstance(h, Tensor):
+        return torch.exp(-rate * h)
     return math.exp(-rate * h)
 
 
-def relax_weight(rate: float, h: float) -> float:
+def relax_weight(rate: Coefficient, h: Coefficient) -> Coefficient:
     """``(1 - exp(-rate h)) / rate``: the weight of a frozen source in the exact
     solution of x' = s - rate x over time h (see ``relax``)."""
+    if isinstance(rate, Tensor) or isinstance(h, Tensor):
+        return -torch.expm1(-rate * h) / rate
     return -math.expm1(-rate * h) / rate
 
 
@@ -58,38 +66,89 @@ def _is_number(value: Coefficient, constant: float) -> bool:
     """True when ``value`` is a Python number equal to ``constant``.
 
     The eager paths skip a sub-step that this makes an exact no-op, to save a
-    pass over memory. A compiled kernel gets tensors and skips nothing: its
-    graph must not depend on hyperparameter values, and multiplying by exactly
-    1, or dividing by sqrt(1 + 0 * p^2) = 1, changes no bit anyway.
+    pass over memory. A tensor coefficient skips nothing: a compiled graph must
+    not depend on hyperparameter values, and multiplying by exactly 1, or
+    dividing by sqrt(1 + 0 * p^2) = 1, changes no bit anyway.
     """
     return not isinstance(value, Tensor) and value == constant
 
 
 # ----------------------------------------------------------------------------
-# Sub-steps, single tensor. ``p`` momentum, ``g`` gradient, ``q`` parameter.
-# A Python-float coefficient uses the in-place ATen form with a scalar
-# argument (one pass, no temporary); a tensor coefficient (compiled kernel)
-# spells the same formula with tensor arithmetic, which Inductor fuses into
-# its single loop, so the temporary never exists there either.
+# Elementwise primitives on a tensor or a list of tensors (then torch._foreach_*).
 # ----------------------------------------------------------------------------
 
-def kick(p: Tensor, g: Tensor, h: Coefficient) -> None:
-    """Exact flow of p' = -g over time h: ``p <- p - h g``."""
-    if isinstance(h, Tensor):
-        p.sub_(g * h)
+def _many(x: Tensors) -> bool:
+    return isinstance(x, (list, tuple))
+
+
+def _mul(x: Tensors, y) -> Tensors:
+    return torch._foreach_mul(x, y) if _many(x) else x * y
+
+
+def _mul_(x: Tensors, y) -> None:
+    torch._foreach_mul_(x, y) if _many(x) else x.mul_(y)
+
+
+def _div_(x: Tensors, y: Tensors) -> None:
+    torch._foreach_div_(x, y) if _many(x) else x.div_(y)
+
+
+def _add_(x: Tensors, scalar: Coefficient) -> None:
+    torch._foreach_add_(x, scalar) if _many(x) else x.add_(scalar)
+
+
+def _sqrt(x: Tensors) -> Tensors:
+    return torch._foreach_sqrt(x) if _many(x) else torch.sqrt(x)
+
+
+def _sqrt_(x: Tensors) -> None:
+    torch._foreach_sqrt_(x) if _many(x) else x.sqrt_()
+
+
+def _exp2(x: Tensors) -> Tensors:
+    return torch._foreach_pow(2.0, x) if _many(x) else torch.exp2(x)
+
+
+def _axpy_(y: Tensors, x: Tensors, a: Coefficient) -> None:
+    """``y <- y + a x``."""
+    if isinstance(a, Tensor):
+        torch._foreach_add_(y, torch._foreach_mul(x, a)) if _many(y) else y.add_(x * a)
     else:
-        p.add_(g, alpha=-h)
+        torch._foreach_add_(y, x, alpha=a) if _many(y) else y.add_(x, alpha=a)
 
 
-def drift(q: Tensor, p: Tensor, h: Coefficient) -> None:
-    """Exact flow of q' = p over time h: ``q <- q + h p``."""
-    if isinstance(h, Tensor):
-        q.add_(p * h)
+def _addcmul_(y: Tensors, a: Tensors, b: Tensors, value: Coefficient) -> None:
+    """``y <- y + value a b``."""
+    if isinstance(value, Tensor):
+        torch._foreach_addcmul_(y, _mul(a, value), b) if _many(y) else y.addcmul_(a * value, b)
     else:
-        q.add_(p, alpha=h)
+        torch._foreach_addcmul_(y, a, b, value=value) if _many(y) else y.addcmul_(a, b, value=value)
 
 
-def scale(x: Tensor, factor: Coefficient) -> None:
+def _addcdiv_(y: Tensors, a: Tensors, b: Tensors, value: Coefficient) -> None:
+    """``y <- y + value a / b``."""
+    if isinstance(value, Tensor):
+        torch._foreach_add_(y, _mul(torch._foreach_div(a, b), value)) if _many(y) else y.add_(a / b * value)
+    else:
+        torch._foreach_addcdiv_(y, a, b, value=value) if _many(y) else y.addcdiv_(a, b, value=value)
+
+
+# ----------------------------------------------------------------------------
+# Sub-steps. ``p`` momentum, ``g`` gradient, ``q`` parameter: tensors or lists.
+# ----------------------------------------------------------------------------
+
+def kick(p: Tensors, g: Tensors, kick_step: Coefficient) -> None:
+    """Exact flow of p' = -g over time h: ``p <- p + kick_step g``, with
+    ``kick_step = -h`` (``+h`` with ``maximize``, the flow of p' = +g)."""
+    _axpy_(p, g, kick_step)
+
+
+def drift(q: Tensors, p: Tensors, drift_step: Coefficient) -> None:
+    """Exact flow of q' = p over time ``drift_step = lr h``: ``q <- q + lr h p``."""
+    _axpy_(q, p, drift_step)
+
+
+def scale(x: Tensors, factor: Coefficient) -> None:
     """Exact flow of x' = -k x over time h, with ``factor = exp(-k h)``.
 
     Used for linear friction (k = gamma) and decoupled weight decay (k = lambda).
@@ -97,30 +156,31 @@ def scale(x: Tensor, factor: Coefficient) -> None:
     way gamma = 0 or lambda = 0 is an exact no-op.
     """
     if not _is_number(factor, 1.0):
-        x.mul_(factor)
+        _mul_(x, factor)
 
 
-def cubic_damping(p: Tensor, c: Coefficient, h: Coefficient) -> None:
+def cubic_damping(p: Tensors, c: Coefficient, h: Coefficient) -> None:
     """Exact flow of p' = -c p^3 over time h: ``p <- p / sqrt(1 + 2 c h p^2)``."""
     if not _is_number(c, 0.0):
-        p.div_(torch.sqrt(p.square().mul_(2.0 * c * h).add_(1.0)))
+        denom = _mul(p, p)
+        _mul_(denom, 2.0 * c * h)
+        _add_(denom, 1.0)
+        _sqrt_(denom)
+        _div_(p, denom)
 
 
-def relax(x: Tensor, source: Tensor, decay: Coefficient, weight: Coefficient) -> None:
+def relax(x: Tensors, source: Tensors, decay: Coefficient, weight: Coefficient) -> None:
     """Exact flow of x' = s - a x over time h for a frozen source s.
 
     With ``decay = exp(-a h)`` and ``s = weight_raw * source^2`` the solution is
     ``x <- decay x + (1 - decay) s / a``; the caller folds ``(1 - decay)/a`` and
     any constant of s into ``weight``, so this computes ``x <- decay x + weight source^2``.
     """
-    x.mul_(decay)
-    if isinstance(weight, Tensor):
-        x.addcmul_(source * weight, source)
-    else:
-        x.addcmul_(source, source, value=weight)
+    _mul_(x, decay)
+    _addcmul_(x, source, source, weight)
 
 
-def friction(p: Tensor, xi: Tensor, h: Coefficient) -> None:
+def friction(p: Tensors, xi: Tensors, h: Coefficient) -> None:
     """Exact flow of p' = -xi p over time h with xi frozen: ``p <- exp(-h xi) p``.
 
     The factor is computed as ``2 ** (xi * (-h log2 e))``: the exponent gets one
@@ -128,60 +188,28 @@ def friction(p: Tensor, xi: Tensor, h: Coefficient) -> None:
     vectorises to fewer instructions, which makes iKFAD's compiled CPU step
     (two factors per element, compute-bound) about 15% faster.
     """
-    p.mul_(torch.exp2(xi * (-h * LOG2E)))
+    _mul_(p, _exp2(_mul(xi, -h * LOG2E)))
 
 
-def preconditioned_drift(q: Tensor, p: Tensor, zeta: Tensor, h: Coefficient, eps: Coefficient) -> None:
-    """Exact flow of q' = p / (sqrt(zeta) + eps) over time h (p, zeta frozen)."""
-    denom = torch.sqrt(zeta).add_(eps)
-    if isinstance(h, Tensor):
-        q.add_(p / denom * h)
-    else:
-        q.addcdiv_(p, denom, value=h)
+def preconditioned_drift(q: Tensors, p: Tensors, zeta: Tensors, drift_step: Coefficient,
+                         eps: Coefficient) -> None:
+    """Exact flow of q' = p / (sqrt(zeta) + eps) over time ``drift_step = lr h``
+    (p, zeta frozen): ``q <- q + lr h p / (sqrt(zeta) + eps)``."""
+    denom = _sqrt(zeta)
+    _add_(denom, eps)
+    _addcdiv_(q, p, denom, drift_step)
 
 
-# ----------------------------------------------------------------------------
-# Sub-steps, multi tensor: the same operations on lists, via torch._foreach_*.
-# ----------------------------------------------------------------------------
-
-def foreach_kick(ps: list[Tensor], gs: list[Tensor], h: float) -> None:
-    torch._foreach_add_(ps, gs, alpha=-h)
-
-
-def foreach_drift(qs: list[Tensor], ps: list[Tensor], h: float) -> None:
-    torch._foreach_add_(qs, ps, alpha=h)
-
-
-def foreach_scale(xs: list[Tensor], factor: float) -> None:
-    if factor != 1.0:
-        torch._foreach_mul_(xs, factor)
-
-
-def foreach_cubic_damping(ps: list[Tensor], c: float, h: float) -> None:
-    if c != 0.0:
-        denom = torch._foreach_mul(ps, ps)
-        torch._foreach_mul_(denom, 2.0 * c * h)
-        torch._foreach_add_(denom, 1.0)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_div_(ps, denom)
-
-
-def foreach_relax(xs: list[Tensor], sources: list[Tensor], decay: float, weight: float) -> None:
-    torch._foreach_mul_(xs, decay)
-    torch._foreach_addcmul_(xs, sources, sources, value=weight)
-
-
-def foreach_friction(ps: list[Tensor], xis: list[Tensor], h: float) -> None:
-    exponent = torch._foreach_mul(xis, -h * LOG2E)
-    torch._foreach_mul_(ps, torch._foreach_pow(2.0, exponent))
-
-
-def foreach_preconditioned_drift(
-    qs: list[Tensor], ps: list[Tensor], zetas: list[Tensor], h: float, eps: float
-) -> None:
-    denom = torch._foreach_sqrt(zetas)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(qs, ps, denom, value=h)
+def sgd_time_step(lr: float, momentum: float, h_squared_factor: float) -> tuple[float, float]:
+    """``(h, gamma)`` of the momentum dynamics that reproduce momentum SGD's steps:
+    ``exp(-gamma h) = momentum`` and ``h^2 * h_squared_factor = lr`` (LDHD's SGD
+    learning rate is ``h^2 exp(-gamma h)``, CD's and CADAM's ``h^2``)."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
+        raise ValueError(f"Invalid lr: {lr!r}; expected a finite number > 0")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (0 < momentum <= 1):
+        raise ValueError(f"Invalid momentum: {momentum!r}; expected a number in (0, 1]")
+    h = math.sqrt(lr / h_squared_factor)
+    return h, -math.log(momentum) / h
 
 
 # ----------------------------------------------------------------------------
@@ -190,6 +218,7 @@ def foreach_preconditioned_drift(
 
 # name -> (lower bound, lower bound allowed?)
 _RANGES = {
+    "lr": (0.0, True),
     "h": (0.0, False),
     "gamma": (0.0, True),
     "c": (0.0, True),
@@ -200,21 +229,38 @@ _RANGES = {
 }
 
 
-def check_hyperparameter(name: str, value: Any) -> float:
-    """Return ``value`` as a float, or raise ValueError naming it and its valid range."""
+def check_hyperparameter(name: str, value: Any) -> Union[float, Tensor]:
+    """``value`` as a float (a Python number) or as given (a one-element floating-point
+    tensor); raise ValueError naming it and its valid range otherwise."""
     low, inclusive = _RANGES[name]
     valid = f"a finite number {'>=' if inclusive else '>'} {low:g}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"Invalid {name}: {value!r}; expected {valid} (a Python number)")
-    value = float(value)
-    if not math.isfinite(value) or value < low or (value == low and not inclusive):
-        raise ValueError(f"Invalid {name}: {value!r}; expected {valid}")
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"Invalid {name}: a tensor of shape {tuple(value.shape)} and dtype {value.dtype}; "
+                             f"expected {valid}, as a Python number or a one-element floating-point tensor")
+        number = float(value)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}: {value!r}; expected {valid} (a Python number or a 0-d tensor)")
+    else:
+        number = value = float(value)
+    if not math.isfinite(number) or number < low or (number == low and not inclusive):
+        raise ValueError(f"Invalid {name}: {number!r}; expected {valid}")
     return value
 
 
+def _check_flag(name: str, value: Any, allowed=(None, True, False)) -> None:
+    if value not in allowed or not (value is None or isinstance(value, bool)):
+        names = [str(a) for a in allowed]
+        raise ValueError(f"Invalid {name}: {value!r}; expected {', '.join(names[:-1])} or {names[-1]}")
+
+
 # ----------------------------------------------------------------------------
-# The optimizer base class
+# Code paths
 # ----------------------------------------------------------------------------
+
+# The implementations of one step; ``DampedOptimizer.code_path`` chooses among them.
+NATIVE, COMPILED, FOREACH, SINGLE = "native", "compiled", "foreach", "single"
+PATHS = (NATIVE, COMPILED, FOREACH, SINGLE)
 
 # With ``fused=None`` on CUDA (or on a CPU where the native kernels cannot be
 # built) the compiled kernel is used only when the optimizer holds at least
@@ -228,9 +274,19 @@ def check_hyperparameter(name: str, value: Any) -> float:
 FUSED_DEFAULT_MIN_NUMEL = 1 << 22
 
 
-def _check_flag(name: str, value: Any) -> None:
-    if value not in (None, True, False):
-        raise ValueError(f"Invalid {name}: {value!r}; expected None, True or False")
+def _local(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The local shard of a DTensor (FSDP2, tensor parallelism), else ``t`` itself.
+
+    Every update here is elementwise, so updating each rank's shard in place is
+    updating the whole tensor; the shard is the DTensor's own storage."""
+    return t.to_local() if t is not None and hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+
+
+# ----------------------------------------------------------------------------
+# The optimizer base class
+# ----------------------------------------------------------------------------
+
+_FLAGS = ("foreach", "fused", "maximize")
 
 
 class DampedOptimizer(Optimizer):
@@ -239,18 +295,34 @@ class DampedOptimizer(Optimizer):
     A subclass sets ``state_names`` (the per-element state tensors, created as
     zeros the first time a parameter has a gradient) and implements
 
-    - ``_coefficients(group)``: the step's scalar coefficients (``h``, decay
-      factors, ...) as a tuple of Python floats, computed once per group and step;
-    - ``_update(q, g, *states, k)``: one step for ONE parameter tensor, given the
-      coefficient tuple ``k``; it strings together the single-tensor sub-steps and
-      is the one statement of the optimizer's arithmetic. The single-tensor loop
-      calls it with floats; the fused path compiles it and calls it with ``k`` a
-      1-D tensor (``optimizers/_fused.py``);
-    - ``_multi_tensor(params, grads, states, group)``: the same step on lists,
-      with the ``torch._foreach_*`` sub-steps.
+    - ``_coefficients(group)``: the step's scalar coefficients, computed once per
+      group and step: Python floats, or 0-d tensors where a hyperparameter is a
+      tensor. The first four are common to all (``_motion``);
+    - ``_update(q, g, *states, k)``: one step, given the coefficient tuple ``k``,
+      for one parameter tensor or, on the foreach path, for lists of them. It
+      strings together the sub-steps of this module and is the one statement of
+      the optimizer's arithmetic: the single-tensor loop and the foreach path
+      call it, and the fused path compiles it (``optimizers/_fused.py``) or runs
+      its C restatement (``optimizers/_native.c``).
 
     ``states`` holds one list per state name, aligned with ``params``.
-    ``step`` picks the path (see ``foreach`` and ``fused``).
+
+    Every optimizer takes ``lr`` (default 1), a multiplier of the position
+    update and nothing else: the drift becomes ``q <- q + lr h p`` (CADAM's
+    preconditioned too), and the decoupled weight decay ``exp(-lambda lr h)``,
+    as torch's AdamW scales its decay by its learning rate. The momentum's
+    dynamics (kick, friction, relaxation) keep the time step ``h``. It is what
+    ``torch.optim.lr_scheduler`` and the Hugging Face Trainer schedule, and at
+    ``lr = 1`` the step is bit for bit the paper's. ``maximize=True`` follows
+    ``+grad f`` instead of ``-grad f`` (the kick's sign), as in ``torch.optim``.
+
+    Code paths (``code_path``) all compute the same numbers: ``foreach=True``
+    the foreach path, ``foreach=False`` (with ``fused`` not True) the
+    single-tensor loop, ``fused=True`` the single-pass kernel (native C on the
+    CPU, ``torch.compile`` on CUDA), and the default (``fused=None``,
+    ``foreach=None``) the kernel on the CPU at any size and on CUDA from
+    ``FUSED_DEFAULT_MIN_NUMEL`` elements on, else as ``torch.optim`` chooses
+    (see optimizers/README.md, "Code paths").
     """
 
     state_names: Sequence[str] = ("momentum",)
@@ -265,32 +337,46 @@ class DampedOptimizer(Optimizer):
         if "_update" in vars(cls) and "native_kernel" not in vars(cls):
             cls.native_kernel = None
 
-    def __init__(
-        self, params: Iterable, defaults: dict, foreach: Optional[bool] = None, fused: Optional[bool] = None
-    ):
+    def __init__(self, params: Iterable, defaults: dict, lr: Coefficient = 1.0, maximize: bool = False,
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None):
         _check_flag("foreach", foreach)
         _check_flag("fused", fused)
+        _check_flag("maximize", maximize, (False, True))
         if foreach and fused:
             raise ValueError("Invalid foreach=True with fused=True; choose at most one of them")
+        defaults = {"lr": lr, **defaults}
         for name, value in defaults.items():
             defaults[name] = check_hyperparameter(name, value)
-        defaults["foreach"] = foreach
-        defaults["fused"] = fused
+        defaults.update(maximize=maximize, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         for name in _RANGES.keys() & param_group.keys():
             param_group[name] = check_hyperparameter(name, param_group[name])
+        for name in _FLAGS & param_group.keys():
+            _check_flag(name, param_group[name], (False, True) if name == "maximize" else (None, True, False))
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:
+        for group in self.param_groups:  # state dicts saved before these options existed
+            group.setdefault("lr", 1.0)
+            group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
 
+    @staticmethod
+    def _motion(group) -> tuple:
+        """``(kick, drift, decay, linear)``, the coefficients every optimizer shares:
+        the kick's step ``-h`` (``+h`` with maximize), the drift's ``lr h``, the weight
+        decay's factor ``exp(-lambda lr h)`` and the linear friction's ``exp(-gamma h)``."""
+        h = group["h"]
+        drift_step = group["lr"] * h
+        return (h if group["maximize"] else -h, drift_step, decay_factor(group["weight_decay"], drift_step),
+                decay_factor(group["gamma"], h))
+
     def _gather(self, group: dict):
-        """Parameters with a gradient, their gradients, and their state lists."""
+        """Parameters with a gradient, their gradients, and their state lists (local shards)."""
         params, grads = [], []
         states: list[list[Tensor]] = [[] for _ in self.state_names]
         for p in group["params"]:
@@ -304,38 +390,48 @@ class DampedOptimizer(Optimizer):
             if not state:
                 for name in self.state_names:
                     state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
+            params.append(_local(p))
+            grads.append(_local(p.grad))
             for lst, name in zip(states, self.state_names):
-                lst.append(state[name])
+                lst.append(_local(state[name]))
         return params, grads, states
 
-    def _use_fused(self, group: dict) -> bool:
-        fused = group["fused"]
+    def code_path(self, group: Optional[dict] = None, device: Optional[torch.device] = None,
+                  dtype: Optional[torch.dtype] = None) -> str:
+        """The path (one of ``PATHS``) that ``step`` takes for ``group``'s tensors of
+        ``device`` and ``dtype`` (default: the first param group, its first parameter's).
+
+        This is the one place the choice is made; ``step`` asks it for every
+        (device, dtype) bucket of every group. ``native`` and ``compiled`` are the two
+        implementations of the fused path; where neither can be built, the answer
+        after the first attempt (which warns once) is ``single``.
+        """
+        group = self.param_groups[0] if group is None else group
+        if device is None or dtype is None:
+            first = _local(group["params"][0])
+            device, dtype = first.device, first.dtype
+        fused, foreach = group["fused"], group["foreach"]
         if torch.compiler.is_compiling():
             # The step is being traced by an outer torch.compile: give it plain
             # tensor ops to trace rather than a nested compiled kernel.
-            return False
+            return FOREACH if foreach else SINGLE
+        native = _native.supports(self.native_kernel, device, dtype)
         if fused is None:
             # An explicit foreach choice is a request for that eager path.
-            if group["foreach"] is not None:
-                return False
-            params = group["params"]
-            if params and _native.supports(self.native_kernel, params[0].device, params[0].dtype):
-                return True
-            numel = sum(p.numel() for g in self.param_groups for p in g["params"])
-            return numel >= FUSED_DEFAULT_MIN_NUMEL
-        return fused
-
-    def _use_foreach(self, group: dict, params: list[Tensor]) -> bool:
-        foreach = group["foreach"]
+            if foreach is None:
+                fused = native or sum(p.numel() for g in self.param_groups for p in g["params"]) >= FUSED_DEFAULT_MIN_NUMEL
+            else:
+                fused = False
+        if fused:
+            if native:
+                return NATIVE
+            return COMPILED if _fused.compile_failure(device) is None else SINGLE
         if foreach is None:
-            # As torch.optim does: the multi-tensor path when every tensor is on a
-            # device with fast foreach kernels (CUDA), else the single-tensor loop.
-            from torch.optim.optimizer import _default_to_fused_or_foreach
+            # As torch.optim: the foreach path on devices with fast foreach kernels (CUDA).
+            from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
 
-            _, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
-        return bool(foreach)
+            foreach = device.type in _get_foreach_kernels_supported_devices()
+        return FOREACH if foreach else SINGLE
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -347,41 +443,47 @@ class DampedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        update = type(self)._update
         for group in self.param_groups:
             params, grads, states = self._gather(group)
             if not params:
                 continue
-            if self._use_fused(group):
-                _fused.fused_step(
-                    type(self)._update, self.native_kernel, self._coefficients(group), params, grads, states
-                )
-            elif not self._use_foreach(group, params):
-                self._single_tensor(params, grads, states, group)
-            else:
-                # foreach kernels want one device and dtype per call.
-                buckets = Optimizer._group_tensors_by_device_and_dtype([params, grads, *states])
-                for (tensors, _) in buckets.values():
-                    self._multi_tensor(tensors[0], tensors[1], tensors[2:], group)
+            k = self._coefficients(group)
+            buckets: dict = {}  # (device, dtype) -> [(q, g, *state), ...]
+            for tensors in zip(params, grads, *states):
+                q = tensors[0]
+                if all(t.dtype == q.dtype and t.device == q.device for t in tensors[1:]):
+                    buckets.setdefault((q.device, q.dtype), []).append(tensors)
+                else:  # e.g. a gradient in another dtype: no kernel takes it
+                    update(*tensors, k)
+            kernel_ran = False
+            for (device, dtype), bucket in buckets.items():
+                path = self.code_path(group, device, dtype)
+                if path == NATIVE:
+                    _fused.native_step(update, self.native_kernel, k, bucket)
+                elif path == COMPILED:
+                    _fused.compiled_step(update, k, bucket, device, dtype,
+                                         native_failure=_fused.native_failure(self.native_kernel, device))
+                elif path == FOREACH:
+                    update(*map(list, zip(*bucket)), k)
+                else:
+                    for tensors in bucket:
+                        update(*tensors, k)
+                kernel_ran |= path in (NATIVE, COMPILED)
+            if kernel_ran:
+                # The kernels write through data pointers and flat aliases, which do not
+                # share the parameters' autograd version counters: bump them, as an
+                # in-place update would, so that autograd still notices a parameter that
+                # changed after being saved for backward.
+                torch.autograd.graph.increment_version(params)
         return loss
-
-    def _single_tensor(self, params, grads, states, group) -> None:
-        """One step of the dynamics, a parameter at a time (the reference)."""
-        k = self._coefficients(group)
-        update = type(self)._update
-        for q, g, *state in zip(params, grads, *states):
-            update(q, g, *state, k)
 
     @staticmethod
     def _coefficients(group) -> tuple:  # pragma: no cover
-        """The step's scalar coefficients for ``_update``, as Python floats."""
+        """The step's scalar coefficients for ``_update``: ``_motion(group)`` and more."""
         raise NotImplementedError
 
     @staticmethod
     def _update(q, g, *states_and_coefficients) -> None:  # pragma: no cover
-        """One step for one parameter tensor: ``_update(q, g, *states, k)``."""
-        raise NotImplementedError
-
-    @staticmethod
-    def _multi_tensor(params, grads, states, group) -> None:  # pragma: no cover
-        """The same step on lists of tensors with torch._foreach_* kernels."""
+        """One step for one parameter tensor, or lists of them: ``_update(q, g, *states, k)``."""
         raise NotImplementedError

@@ -1,6 +1,7 @@
 """The fused path: one pass over each tensor's elements per step.
 
-Two implementations, tried in this order for each (device, dtype) group of tensors:
+Two implementations; ``DampedOptimizer.code_path`` picks one for each
+(device, dtype) bucket of a param group's tensors:
 
 1. On the CPU, the native kernels (``optimizers/_native.py``, ``_native.c``):
    hand-written C, one call per param group and dtype, built once per machine.
@@ -24,6 +25,7 @@ Three choices keep the compiled kernel cheap to compile and free of recompiles:
   tensor on the parameters' device, in float32 (float64 for float64
   parameters), so a scheduler that changes a hyperparameter changes data, not
   the graph. (The native kernels take them as C doubles: nothing to recompile.)
+  Hyperparameters given as tensors are stacked into it without leaving the device.
 - Low-precision parameters (bf16, fp16) are loaded into float32 registers,
   updated there and rounded once on the store; the eager paths round after
   every sub-step. State stays in the parameter's dtype. The native kernels do
@@ -31,10 +33,12 @@ Three choices keep the compiled kernel cheap to compile and free of recompiles:
 
 For the compiled kernel, small tensors (biases, LayerNorm weights) are
 concatenated and updated in one call per batch rather than one call each (see
-``fused_step``). Tensors whose layout differs between the parameter, its
-gradient and its state, a lone one-element tensor (dynamo would specialise a
-graph for it; the native kernels take it) and parameters whose gradient has
-another dtype go through the same ``_update`` eagerly. Where neither
+``compiled_step``). Tensors whose layout differs between the parameter, its
+gradient and its state, tensor subclasses other than ``nn.Parameter`` (whose
+data pointer is not their elements'; DTensors arrive here as their local
+shards), and, for the compiled kernel, a lone one-element tensor (dynamo would
+specialise a graph for it; the native kernels take it) go through the same
+``_update`` eagerly. Where neither
 implementation is available (no C or C++ compiler, no Triton, an unsupported
 Python) the first fused step warns once and every step runs the eager loop.
 """
@@ -48,7 +52,8 @@ from torch import Tensor
 
 from . import _native
 
-__all__ = ["fused_step", "backend", "compiled_update", "WARMUP_NUMEL", "SMALL_NUMEL", "BATCH_NUMEL"]
+__all__ = ["native_step", "compiled_step", "compile_failure", "native_failure", "compiled_update",
+           "WARMUP_NUMEL", "SMALL_NUMEL", "BATCH_NUMEL"]
 
 WARMUP_NUMEL = 1 << 16
 SMALL_NUMEL = 1 << 15  # tensors below this size are updated in concatenated batches...
@@ -62,9 +67,6 @@ _compiled: dict[Callable, Callable] = {}  # update function -> its torch.compile
 _ready: set = set()  # (update, device type, dtype) whose kernel compiled and ran
 _unavailable: dict[str, str] = {}  # device type -> why compiling failed there (warned once)
 _native_warned = False
-# (update, device type, dtype, "native" or "compiled") for every kernel that has
-# run a step: how the tests know which implementation a step took.
-used: set = set()
 
 
 def compiled_update(update: Callable) -> Callable:
@@ -181,87 +183,81 @@ def _run_batch(kernel: Callable, batch: list[tuple[Tensor, ...]], k: Tensor) -> 
         torch._foreach_copy_(list(columns[i]), pieces)
 
 
-def backend(native: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
-    """Which implementation the fused path uses for these tensors: ``"native"``
-    (the C kernels), or ``"compiled"`` (``torch.compile``; it falls back to the
-    eager loop where compiling fails)."""
-    return "native" if _native.supports(native, device, dtype) else "compiled"
+def compile_failure(device: torch.device) -> Optional[str]:
+    """Why the compiled kernel failed on this device type (it then warned once); None
+    where it has not failed (yet)."""
+    return _unavailable.get(device.type)
 
 
-def _native_failure(native: Optional[str], device: torch.device) -> Optional[str]:
+def native_failure(native: Optional[str], device: torch.device) -> Optional[str]:
     """Why the native kernels cannot run where they would have been used; else None."""
     if native is None or device.type != "cpu" or not _native.ENABLED:
         return None
     return _native.why_unavailable()
 
 
-def fused_step(
-    update: Callable,
-    native: Optional[str],
-    coefficients: tuple,
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[list[Tensor]],
-) -> None:
-    """One optimizer step for one param group on the fused path.
+def _plain(tensors: Sequence[Tensor]) -> bool:
+    """True for plain tensors (and Parameters), whose data pointers address their elements."""
+    return all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
 
-    ``update(q, g, *states, k)`` is the optimizer's per-tensor update,
-    ``native`` the name of its native kernel (None: it has none) and
-    ``coefficients`` its coefficient tuple (Python floats) for this group.
 
-    Native kernels take every dense tensor of a (device, dtype) bucket in one
-    call. For the compiled kernel, tensors of at least ``SMALL_NUMEL`` elements
-    get a kernel call each, on flat aliases (no copies); smaller ones are
-    concatenated into batches of at most ``BATCH_NUMEL`` elements and updated
-    by one call per batch, which saves the per-call overhead (tens of
-    microseconds, and a multithreaded region) on the many bias and LayerNorm
-    vectors of a transformer.
-    """
-    buckets: dict = {}  # (device, dtype) -> [(q, g, *state), ...]
-    for tensors in zip(params, grads, *states):
-        q = tensors[0]
-        if all(t.dtype == q.dtype and t.device == q.device for t in tensors[1:]):
-            buckets.setdefault((q.device, q.dtype), []).append(tensors)
+def _as_floats(coefficients: tuple) -> tuple:
+    return tuple(float(c) for c in coefficients)
+
+
+def _as_tensor(coefficients: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    dtype = coefficient_dtype(dtype)
+    if any(isinstance(c, Tensor) for c in coefficients):
+        return torch.stack([torch.as_tensor(c, dtype=dtype, device=device).reshape(()) for c in coefficients])
+    return torch.tensor(coefficients, dtype=dtype, device=device)
+
+
+def native_step(update: Callable, native: str, coefficients: tuple, bucket: list[tuple[Tensor, ...]]) -> None:
+    """One step of the native kernel ``native`` on CPU tensors of one dtype, each tuple
+    ``(q, g, *states)``; tensors it cannot take get ``update`` eagerly."""
+    flat = []
+    for tensors in bucket:
+        if _plain(tensors) and dense_alike(tensors):
+            flat.append(tensors)
         else:
             update(*tensors, coefficients)
-    for (device, dtype), bucket in buckets.items():
-        if backend(native, device, dtype) == "native":
-            flat = []
-            for tensors in bucket:
-                if dense_alike(tensors):
-                    flat.append(tensors)
-                else:
-                    update(*tensors, coefficients)
-            if flat:
-                _native.step(native, dtype, coefficients, flat)
-                used.add((update, device.type, dtype, "native"))
-            continue
-        kernel = _kernel(update, device, dtype, len(bucket[0]), len(coefficients), _native_failure(native, device))
-        if kernel is None:
-            for tensors in bucket:
-                update(*tensors, coefficients)
-            continue
-        used.add((update, device.type, dtype, "compiled"))
-        k = torch.tensor(coefficients, dtype=coefficient_dtype(dtype), device=device)
-        batch, batch_numel = [], 0
+    if flat:
+        _native.step(native, flat[0][0].dtype, _as_floats(coefficients), flat)
+
+
+def compiled_step(update: Callable, coefficients: tuple, bucket: list[tuple[Tensor, ...]],
+                  device: torch.device, dtype: torch.dtype, native_failure: Optional[str] = None) -> None:
+    """One step of ``update`` compiled by ``torch.compile``, on tensors of one device and dtype.
+
+    Tensors of at least ``SMALL_NUMEL`` elements get a kernel call each, on flat
+    aliases (no copies); smaller ones are concatenated into batches of at most
+    ``BATCH_NUMEL`` elements and updated by one call per batch, which saves the
+    per-call overhead (tens of microseconds, and a multithreaded region) on the
+    many bias and LayerNorm vectors of a transformer. Where compiling fails, the
+    whole bucket runs ``update`` eagerly (after one warning).
+    """
+    kernel = _kernel(update, device, dtype, len(bucket[0]), len(coefficients), native_failure)
+    if kernel is None:
         for tensors in bucket:
-            numel = tensors[0].numel()
-            if numel < SMALL_NUMEL:
-                if batch_numel + numel > BATCH_NUMEL:
-                    _run_batch(kernel, batch, k)
-                    batch, batch_numel = [], 0
-                batch.append(tensors)
-                batch_numel += numel
-            elif _flattenable(tensors):
-                kernel(*[_flat(t) for t in tensors], k)
-            else:
-                update(*tensors, coefficients)
-        if batch_numel >= 2:
-            _run_batch(kernel, batch, k)
-        elif batch:  # a lone one-element tensor: a graph of its own is not worth compiling
-            update(*batch[0], coefficients)
-    # The kernels write through data pointers and flat aliases, which do not
-    # share the parameters' autograd version counters: bump them, as an
-    # in-place update would, so that autograd still notices a parameter that
-    # changed after being saved for backward.
-    torch.autograd.graph.increment_version(params)
+            update(*tensors, coefficients)
+        return
+    k = _as_tensor(coefficients, dtype, device)
+    batch, batch_numel = [], 0
+    for tensors in bucket:
+        numel = tensors[0].numel()
+        if not _plain(tensors):
+            update(*tensors, coefficients)
+        elif numel < SMALL_NUMEL:
+            if batch_numel + numel > BATCH_NUMEL:
+                _run_batch(kernel, batch, k)
+                batch, batch_numel = [], 0
+            batch.append(tensors)
+            batch_numel += numel
+        elif _flattenable(tensors):
+            kernel(*[_flat(t) for t in tensors], k)
+        else:
+            update(*tensors, coefficients)
+    if batch_numel >= 2:
+        _run_batch(kernel, batch, k)
+    elif batch:  # a lone one-element tensor: a graph of its own is not worth compiling
+        update(*batch[0], coefficients)

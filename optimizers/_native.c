@@ -88,13 +88,13 @@ static inline double exp2_double(double x, float lower, float upper) {
  * Sub-steps: optimizers/_base.py's functions of the same names, each the exact
  * flow of one piece of the vector field over one time step h.
  * -------------------------------------------------------------------------- */
-#define kick(p, g, h) ((p) - (h) * (g))                     /* p' = -g */
-#define drift(q, p, h) ((q) + (h) * (p))                    /* q' = p */
+#define kick(p, g, step) ((p) + (step) * (g))               /* p' = -g: step = -h (+h to maximize) */
+#define drift(q, p, step) ((q) + (step) * (p))              /* q' = p: step = lr h */
 #define scale(x, factor) ((x) * (factor))                   /* x' = -k x, factor = exp(-k h) */
 #define cubic_damping(p, two_c_h) ((p) / SQRT((p) * (p) * (two_c_h) + 1)) /* p' = -c p^3 */
 #define relax(x, s, decay, weight) ((x) * (decay) + (weight) * (s) * (s)) /* x' = w' s^2 - a x */
 #define friction(p, xi, minus_h_log2e) ((p) * EXP2((xi) * (minus_h_log2e))) /* p' = -xi p */
-#define preconditioned_drift(q, p, zeta, h, eps) ((q) + (h) * (p) / (SQRT(zeta) + (eps)))
+#define preconditioned_drift(q, p, zeta, step, eps) ((q) + (step) * (p) / (SQRT(zeta) + (eps)))
 
 /* --------------------------------------------------------------------------
  * Storage dtypes: DT_t is the element, DT_acc the type computed in,
@@ -176,18 +176,18 @@ static void run(segment_fn segment, int width, int64_t n, const int64_t *numel, 
  * The optimizers: each loop body is the optimizer's _update, in its order.
  * -------------------------------------------------------------------------- */
 
-/* LDHD (optimizers/ldhd.py): k = (h, exp(-lambda h), exp(-gamma h)); state p. */
+/* LDHD (optimizers/ldhd.py): k = (kick step -h, drift step lr h, exp(-lambda lr h), exp(-gamma h)); state p. */
 #define LDHD_KERNEL(DT)                                                                            \
     static void ldhd_##DT##_segment(int64_t lo, int64_t hi, void *const *t, const double *k) {     \
         DT##_t *restrict qs = t[0], *restrict ps = t[2];                                           \
         const DT##_t *restrict gs = t[1];                                                          \
-        const DT##_acc h = k[0], decay = k[1], linear = k[2];                                      \
+        const DT##_acc kick_step = k[0], drift_step = k[1], decay = k[2], linear = k[3];           \
         for (int64_t i = lo; i < hi; i++) {                                                        \
             DT##_acc q = DT##_load(qs, i), g = DT##_load(gs, i), p = DT##_load(ps, i);             \
             q = scale(q, decay);                                                                   \
-            p = kick(p, g, h);                                                                     \
+            p = kick(p, g, kick_step);                                                             \
             p = scale(p, linear);                                                                  \
-            q = drift(q, p, h);                                                                    \
+            q = drift(q, p, drift_step);                                                           \
             DT##_save(qs, i, q);                                                                   \
             DT##_save(ps, i, p);                                                                   \
         }                                                                                          \
@@ -195,17 +195,18 @@ static void run(segment_fn segment, int width, int64_t n, const int64_t *numel, 
     EXPORT(ldhd, DT, 3)
 ALL_DTYPES(LDHD_KERNEL)
 
-/* CD (optimizers/cd.py): k = (h, exp(-lambda h), c, exp(-gamma h)); state p. */
+/* CD (optimizers/cd.py): k = (kick step, drift step, exp(-lambda lr h), exp(-gamma h), h, c); state p. */
 #define CD_KERNEL(DT)                                                                              \
     static void cd_##DT##_segment(int64_t lo, int64_t hi, void *const *t, const double *k) {       \
         DT##_t *restrict qs = t[0], *restrict ps = t[2];                                           \
         const DT##_t *restrict gs = t[1];                                                          \
-        const DT##_acc h = k[0], decay = k[1], two_c_h = 2.0 * k[2] * k[0], linear = k[3];         \
+        const DT##_acc kick_step = k[0], drift_step = k[1], decay = k[2], linear = k[3],           \
+                       two_c_h = 2.0 * k[5] * k[4];                                                \
         for (int64_t i = lo; i < hi; i++) {                                                        \
             DT##_acc q = DT##_load(qs, i), g = DT##_load(gs, i), p = DT##_load(ps, i);             \
             q = scale(q, decay);                                                                   \
-            p = kick(p, g, h);                                                                     \
-            q = drift(q, p, h);                                                                    \
+            p = kick(p, g, kick_step);                                                             \
+            q = drift(q, p, drift_step);                                                           \
             p = cubic_damping(p, two_c_h);                                                         \
             p = scale(p, linear);                                                                  \
             DT##_save(qs, i, q);                                                                   \
@@ -215,21 +216,21 @@ ALL_DTYPES(LDHD_KERNEL)
     EXPORT(cd, DT, 3)
 ALL_DTYPES(CD_KERNEL)
 
-/* iKFAD (optimizers/ikfad.py): k = (h, exp(-lambda h), exp(-alpha h),
- * (1 - exp(-alpha h)) / (alpha mu), exp(-gamma h)); state p, xi. */
+/* iKFAD (optimizers/ikfad.py): k = (kick step, drift step, exp(-lambda lr h), exp(-gamma h), h,
+ * exp(-alpha h), (1 - exp(-alpha h)) / (alpha mu)); state p, xi. */
 #define IKFAD_KERNEL(DT)                                                                           \
     static void ikfad_##DT##_segment(int64_t lo, int64_t hi, void *const *t, const double *k) {    \
         DT##_t *restrict qs = t[0], *restrict ps = t[2], *restrict xis = t[3];                     \
         const DT##_t *restrict gs = t[1];                                                          \
-        const DT##_acc h = k[0], decay = k[1], relax_decay = k[2], source_weight = k[3],           \
-                       linear = k[4], half_step = -(k[0] / 2) * LOG2E;                             \
+        const DT##_acc kick_step = k[0], drift_step = k[1], decay = k[2], linear = k[3],           \
+                       half_step = -(k[4] / 2) * LOG2E, relax_decay = k[5], source_weight = k[6];  \
         const float exp2_lower = exp2_lower_bound, exp2_upper = exp2_upper_bound;                  \
         for (int64_t i = lo; i < hi; i++) {                                                        \
             DT##_acc q = DT##_load(qs, i), g = DT##_load(gs, i), p = DT##_load(ps, i);             \
             DT##_acc xi = DT##_load(xis, i);                                                       \
             q = scale(q, decay);                                                                   \
-            p = kick(p, g, h);                                                                     \
-            q = drift(q, p, h);                                                                    \
+            p = kick(p, g, kick_step);                                                             \
+            q = drift(q, p, drift_step);                                                           \
             p = friction(p, xi, half_step);                                                        \
             xi = relax(xi, p, relax_decay, source_weight);                                         \
             p = friction(p, xi, half_step);                                                        \
@@ -242,21 +243,22 @@ ALL_DTYPES(CD_KERNEL)
     EXPORT(ikfad, DT, 4)
 ALL_DTYPES(IKFAD_KERNEL)
 
-/* CADAM (optimizers/cadam.py): k = (h, exp(-lambda h), exp(-alpha h),
- * (1 - exp(-alpha h)) / alpha, exp(-gamma h), c, eps); state p, zeta. */
+/* CADAM (optimizers/cadam.py): k = (kick step, drift step, exp(-lambda lr h), exp(-gamma h),
+ * exp(-alpha h), (1 - exp(-alpha h)) / alpha, h, c, eps); state p, zeta. */
 #define CADAM_KERNEL(DT)                                                                           \
     static void cadam_##DT##_segment(int64_t lo, int64_t hi, void *const *t, const double *k) {    \
         DT##_t *restrict qs = t[0], *restrict ps = t[2], *restrict zetas = t[3];                   \
         const DT##_t *restrict gs = t[1];                                                          \
-        const DT##_acc h = k[0], decay = k[1], relax_decay = k[2], source_weight = k[3],           \
-                       linear = k[4], two_c_h = 2.0 * k[5] * k[0], eps = k[6];                     \
+        const DT##_acc kick_step = k[0], drift_step = k[1], decay = k[2], linear = k[3],           \
+                       relax_decay = k[4], source_weight = k[5], two_c_h = 2.0 * k[7] * k[6],      \
+                       eps = k[8];                                                                 \
         for (int64_t i = lo; i < hi; i++) {                                                        \
             DT##_acc q = DT##_load(qs, i), g = DT##_load(gs, i), p = DT##_load(ps, i);             \
             DT##_acc zeta = DT##_load(zetas, i);                                                   \
             q = scale(q, decay);                                                                   \
-            p = kick(p, g, h);                                                                     \
+            p = kick(p, g, kick_step);                                                             \
             zeta = relax(zeta, g, relax_decay, source_weight);                                     \
-            q = preconditioned_drift(q, p, zeta, h, eps);                                          \
+            q = preconditioned_drift(q, p, zeta, drift_step, eps);                                 \
             p = cubic_damping(p, two_c_h);                                                         \
             p = scale(p, linear);                                                                  \
             DT##_save(qs, i, q);                                                                   \

@@ -169,6 +169,10 @@ def step(kernel: str, dtype: torch.dtype, coefficients: tuple, tensors: list[tup
     fn = _function(kernel, dtype)
     n, width = len(tensors), len(tensors[0])
     numel = (ctypes.c_int64 * n)(*[t[0].numel() for t in tensors])
-    pointers = (ctypes.c_void_p * (n * width))(*[x.data_ptr() for t in tensors for x in t])
+    addresses = [x.data_ptr() for t in tensors for x in t]
+    if not all(addresses[j] for j in range(len(addresses)) if tensors[j // width][0].numel()):
+        # A tensor type whose storage is elsewhere (a DTensor is 0 here): never hand C a NULL.
+        raise ValueError("native optimizer kernel: a tensor without a data pointer; expected plain CPU tensors")
+    pointers = (ctypes.c_void_p * (n * width))(*addresses)
     k = (ctypes.c_double * len(coefficients))(*coefficients)
     fn(n, numel, pointers, k, torch.get_num_threads())

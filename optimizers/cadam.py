@@ -1,21 +1,9 @@
 """CADAM: Adam's dynamics plus cubic damping of the momentum."""
 from __future__ import annotations
 
-from ._base import (
-    DampedOptimizer,
-    decay_factor,
-    cubic_damping,
-    foreach_cubic_damping,
-    foreach_kick,
-    foreach_preconditioned_drift,
-    foreach_relax,
-    foreach_scale,
-    kick,
-    preconditioned_drift,
-    relax,
-    relax_weight,
-    scale,
-)
+import math
+
+from ._base import DampedOptimizer, cubic_damping, decay_factor, kick, preconditioned_drift, relax, relax_weight, scale
 
 __all__ = ["CADAM"]
 
@@ -29,16 +17,17 @@ class CADAM(DampedOptimizer):
 
     One step of time ``h`` (state ``p`` and ``zeta``, both starting at zero)::
 
-        q    <- exp(-lambda h) q                                   (weight decay; skipped when lambda = 0)
+        q    <- exp(-lambda lr h) q                                (weight decay; skipped when lambda = 0)
         p    <- p - h g                                            (kick)
         zeta <- exp(-alpha h) zeta + (1 - exp(-alpha h)) g^2 / alpha   (exact, g frozen)
-        q    <- q + h p / (sqrt(zeta) + eps)                       (preconditioned drift)
+        q    <- q + lr h p / (sqrt(zeta) + eps)                    (preconditioned drift)
         p    <- p / sqrt(1 + 2 c h p^2)                            (exact cubic damping)
         p    <- exp(-gamma h) p                                    (linear friction)
 
     There is no bias correction. With ``c = 0`` this is exactly Adam without
     bias correction with ``beta1 = exp(-gamma h)``, ``beta2 = exp(-alpha h)``,
-    ``lr = h^2 sqrt(alpha) / (1 - exp(-gamma h))`` and ``eps_adam = eps sqrt(alpha)``.
+    ``lr_adam = lr h^2 sqrt(alpha) / (1 - exp(-gamma h))`` and ``eps_adam = eps sqrt(alpha)``
+    (``CADAM.from_adam`` goes the other way).
     The paper's CADAM0 ablation is ``gamma = 0``.
 
     Args:
@@ -48,67 +37,67 @@ class CADAM(DampedOptimizer):
         c: cubic friction coefficient (>= 0).
         alpha: relaxation rate of the squared-gradient average zeta, per unit time (> 0).
         eps: added to sqrt(zeta) in the preconditioner (>= 0).
+        lr: multiplier of the position update (>= 0, default 1: the paper's step);
+            what LR schedulers scale (see ``DampedOptimizer``).
         weight_decay: rate lambda (>= 0) of the decoupled decay q' = -lambda q.
-        foreach: ``True`` multi-tensor path, ``False`` single-tensor loop,
-            ``None`` (default) as ``torch.optim`` chooses.
-        fused: ``True`` the single-pass kernel (native C on the CPU,
-            ``torch.compile`` on CUDA), ``False`` an eager path, ``None``
-            (default, when ``foreach`` is None) the kernel on the CPU at any size
-            and on CUDA from 4M elements on (see optimizers/README.md, "Code paths").
+        maximize: follow ``+grad f`` (maximise the objective).
+        foreach, fused: the code path (``DampedOptimizer``; optimizers/README.md, "Code paths").
+
+    Every hyperparameter may be a Python number or a one-element tensor.
     """
 
     state_names = ("momentum", "zeta")
     native_kernel = "cadam"
 
-    def __init__(
-        self,
-        params,
-        h=1e-3,
-        gamma=1.0,
-        c=1.0,
-        alpha=1.0,
-        eps=1e-8,
-        weight_decay=0.0,
-        foreach=None,
-        fused=None,
-    ):
-        super().__init__(
-            params,
-            dict(h=h, gamma=gamma, c=c, alpha=alpha, eps=eps, weight_decay=weight_decay),
-            foreach,
-            fused,
-        )
+    def __init__(self, params, h=1e-3, gamma=1.0, c=1.0, alpha=1.0, eps=1e-8, lr=1.0, weight_decay=0.0,
+                 maximize=False, foreach=None, fused=None):
+        super().__init__(params, dict(h=h, gamma=gamma, c=c, alpha=alpha, eps=eps, weight_decay=weight_decay),
+                         lr, maximize, foreach, fused)
+
+    @classmethod
+    def from_adam(cls, params, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
+                  c: float = 0.0, **kwargs) -> "CADAM":
+        """The CADAM that, at ``c = 0``, takes exactly the steps of Adam without bias
+        correction with these ``lr``, ``betas`` and ``eps`` (``torch.optim.Adam`` from
+        its first few hundred steps on, once ``beta^t`` is negligible): solving
+        ``beta1 = exp(-gamma h)``, ``beta2 = exp(-alpha h)``,
+        ``lr = h^2 sqrt(alpha) / (1 - beta1)`` and ``eps_adam = eps sqrt(alpha)``,
+
+            h = (lr (1 - beta1) / sqrt(-log beta2)) ** (2/3),
+            gamma = -log(beta1) / h,  alpha = -log(beta2) / h,  eps = eps_adam / sqrt(alpha).
+
+        A ``c > 0`` then switches on cubic damping on top of that tuned Adam.
+        ``betas`` must lie in (0, 1); other keywords go to the constructor."""
+        beta1, beta2 = betas
+        for name, beta in (("beta1", beta1), ("beta2", beta2)):
+            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < 1:
+                raise ValueError(f"Invalid {name}: {beta!r}; expected a number in (0, 1)")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+            raise ValueError(f"Invalid lr: {lr!r}; expected a finite number > 0")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+            raise ValueError(f"Invalid eps: {eps!r}; expected a finite number >= 0")
+        h = (lr * (1 - beta1) / math.sqrt(-math.log(beta2))) ** (2 / 3)
+        alpha = -math.log(beta2) / h
+        return cls(params, h=h, gamma=-math.log(beta1) / h, c=c, alpha=alpha, eps=eps / math.sqrt(alpha), **kwargs)
 
     @staticmethod
     def _coefficients(group):
         h, alpha = group["h"], group["alpha"]
         return (
-            h,
-            decay_factor(group["weight_decay"], h),
+            *DampedOptimizer._motion(group),
             decay_factor(alpha, h),
             relax_weight(alpha, h),  # the source is g^2
-            decay_factor(group["gamma"], h),
+            h,
             group["c"],
             group["eps"],
         )
 
     @staticmethod
     def _update(q, g, p, zeta, k):
-        h, decay, relax_decay, source_weight, linear, c, eps = k
+        kick_step, drift_step, decay, linear, relax_decay, source_weight, h, c, eps = k
         scale(q, decay)
-        kick(p, g, h)
+        kick(p, g, kick_step)
         relax(zeta, g, relax_decay, source_weight)
-        preconditioned_drift(q, p, zeta, h, eps)
+        preconditioned_drift(q, p, zeta, drift_step, eps)
         cubic_damping(p, c, h)
         scale(p, linear)
-
-    @staticmethod
-    def _multi_tensor(params, grads, states, group):
-        h, decay, relax_decay, source_weight, linear, c, eps = CADAM._coefficients(group)
-        ps, zetas = states
-        foreach_scale(params, decay)
-        foreach_kick(ps, grads, h)
-        foreach_relax(zetas, grads, relax_decay, source_weight)
-        foreach_preconditioned_drift(params, ps, zetas, h, eps)
-        foreach_cubic_damping(ps, c, h)
-        foreach_scale(ps, linear)

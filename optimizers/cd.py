@@ -1,18 +1,7 @@
 """CD: cubic damping."""
 from __future__ import annotations
 
-from ._base import (
-    DampedOptimizer,
-    decay_factor,
-    cubic_damping,
-    drift,
-    foreach_cubic_damping,
-    foreach_drift,
-    foreach_kick,
-    foreach_scale,
-    kick,
-    scale,
-)
+from ._base import DampedOptimizer, cubic_damping, drift, kick, scale, sgd_time_step
 
 __all__ = ["CD"]
 
@@ -30,57 +19,57 @@ class CD(DampedOptimizer):
 
     One step of time ``h`` (state ``p``, starting at zero)::
 
-        q <- exp(-lambda h) q              (decoupled weight decay; skipped when lambda = 0)
+        q <- exp(-lambda lr h) q           (decoupled weight decay; skipped when lambda = 0)
         p <- p - h g                       (kick)
-        q <- q + h p                       (drift)
+        q <- q + lr h p                    (drift)
         p <- p / sqrt(1 + 2 c h p^2)       (exact flow of p' = -c p^3)
         p <- exp(-gamma h) p               (exact flow of p' = -gamma p)
 
-    With ``c = 0`` this is exactly ``torch.optim.SGD(lr=h**2, momentum=exp(-gamma*h))``.
-    The paper's CD0 ablation is ``gamma = 0``.
+    With ``c = 0`` this is exactly ``torch.optim.SGD(lr=lr h**2, momentum=exp(-gamma*h))``
+    (``CD.from_sgd``). The paper's CD0 ablation is ``gamma = 0``.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         h: time step (> 0). Not a learning rate: ``h**2`` plays that role.
         gamma: linear friction coefficient, per unit time (>= 0).
         c: cubic friction coefficient (>= 0), units 1/(time * momentum^2).
+        lr: multiplier of the position update (>= 0, default 1: the paper's step);
+            what LR schedulers scale (see ``DampedOptimizer``).
         weight_decay: rate lambda (>= 0) of the decoupled decay q' = -lambda q.
-        foreach: ``True`` multi-tensor path, ``False`` single-tensor loop,
-            ``None`` (default) as ``torch.optim`` chooses.
-        fused: ``True`` the single-pass kernel (native C on the CPU,
-            ``torch.compile`` on CUDA), ``False`` an eager path, ``None``
-            (default, when ``foreach`` is None) the kernel on the CPU at any size
-            and on CUDA from 4M elements on (see optimizers/README.md, "Code paths").
+        maximize: follow ``+grad f`` (maximise the objective).
+        foreach, fused: the code path (``DampedOptimizer``; optimizers/README.md, "Code paths").
 
+    Every hyperparameter may be a Python number or a one-element tensor.
     The authors' release starts the momentum at ``+g0``; here it starts at zero.
     """
 
     state_names = ("momentum",)
     native_kernel = "cd"
 
-    def __init__(self, params, h=1e-3, gamma=1.0, c=1.0, weight_decay=0.0, foreach=None, fused=None):
-        super().__init__(params, dict(h=h, gamma=gamma, c=c, weight_decay=weight_decay), foreach, fused)
+    def __init__(self, params, h=1e-3, gamma=1.0, c=1.0, lr=1.0, weight_decay=0.0, maximize=False,
+                 foreach=None, fused=None):
+        super().__init__(params, dict(h=h, gamma=gamma, c=c, weight_decay=weight_decay), lr, maximize,
+                         foreach, fused)
+
+    @classmethod
+    def from_sgd(cls, params, lr: float, momentum: float, c: float = 0.0, **kwargs) -> "CD":
+        """The CD that, at ``c = 0``, takes exactly the steps of
+        ``torch.optim.SGD(params, lr, momentum)`` (no dampening, no Nesterov):
+        ``h = sqrt(lr)`` and ``exp(-gamma h) = momentum``. A ``c > 0`` then switches on
+        cubic damping on top of that tuned configuration. ``momentum`` must be in (0, 1];
+        other keywords go to the constructor."""
+        h, gamma = sgd_time_step(lr, momentum, h_squared_factor=1.0)
+        return cls(params, h=h, gamma=gamma, c=c, **kwargs)
 
     @staticmethod
     def _coefficients(group):
-        h = group["h"]
-        return h, decay_factor(group["weight_decay"], h), group["c"], decay_factor(group["gamma"], h)
+        return (*DampedOptimizer._motion(group), group["h"], group["c"])
 
     @staticmethod
     def _update(q, g, p, k):
-        h, decay, c, friction = k
+        kick_step, drift_step, decay, linear, h, c = k
         scale(q, decay)
-        kick(p, g, h)
-        drift(q, p, h)
+        kick(p, g, kick_step)
+        drift(q, p, drift_step)
         cubic_damping(p, c, h)
-        scale(p, friction)
-
-    @staticmethod
-    def _multi_tensor(params, grads, states, group):
-        h, decay, c, friction = CD._coefficients(group)
-        ps = states[0]
-        foreach_scale(params, decay)
-        foreach_kick(ps, grads, h)
-        foreach_drift(params, ps, h)
-        foreach_cubic_damping(ps, c, h)
-        foreach_scale(ps, friction)
+        scale(p, linear)

@@ -1,7 +1,7 @@
 """LDHD: linearly damped Hamiltonian dynamics (the momentum-SGD baseline)."""
 from __future__ import annotations
 
-from ._base import DampedOptimizer, decay_factor, drift, foreach_drift, foreach_kick, foreach_scale, kick, scale
+from ._base import DampedOptimizer, drift, kick, scale, sgd_time_step
 
 __all__ = ["LDHD"]
 
@@ -15,55 +15,55 @@ class LDHD(DampedOptimizer):
 
     One step of time ``h`` (state ``p``, starting at zero)::
 
-        q <- exp(-lambda h) q          (decoupled weight decay; skipped when lambda = 0)
+        q <- exp(-lambda lr h) q       (decoupled weight decay; skipped when lambda = 0)
         p <- p - h g                   (kick)
         p <- exp(-gamma h) p           (linear friction, exact)
-        q <- q + h p                   (drift)
+        q <- q + lr h p                (drift)
 
-    From zero momentum this is exactly ``torch.optim.SGD(lr=h**2 * exp(-gamma*h),
-    momentum=exp(-gamma*h))`` (no dampening, no Nesterov), which is why
-    momentum SGD reads as a discretisation of linearly damped dynamics.
+    From zero state this is exactly momentum SGD,
+    ``torch.optim.SGD(lr=lr h**2 exp(-gamma h), momentum=exp(-gamma h))`` (``LDHD.from_sgd``).
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         h: time step (> 0). Not a learning rate: ``h**2`` plays that role.
         gamma: linear friction coefficient, per unit time (>= 0).
+        lr: multiplier of the position update (>= 0, default 1: the paper's step);
+            what LR schedulers scale (see ``DampedOptimizer``).
         weight_decay: rate lambda (>= 0) of the decoupled decay q' = -lambda q.
-        foreach: ``True`` uses the ``torch._foreach_*`` multi-tensor path,
-            ``False`` the single-tensor loop, ``None`` (default) chooses as
-            ``torch.optim`` does (multi-tensor when all tensors are on CUDA).
-        fused: ``True`` the single-pass kernel (native C on the CPU,
-            ``torch.compile`` on CUDA), ``False`` an eager path, ``None``
-            (default, when ``foreach`` is None) the kernel on the CPU at any size
-            and on CUDA from 4M elements on (see optimizers/README.md, "Code paths").
+        maximize: follow ``+grad f`` (maximise the objective).
+        foreach, fused: the code path (``DampedOptimizer``; optimizers/README.md, "Code paths").
 
+    Every hyperparameter may be a Python number or a one-element tensor.
     The authors' release starts the momentum at ``+g0``; here it starts at zero.
     """
 
     state_names = ("momentum",)
     native_kernel = "ldhd"
 
-    def __init__(self, params, h=1e-3, gamma=0.1, weight_decay=0.0, foreach=None, fused=None):
-        super().__init__(params, dict(h=h, gamma=gamma, weight_decay=weight_decay), foreach, fused)
+    def __init__(self, params, h=1e-3, gamma=0.1, lr=1.0, weight_decay=0.0, maximize=False, foreach=None,
+                 fused=None):
+        super().__init__(params, dict(h=h, gamma=gamma, weight_decay=weight_decay), lr, maximize, foreach, fused)
+
+    @classmethod
+    def from_sgd(cls, params, lr: float, momentum: float, **kwargs) -> "LDHD":
+        """The LDHD whose steps from zero state are exactly those of
+        ``torch.optim.SGD(params, lr, momentum)`` (no dampening, no Nesterov):
+        ``exp(-gamma h) = momentum`` and ``h^2 exp(-gamma h) = lr``, so
+        ``h = sqrt(lr / momentum)`` and ``gamma = -log(momentum) / h``.
+        ``momentum`` must be in (0, 1]; other keywords go to the constructor (a
+        ``weight_decay`` there is the decoupled rate lambda, not SGD's L2 term)."""
+        h, gamma = sgd_time_step(lr, momentum, h_squared_factor=momentum)
+        return cls(params, h=h, gamma=gamma, **kwargs)
 
     @staticmethod
     def _coefficients(group):
-        h = group["h"]
-        return h, decay_factor(group["weight_decay"], h), decay_factor(group["gamma"], h)
+        return DampedOptimizer._motion(group)
 
     @staticmethod
     def _update(q, g, p, k):
-        h, decay, friction = k
+        kick_step, drift_step, decay, linear = k
         scale(q, decay)
-        kick(p, g, h)
-        scale(p, friction)
-        drift(q, p, h)
+        kick(p, g, kick_step)
+        scale(p, linear)
+        drift(q, p, drift_step)
 
-    @staticmethod
-    def _multi_tensor(params, grads, states, group):
-        h, decay, friction = LDHD._coefficients(group)
-        ps = states[0]
-        foreach_scale(params, decay)
-        foreach_kick(ps, grads, h)
-        foreach_scale(ps, friction)
-        foreach_drift(params, ps, h)

@@ -30,17 +30,20 @@ def _without_gamma(cls):
     return make
 
 
+# Keys every damped-dynamics optimizer takes besides its own hyperparameters.
+_COMMON = ("lr", "weight_decay", "maximize", "foreach", "fused")
+
 # name -> (constructor, the hyperparameter keys it accepts)
 _REGISTRY: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "adam": (_adam, ("lr", "beta1", "beta2", "eps", "weight_decay")),
     "msgd": (_msgd, ("lr", "momentum", "weight_decay")),
-    "ldhd": (LDHD, ("h", "gamma", "weight_decay", "foreach", "fused")),
-    "cd": (CD, ("h", "gamma", "c", "weight_decay", "foreach", "fused")),
-    "cd0": (_without_gamma(CD), ("h", "c", "weight_decay", "foreach", "fused")),
-    "ikfad": (iKFAD, ("h", "alpha", "mu", "gamma", "weight_decay", "foreach", "fused")),
-    "ikfad0": (_without_gamma(iKFAD), ("h", "alpha", "mu", "weight_decay", "foreach", "fused")),
-    "cadam": (CADAM, ("h", "gamma", "c", "alpha", "eps", "weight_decay", "foreach", "fused")),
-    "cadam0": (_without_gamma(CADAM), ("h", "c", "alpha", "eps", "weight_decay", "foreach", "fused")),
+    "ldhd": (LDHD, ("h", "gamma", *_COMMON)),
+    "cd": (CD, ("h", "gamma", "c", *_COMMON)),
+    "cd0": (_without_gamma(CD), ("h", "c", *_COMMON)),
+    "ikfad": (iKFAD, ("h", "alpha", "mu", "gamma", *_COMMON)),
+    "ikfad0": (_without_gamma(iKFAD), ("h", "alpha", "mu", *_COMMON)),
+    "cadam": (CADAM, ("h", "gamma", "c", "alpha", "eps", *_COMMON)),
+    "cadam0": (_without_gamma(CADAM), ("h", "c", "alpha", "eps", *_COMMON)),
 }
 
 NAMES: tuple[str, ...] = tuple(_REGISTRY)

@@ -42,18 +42,18 @@ class StepPath:
         self.name = name
         self.kwargs = PATH_OPTIONS[name]  # the constructor arguments that select it
 
-    def ran(self, cls, dtype) -> bool:
-        """True when the steps of ``cls`` on ``dtype`` CPU tensors took this path."""
-        from optimizers import _fused
-
-        fused = {kind for update, device, dt, kind in _fused.used if (update, device, dt) == (cls._update, "cpu", dtype)}
-        return fused == ({self.name} if self.name in ("native", "compiled") else set())
+    def ran(self, optimizer, dtype) -> bool:
+        """True when steps of ``optimizer`` (an instance, or a class built with this
+        path's arguments) on ``dtype`` CPU tensors take this path: the answer of
+        ``code_path``, the one place where ``step`` makes that choice."""
+        if isinstance(optimizer, type):
+            optimizer = optimizer([torch.zeros(2, dtype=dtype, requires_grad=True)], **self.kwargs)
+        return optimizer.code_path(device=torch.device("cpu"), dtype=dtype) == self.name
 
 
 def _step_path(request, monkeypatch) -> StepPath:
-    from optimizers import _fused, _native
+    from optimizers import _native
 
-    monkeypatch.setattr(_fused, "used", set())
     if request.param == "native":
         reason = _native.why_unavailable()
         if reason is not None:

@@ -322,16 +322,15 @@ def test_default_path(monkeypatch):
     big = [torch.zeros(FUSED_DEFAULT_MIN_NUMEL // 2, requires_grad=True) for _ in range(2)]
     native = _native.why_unavailable() is None
     for params in (small, big):
-        opt = CD(params)
-        assert opt._use_fused(opt.param_groups[0]) is (native or params is big)
+        expected = "native" if native else ("compiled" if params is big else "single")
+        assert CD(params).code_path() == expected
     monkeypatch.setattr(_native, "ENABLED", False)
-    opt = CD(small)
-    assert not opt._use_fused(opt.param_groups[0])
-    opt = CD(big)
-    assert opt._use_fused(opt.param_groups[0])
+    assert CD(small).code_path() == "single"
+    assert CD(big).code_path() == "compiled"
     # An explicit choice wins over the size rule.
-    for opt, fused in ((CD(big, foreach=False), False), (CD(big, fused=False), False), (CD(small, fused=True), True)):
-        assert opt._use_fused(opt.param_groups[0]) is fused
+    for opt, path in ((CD(big, foreach=False), "single"), (CD(big, fused=False), "single"),
+                      (CD(big, foreach=True), "foreach"), (CD(small, fused=True), "compiled")):
+        assert opt.code_path() == path
     assert build("cadam0", small, fused=True).param_groups[0]["fused"] is True
 
 
@@ -403,10 +402,9 @@ def test_falls_back_with_one_warning_when_compilation_fails(monkeypatch, failure
 @needs_compiler
 def test_without_native_kernels_the_cpu_step_compiles_with_one_warning(monkeypatch):
     _break_native(monkeypatch)
-    monkeypatch.setattr(_fused, "used", set())
     fused, messages = _train_cd_fused_twice()
     assert len(messages) == 1 and "native CPU optimizer kernels unavailable (no C compiler" in messages[0], messages
-    assert {kind for *_, kind in _fused.used} == {"compiled"}
+    assert CD([torch.zeros(2, dtype=torch.float64)], fused=True).code_path() == "compiled"
     for a, b in zip(fused, _train_cd(False)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
