@@ -18,7 +18,7 @@ reference, computed on rank 0 with the same path). Rank 0 writes, per case,
 the relative difference of the parameters and of the optimizer state against
 the reference, the state as consolidated on rank 0 (FSDP2: ``get_state_dict``
 with ``full_state_dict=True``; ZeRO: ``consolidate_state_dict``), and which
-fused-kernel implementation ran (``optimizers._fused.used``). A case that
+path ``code_path()`` names and how many tensors reached the native kernel. A case that
 raises records its error and the others still run; a crash of the process
 (e.g. a segfault) fails the whole launch, which the test reports.
 """
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import optimizers
-from optimizers import _fused, _native
+from optimizers import _native
 
 HYPERPARAMETERS = dict(h=0.1, gamma=0.5, c=10.0, alpha=0.5, mu=0.5)
 NAMES = ("ldhd", "cd", "ikfad", "cadam")
@@ -74,6 +74,26 @@ def make_model() -> Net:
 def data():
     g = torch.Generator().manual_seed(1)
     return torch.randn(GLOBAL_BATCH, IN, generator=g), torch.randn(GLOBAL_BATCH, OUT, generator=g)
+
+
+class NativeCalls:
+    """Counts the (q, g, *state) tuples handed to the native kernel, and whether they were
+    all plain tensors (a rank's local shards), by wrapping ``optimizers._native.step``."""
+
+    def __init__(self):
+        self.tensors, self.plain, self._step = 0, True, _native.step
+
+    def __enter__(self):
+        def spy(kernel, dtype, coefficients, tensors):
+            self.tensors += len(tensors)
+            self.plain &= all(type(t) is torch.Tensor or type(t) is nn.Parameter for ts in tensors for t in ts)
+            return self._step(kernel, dtype, coefficients, tensors)
+
+        _native.step = spy
+        return self
+
+    def __exit__(self, *exc):
+        _native.step = self._step
 
 
 def train(model, opt, x, y) -> None:
@@ -120,9 +140,8 @@ def fsdp_case(name: str, path: str, mesh) -> dict:
     opt = optimizers.build(name, model.parameters(), **hyperparameters(name), **PATHS[path])
     x, y = data()
     half = GLOBAL_BATCH // 2
-    _fused.used.clear()
-    train(model, opt, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
-    kernels = sorted({kind for _, _, _, kind in _fused.used})
+    with NativeCalls() as native:
+        train(model, opt, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
     first = next(model.parameters())
     state_types = sorted({type(v).__name__ for s in opt.state.values() for v in s.values()})
     padded = sorted(n for n, p in model.named_parameters() if p.size(0) % 2)
@@ -133,7 +152,8 @@ def fsdp_case(name: str, path: str, mesh) -> dict:
     ref_params, ref_state = reference(name, PATHS[path])
     return {
         "param_type": type(first).__name__, "is_dtensor": isinstance(first, DTensor), "state_types": state_types,
-        "uneven": padded, "kernels": kernels,
+        "uneven": padded, "code_path": opt.code_path(),
+        "native_tensors": native.tensors, "native_plain": native.plain,
         "params": relative(params, ref_params), "moved": relative(ref_params, reference_initial()),
         "state": state_relative({n: osd["state"][n] for n in ref_state}, ref_state),
         "state_keys": sorted(osd["state"]), "full_shapes_match": all(
@@ -155,9 +175,8 @@ def zero_case(name: str, path: str) -> dict:
                                   **hyperparameters(name), **PATHS[path])
     x, y = data()
     half = GLOBAL_BATCH // 2
-    _fused.used.clear()
-    train(model, opt, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
-    kernels = sorted({kind for _, _, _, kind in _fused.used})
+    with NativeCalls() as native:
+        train(model, opt, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
     local = sum(len(g["params"]) for g in opt.optim.param_groups)  # this rank's partition
     opt.consolidate_state_dict(to=0)  # collective: all ranks
     counts = [None, None]
@@ -170,7 +189,8 @@ def zero_case(name: str, path: str) -> dict:
     params = {n: p.detach() for n, p in model.module.named_parameters()}
     state = {named[i]: s for i, s in full["state"].items()}
     return {
-        "partition": counts, "kernels": kernels, "state_indices": sorted(full["state"]),
+        "partition": counts, "code_path": opt.optim.code_path(),
+        "native_tensors": native.tensors, "native_plain": native.plain, "state_indices": sorted(full["state"]),
         "params": relative(params, ref_params), "moved": relative(ref_params, reference_initial()),
         "state": state_relative({n: state[n] for n in ref_state}, ref_state) if state.keys() == ref_state.keys()
         else {"missing": sorted(set(ref_state) - set(state))},

@@ -71,17 +71,18 @@ def test_fsdp2_steps_match_one_process(sharded, name, path):
 
 @pytest.mark.parametrize("path", FSDP_PATHS)
 def test_fsdp2_runs_the_requested_path_on_the_local_shards(sharded, path):
-    """The default and fused=True steps run the fused path's kernel on each rank's local
-    shard (on the CPU the native kernel, where it can be built); foreach and the
-    single-tensor loop run no kernel."""
+    """The default and fused=True steps run the native kernel (where it can be built) on each
+    rank's local shards, plain tensors, all 6 parameters in each of the 5 steps; foreach and
+    the single-tensor loop hand it nothing."""
+    native = sharded["native_unavailable"] is None
     for name in NAMES:
-        kernels = case(sharded, f"fsdp2/{name}/{path}")["kernels"]
+        r = case(sharded, f"fsdp2/{name}/{path}")
         if path in ("foreach", "single"):
-            assert kernels == [], (name, kernels)
-        elif sharded["native_unavailable"] is None:
-            assert kernels == ["native"], (name, kernels)
+            assert (r["code_path"], r["native_tensors"]) == (path, 0), (name, r)
+        elif native:
+            assert (r["code_path"], r["native_tensors"], r["native_plain"]) == ("native", 6 * 5, True), (name, r)
         else:
-            assert kernels in ([], ["compiled"]), (name, kernels)
+            assert r["code_path"] in ("compiled", "single") and r["native_tensors"] == 0, (name, r)
 
 
 @pytest.mark.parametrize("path", ZERO_PATHS)
@@ -98,8 +99,8 @@ def test_zero_redundancy_steps_and_consolidated_state_match_one_process(sharded,
     assert "missing" not in r["state"], r["state"]
     assert all(v < RTOL for v in r["state"].values()), r["state"]
     assert r["group_h"] == [0.1]
-    if path == "default" and sharded["native_unavailable"] is None:
-        assert r["kernels"] == ["native"]
+    if path == "default" and sharded["native_unavailable"] is None:  # each rank its own partition
+        assert r["code_path"] == "native" and r["native_tensors"] == r["partition"][0] * 5, r
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,10 +191,12 @@ def test_fsdp2_run_matches_ddp_and_resumes_exactly(nano_smoke, tmp_path):
     model.load_state_dict(c_fsdp["model"])  # strict
 
 
-def test_bad_parallel_value_is_a_one_line_error(nano_smoke, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "nano.train", "--optimizer", "cadam", "--config", SMOKE,
-                           "--set", f"data.dir={nano_smoke}", "--set", "train.parallel=zero", "--out", tmp_path / "x"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: train.parallel must be ddp or fsdp2, got 'zero'"]
+def test_bad_parallel_value_is_a_one_line_error(nano_smoke, tmp_path, capsys):
+    from nano import train as nano_train
+
+    with pytest.raises(SystemExit) as exit_:
+        nano_train.main(["--optimizer", "cadam", "--config", str(SMOKE), "--set", f"data.dir={nano_smoke}",
+                         "--set", "train.parallel=zero", "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: train.parallel must be ddp or fsdp2, got 'zero'"]
     assert not (tmp_path / "x").exists()
