@@ -114,6 +114,7 @@ def fit(
     if fsdp:
         par.fully_shard_model(raw, run.device, run.world_size)
     optimizer = run.build_optimizer(raw.parameters())
+    buffers = list(raw.buffers())
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")
     wandb_run = start_wandb(run.cfg, run.dir) if run.is_main else None
     log = MetricsLog(run.dir, enabled=run.is_main, wandb_run=wandb_run)
@@ -259,6 +260,12 @@ def fit(
                     with run.autocast():
                         loss, stats = loss_fn(model, batch)
                     scaler.scale(loss / accumulation).backward()
+                if fsdp and buffers:
+                    # DDP broadcasts rank 0's buffers (BatchNorm's running statistics) before every
+                    # forward; FSDP2 leaves them per rank. Broadcasting after each forward gives every
+                    # later forward, training or evaluation, rank 0's, as under DDP.
+                    for buffer in buffers:
+                        dist.broadcast(buffer, src=0)
                 for name, value in {"loss": loss, **stats}.items():
                     value = value.detach().float() / accumulation
                     running[name] = running[name] + value if name in running else value
