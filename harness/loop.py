@@ -321,8 +321,16 @@ def fit(
                 summary[f"best_val_{key}"] = best_rec[key]
         if hasattr(evaluate, "estimators"):  # which estimator "loss" is, then the others recorded
             summary["val_estimators"] = list(evaluate.estimators)
+        if tokens_per_step:
+            summary["tokens_per_s"] = tokens_per_step * summary["steps_per_s"]
         if flops_per_step and step > start_step:
             summary["mfu"] = estimate_mfu(flops_per_step * summary["steps_per_s"], run.device)
+            if run.device.type == "cpu":  # against this machine's measured matmul throughput
+                from .cpu import matmul_peak_flops
+
+                achieved = flops_per_step * summary["steps_per_s"]
+                summary["cpu_flops_per_s"] = achieved
+                summary["cpu_flops_utilization"] = achieved / matmul_peak_flops()
         write_summary(run.dir, summary)
         if wandb_run is not None:
             wandb_run.summary.update({"status": status, **({"best": best["value"]} if best else {})})

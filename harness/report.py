@@ -110,10 +110,28 @@ def plot(by_opt: dict[str, list[dict]], split: str, key: str, path: Path, title:
     return True
 
 
+# What each validation-loss estimator is (``train.eval_batches``, harness/data.py).
+ESTIMATORS = {"fresh": "fresh random validation batches at every evaluation (nanoGPT's estimator, the paper's)",
+              "fixed": "the same validation batches at every evaluation"}
+
+
+def estimator_keys(by_opt: dict[str, list[dict]]) -> list[str]:
+    """The ``loss_<estimator>`` keys the validation records hold, headline first (the order
+    of the runs' ``val_estimators``); empty where each evaluation has one estimator."""
+    keys = {k for runs in by_opt.values() for run in runs for r in run["metrics"]
+            if r.get("split") == "val" for k in r if k.startswith("loss_")}
+    order = next((run["summary"].get("val_estimators") for runs in by_opt.values() for run in runs
+                  if run["summary"].get("val_estimators")), [])
+    return sorted(keys, key=lambda k: (order.index(k[5:]) if k[5:] in order else len(order), k))
+
+
 def table(by_opt: dict[str, list[dict]]) -> str:
     splits = sorted({r.get("split") for runs in by_opt.values() for run in runs for r in run["metrics"]} - {None})
     has_acc = any("acc" in r for runs in by_opt.values() for run in runs for r in run["metrics"])
-    head = ["optimizer", "runs", "best val loss", "final val loss"]
+    losses = estimator_keys(by_opt) or ["loss"]
+    label = lambda key: "" if key == "loss" else f" ({key[5:]})"
+    head = ["optimizer", "runs", *(f"best val loss{label(k)}" for k in losses),
+            *(f"final val loss{label(k)}" for k in losses)]
     if has_acc:
         head += ["best val acc", "final val acc"]
     if "test" in splits:
@@ -125,8 +143,8 @@ def table(by_opt: dict[str, list[dict]]) -> str:
     for name in sorted(by_opt, key=_sort_key):
         runs = by_opt[name]
         cells = [LABELS.get(name, name), str(len(runs)),
-                 _mean_std([_metric(r, "val", "loss", "min") for r in runs]),
-                 _mean_std([_metric(r, "val", "loss", "final") for r in runs])]
+                 *(_mean_std([_metric(r, "val", k, "min") for r in runs]) for k in losses),
+                 *(_mean_std([_metric(r, "val", k, "final") for r in runs]) for k in losses)]
         if has_acc:
             cells += [_mean_std([_metric(r, "val", "acc", "max") for r in runs]),
                       _mean_std([_metric(r, "val", "acc", "final") for r in runs])]
@@ -160,8 +178,14 @@ def report(root: Path, out: Optional[Path] = None, title: Optional[str] = None) 
         target = (Path(out) / exp if len(by_exp) > 1 else Path(out)) if out else Path("results") / exp
         target.mkdir(parents=True, exist_ok=True)
         lines = [f"# {title or exp}", "", f"Runs under `{root}`; mean ± std over seeds where there are several.", ""]
+        estimators = estimator_keys(by_opt)
+        if estimators:
+            lines += ["Validation loss estimators: " + "; ".join(
+                f"{k[5:]}: {ESTIMATORS.get(k[5:], k[5:])}" for k in estimators)
+                + f". `val_loss.png` shows the first ({estimators[0][5:]}).", ""]
         figures = []
-        for split, key in (("val", "loss"), ("val", "acc"), ("test", "acc"), ("train", "loss")):
+        for split, key in (("val", "loss"), *(("val", k) for k in estimators[1:]), ("val", "acc"), ("test", "acc"),
+                           ("train", "loss")):
             path = target / f"{split}_{key}.png"
             if plot(by_opt, split, key, path, f"{title or exp}: {split} {key}"):
                 figures.append(path)

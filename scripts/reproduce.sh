@@ -6,6 +6,7 @@
 #
 #   bash scripts/reproduce.sh nano
 #   bash scripts/reproduce.sh nano --seeds 1337 1338 --optimizers adam cadam --gpus 0,1
+#   bash scripts/reproduce.sh nano --runs-per-gpu 4             # small models: several runs share each GPU
 #   bash scripts/reproduce.sh bert/sst2 --set train.epochs=1
 #
 # Arguments after the experiment go to `python -m harness.launch` (see --help).

@@ -178,6 +178,10 @@ def test_report_draws_figures_and_a_table(nano_data, tmp_path):
     table = (tmp_path / "results" / "results.md").read_text()
     assert "| Adam | 2 |" in table and "| CADAM | 2 |" in table and "±" in table
     assert "![val_loss](val_loss.png)" in table
+    # Both validation estimators, each named, the paper's (fresh batches) first.
+    assert "| optimizer | runs | best val loss (fresh) | best val loss (fixed) | final val loss (fresh) |" in table
+    assert "fresh: fresh random validation batches at every evaluation (nanoGPT's estimator, the paper's)" in table
+    assert "![val_loss_fixed](val_loss_fixed.png)" in table
 
 
 def test_launch_runs_a_grid_skips_finished_runs_and_reports(nano_data, tmp_path):
@@ -207,3 +211,81 @@ def test_wandb_is_optional_and_checked_before_anything_is_written(nano_data, tmp
     proc = subprocess.run([sys.executable, "-m", "nano.train", *nano_args(nano_data, out), "--set", "wandb=true"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "pip install wandb" in proc.stderr and not out.exists()
+
+
+def test_runs_per_gpu_plans_round_robin_slots():
+    from harness.launch import plan_slots
+    from harness.errors import UsageError
+
+    assert plan_slots(["0", "1"], runs_per_gpu=3, cpus=12) == (["0", "1", "0", "1", "0", "1"], 2)
+    assert plan_slots(["3"], cpus=8) == (["3"], 8)
+    assert plan_slots([], parallel=2, cpus=2) == ([None, None], 1)
+    assert plan_slots([], cpus=32) == ([None] * 8, 4)
+    with pytest.raises(UsageError, match="--runs-per-gpu must be at least 1, got 0"):
+        plan_slots(["0"], runs_per_gpu=0)
+
+
+def test_several_runs_per_gpu_and_per_array_task(nano_data, tmp_path):
+    """Array task 1 of 3 runs per task takes runs 3-5 of --list; with two (pretend) GPUs
+    and two runs per GPU, they start on GPUs 0, 1, 0 (CUDA_VISIBLE_DEVICES in each log;
+    without CUDA the runs use the CPU) and all complete."""
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "harness.launch", "nano", "--config", SMOKE, "--set", f"data.dir={nano_data}",
+           "--optimizers", "adam", "cd", "cadam", "--seeds", "1", "2", "--runs-dir", str(runs), "--no-report",
+           "--gpus", "0,1", "--runs-per-gpu", "2", "--index", "1", "--runs-per-task", "3"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3 runs to do" in proc.stdout and "GPUs 0,1, 2 at a time on each" in proc.stdout
+    expected = [("cd", 2, "0"), ("cadam", 1, "1"), ("cadam", 2, "0")]  # runs 3, 4, 5 of the listing
+    for name, seed, gpu in expected:
+        assert json.loads((runs / name / f"seed{seed}" / "summary.json").read_text())["status"] == "completed"
+        header = (runs / "logs" / f"{name}-seed{seed}.log").read_text().splitlines()[0]
+        assert f"CUDA_VISIBLE_DEVICES={gpu}," in header
+    assert sorted(p.name for p in runs.iterdir()) == ["cadam", "cd", "logs"]
+    past_the_end = subprocess.run([*cmd[:-3], "2", "--runs-per-task", "3"], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=300)
+    assert past_the_end.returncode == 0 and "task index 2 is out of range (0-1 for 6 runs, 3 per task)" \
+        in past_the_end.stdout
+
+
+def test_validation_estimators_fresh_and_fixed(nano_data, tmp_path):
+    """paper.yaml's estimators: `loss` is the paper's (fresh random batches at every
+    evaluation), `loss_fixed` the same batches every time; `--set train.eval_batches=[fixed]`
+    alone gives exactly those fixed-batch numbers, as the one `loss`."""
+    both, fixed = tmp_path / "both", tmp_path / "fixed"
+    assert nano_train.main(nano_args(nano_data, both, "cd")) == 0
+    assert nano_train.main(nano_args(nano_data, fixed, "cd", 1, "--set", "train.eval_batches=[fixed]")) == 0
+    val_both = [r for r in records(both) if r["split"] == "val"]
+    val_fixed = [r for r in records(fixed) if r["split"] == "val"]
+    assert [r["loss_fixed"] for r in val_both] == [r["loss"] for r in val_fixed]
+    assert all(r["loss"] == r["loss_fresh"] != r["loss_fixed"] for r in val_both)
+    assert all(set(r) == {"step", "split", "loss", "tokens"} for r in val_fixed)
+    summary = json.loads((both / "summary.json").read_text())
+    assert summary["val_estimators"] == ["fresh", "fixed"]
+    assert summary["best_val_loss"] == summary["best_val_loss_fresh"] == min(r["loss_fresh"] for r in val_both)
+    assert summary["best_val_loss_fixed"] == min(r["loss_fixed"] for r in val_both)
+    bad = subprocess.run([sys.executable, "-m", "nano.train", *nano_args(nano_data, tmp_path / "bad", "cd"),
+                          "--set", "train.eval_batches=[fresh, random]"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "train.eval_batches must be a non-empty list of distinct estimators" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_fresh_batches_change_every_evaluation_and_resume_from_their_state(nano_data):
+    from harness.data import LMEvaluation
+    from harness.run import Run
+    from harness.token_bins import TokenBins
+    from nano.model import GPT, GPTConfig
+
+    import torch
+
+    run = Run(cfg={"seed": 3}, dir=Path("unused"), device=torch.device("cpu"))
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=70)).eval()
+    evaluate = LMEvaluation(run, TokenBins(nano_data, prepare_hint="unused"), 4, 8, 5, ["fresh", "fixed"])
+    with torch.no_grad():
+        first = evaluate(model, 0)[0]
+        state = evaluate.state_dict()
+        second = evaluate(model, 1)[0]
+        evaluate.load_state_dict(state)
+        again = evaluate(model, 1)[0]
+    assert first["loss_fixed"] == second["loss_fixed"] and first["loss_fresh"] != second["loss_fresh"]
+    assert again == second

@@ -1,0 +1,35 @@
+"""The CPU side of throughput: a measured fp32 peak to set achieved FLOP/s against.
+
+GPUs have datasheet peaks (``harness.loop.PEAK_FLOPS``); a CPU's depends on its
+vector units, clock and thread count, which no table here knows. So the
+reference is measured: the best of a few square fp32 matmuls (the operation that
+comes closest to a core's arithmetic peak) on the threads PyTorch uses now,
+about 0.1 s. Achieved model FLOP/s over this is the CPU analogue of MFU.
+"""
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+
+import torch
+
+__all__ = ["matmul_peak_flops"]
+
+
+@lru_cache(maxsize=None)
+def _measure(threads: int, size: int, repeats: int) -> float:
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    torch.mm(a, b)  # warm-up: allocation, kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+    """fp32 FLOP/s of a ``size`` x ``size`` matmul on ``torch.get_num_threads()`` threads
+    (the best of ``repeats``; measured once per process and thread count)."""
+    return _measure(torch.get_num_threads(), size, repeats)
