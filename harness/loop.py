@@ -333,8 +333,7 @@ def fit(
                 summary["cpu_flops_utilization"] = achieved / matmul_peak_flops()
         write_summary(run.dir, summary)
         if wandb_run is not None:
-            wandb_run.summary.update({"status": status, **({"best": best["value"]} if best else {})})
-            wandb_run.finish()
+            wandb_run.finish({"status": status, **({"best": best["value"]} if best else {})})
         run.print(f"{run.dir}: {status} after {step} steps"
                   + (f", best {sel_split} {sel_key} {best['value']:.4f} at step {best['step']}" if best else ""))
     if run.distributed:
