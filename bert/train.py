@@ -40,7 +40,7 @@ from bert.model import build_model
 from harness import run as harness_run
 from harness.config import REPO
 from harness.data import EpochBatches, classification_evaluate, eval_loader
-from harness.errors import UsageError
+from harness.errors import OtherRankFailed, UsageError, command
 from harness.loop import fit
 from harness.run import Run, start
 
@@ -94,7 +94,7 @@ def load_splits(run: Run, task: str, tokenizer, data_cfg: dict) -> dict:
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error is not None:
-        raise UsageError(error)
+        raise UsageError(error) if run.is_main else OtherRankFailed(error)
     return splits if splits is not None else glue_splits(task, tokenizer, **kwargs)
 
 
@@ -129,31 +129,23 @@ def loss_fn(model, batch) -> tuple[torch.Tensor, dict]:
     return loss, {"acc": (logits.argmax(-1) == labels).float().mean()}
 
 
+@command
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        task, rest = parse_task(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    task, rest = parse_task(argv)
     run = start(f"bert-{task}", rest, configs_dir=CONFIGS / task,
                 default_out=f"runs/bert/{task}/{{optimizer}}/seed{{seed}}")
     if run is None:
         return 0
     d, m, t = run.cfg["data"], run.cfg["model"], run.cfg["train"]
-    try:
-        micro = run.micro_batch_size()
-        with fetch_hint(task):
-            tokenizer = load_tokenizer(d["tokenizer"])
-        splits = load_splits(run, task, tokenizer, d)
-        # Seeded by start(): every rank draws the same initial weights.
-        with fetch_hint(task):
-            model = build_model(task, pretrained=m.get("pretrained"),
-                                config_overrides=model_overrides(m, task, len(tokenizer)))
-    except UsageError as e:
-        if run.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+    micro = run.micro_batch_size()
+    with fetch_hint(task):
+        tokenizer = load_tokenizer(d["tokenizer"])
+    splits = load_splits(run, task, tokenizer, d)
+    # Seeded by start(): every rank draws the same initial weights.
+    with fetch_hint(task):
+        model = build_model(task, pretrained=m.get("pretrained"),
+                            config_overrides=model_overrides(m, task, len(tokenizer)))
     n_params = sum(p.numel() for p in model.parameters())
     run.print(f"bert-{task}: DistilBERT with {n_params / 1e6:.2f}M parameters "
               f"({'pretrained ' + str(m['pretrained']) if task == 'qnli' else 'random init'}), "
@@ -162,7 +154,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     collate = collate_fn(tokenizer)
     train = EpochBatches(splits["train"], micro, run.seed, run.rank, run.world_size, collate_fn=collate)
-    accumulation = int(t["gradient_accumulation_steps"])
+    accumulation = run.train.gradient_accumulation_steps
     steps_per_epoch = math.ceil(train.steps_per_epoch / accumulation)
     # evals_per_epoch evaluations per epoch (the last one within a few steps of the epoch's end
     # when they do not divide it), plus the untrained model's at step 0.

@@ -15,8 +15,7 @@ import contextlib
 import json
 import os
 import random
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +30,32 @@ from .checkpoint import write_text_atomic
 from .errors import UsageError
 from .parallel import PARALLEL
 
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The ``train`` keys the harness itself acts on, typed and read once (``Run.train``);
+    the experiments read the same object. Each experiment's paper.yaml holds every key."""
+
+    batch_size: int  # sequences (examples) per optimizer step: the global batch, over all ranks
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step on each rank
+    grad_clip: float = 0.0  # global grad-norm clipping; 0 = none
+    log_interval: int = 10  # steps between divergence checks and progress updates
+    compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # with several processes: ddp (replicas) or fsdp2 (sharded)
+    precision: str = "fp32"  # on CUDA: fp32, fp16 (autocast + GradScaler) or bf16; the CPU runs fp32
+
+    @classmethod
+    def from_config(cls, train: dict) -> "TrainConfig":
+        return cls(batch_size=int(train["batch_size"]),
+                   gradient_accumulation_steps=int(train.get("gradient_accumulation_steps", 1) or 1),
+                   grad_clip=float(train.get("grad_clip", 0.0) or 0.0),
+                   log_interval=int(train.get("log_interval", 10) or 10),
+                   compile=bool(train.get("compile", False)),
+                   parallel=train.get("parallel", "ddp"),
+                   precision=train.get("precision", "fp32"))
+
 
 @dataclass
 class Run:
@@ -41,7 +66,6 @@ class Run:
     local_rank: int = 0
     world_size: int = 1
     precision: str = "fp32"  # what is actually used on this device
-    extra: dict = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -63,10 +87,15 @@ class Run:
         return contextlib.nullcontext()
 
     @property
+    def train(self) -> TrainConfig:
+        """The ``train`` section's harness keys, typed (see ``TrainConfig``)."""
+        return TrainConfig.from_config(self.cfg["train"])
+
+    @property
     def parallel(self) -> str:
         """``train.parallel``: ``ddp`` (replicas, the default) or ``fsdp2`` (sharded, see
         ``harness/parallel.py``); it matters only with more than one process."""
-        return self.cfg.get("train", {}).get("parallel", "ddp")
+        return self.train.parallel
 
     def micro_batch_size(self) -> int:
         """Examples one rank feeds forward at a time: ``train.batch_size`` (the global batch,
@@ -74,8 +103,7 @@ class Run:
 
         So a run on K GPUs takes the same optimizer steps on as many examples as on one.
         """
-        t = self.cfg["train"]
-        batch, accumulation = int(t["batch_size"]), int(t.get("gradient_accumulation_steps", 1))
+        batch, accumulation = self.train.batch_size, self.train.gradient_accumulation_steps
         parts = self.world_size * accumulation
         if batch < 1 or accumulation < 1 or batch % parts:
             raise UsageError(f"train.batch_size {batch} (the global batch) must be a positive multiple of "
@@ -159,35 +187,35 @@ def start(experiment: str, argv: Optional[list[str]] = None, configs_dir: Option
     ``runs/<experiment>/{optimizer}/seed{seed}``).
 
     Returns None when the run directory already holds a completed or diverged
-    run (nothing to do). Bad input exits with status 2 and a one-line message.
+    run (nothing to do). Bad input raises a one-line ``UsageError`` (the command
+    exits with status 2; see ``harness.errors.command``).
     Nothing is written here: the run directory is created by the training loop,
     so a start that fails later (a missing dataset, say) leaves no trace.
     """
     args = parser(experiment.split("-")[0]).parse_args(argv)
     configs_dir = Path(configs_dir) if configs_dir else config_lib.REPO / experiment / "configs"
     default_out = default_out or f"runs/{experiment}/{{optimizer}}/seed{{seed}}"
-    try:
-        if args.seed is None:
-            seeds = config_lib.read_yaml(configs_dir / "paper.yaml").get("seeds") or [0]
-            args.seed = int(seeds[0])
-        cfg = config_lib.resolve(experiment, args.optimizer, args.seed, args.config, args.sets, configs_dir)
-        run_dir = Path(args.out or default_out.format(optimizer=cfg["optimizer"]["name"], seed=args.seed))
-        parallel = cfg.get("train", {}).get("parallel", "ddp")
-        if parallel not in PARALLEL:
-            raise UsageError(f"train.parallel must be {' or '.join(PARALLEL)}, got {parallel!r}")
-        if cfg.get("wandb") and importlib.util.find_spec("wandb") is None:
-            raise UsageError("wandb=true but wandb is not installed: pip install wandb (or --set wandb=false)")
-        saved = run_dir / "config.yaml"
-        if saved.exists() and (run_dir / "checkpoint.pt").exists():
-            old = config_lib.read_yaml(saved)
-            if old != cfg:
-                diff = sorted(k for k in set(config_lib.flatten(old)) | set(config_lib.flatten(cfg))
-                              if config_lib.flatten(old).get(k) != config_lib.flatten(cfg).get(k))
-                raise UsageError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
-                                 "resume it with the same arguments or choose another --out")
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    if args.seed is None:
+        seeds = config_lib.read_yaml(configs_dir / "paper.yaml").get("seeds") or [0]
+        args.seed = int(seeds[0])
+    cfg = config_lib.resolve(experiment, args.optimizer, args.seed, args.config, args.sets, configs_dir)
+    run_dir = Path(args.out or default_out.format(optimizer=cfg["optimizer"]["name"], seed=args.seed))
+    train = cfg.get("train", {})
+    if train.get("parallel", "ddp") not in PARALLEL:
+        raise UsageError(f"train.parallel must be {' or '.join(PARALLEL)}, got {train['parallel']!r}")
+    if train.get("precision", "fp32") not in PRECISIONS:
+        raise UsageError(f"train.precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
+                         f"got {train['precision']!r}")
+    if cfg.get("wandb") and importlib.util.find_spec("wandb") is None:
+        raise UsageError("wandb=true but wandb is not installed: pip install wandb (or --set wandb=false)")
+    saved = run_dir / "config.yaml"
+    if saved.exists() and (run_dir / "checkpoint.pt").exists():
+        old = config_lib.read_yaml(saved)
+        if old != cfg:
+            diff = sorted(k for k in set(config_lib.flatten(old)) | set(config_lib.flatten(cfg))
+                          if config_lib.flatten(old).get(k) != config_lib.flatten(cfg).get(k))
+            raise UsageError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
+                             "resume it with the same arguments or choose another --out")
 
     if run_status(run_dir) in ("completed", "diverged"):
         print(f"{run_dir}: already {run_status(run_dir)}; nothing to do", flush=True)
@@ -207,9 +235,6 @@ def start(experiment: str, argv: Optional[list[str]] = None, configs_dir: Option
         # connections still open can make its peers abort (SIGABRT in gloo/NCCL).
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     precision = cfg.get("train", {}).get("precision", "fp32") if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "fp16", "bf16"):
-        print(f"error: train.precision must be fp32, fp16 or bf16, got {precision!r}", file=sys.stderr)
-        raise SystemExit(2)
     seed_everything(args.seed)
     return Run(cfg=cfg, dir=run_dir, device=device, rank=rank, local_rank=local_rank,
                world_size=world_size, precision=precision)
