@@ -38,9 +38,7 @@ from harness.data import EpochBatches, eval_loader, reduce_sum
 from harness.errors import UsageError, command
 from harness.loop import fit, move
 from harness.run import Run, start
-
-PREPARE = "python -m gpt2.data"
-
+from gpt2 import PREPARE
 
 def load_blocks(cache_dir: str, block_size: int) -> tuple[dict, dict]:
     """(``{"train", "val"}`` LMBlocks, the cache's meta) from a prepared cache; never builds one."""

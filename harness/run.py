@@ -1,6 +1,6 @@
 """One training run: command line, run directory, seeding, device, precision, distributed.
 
-Every experiment's ``train.py`` starts with ``run = harness.run.start("<exp>")``
+Every experiment's ``train.py`` starts with ``run = harness.run.start("<exp>", argv)``
 and gets back a :class:`Run` holding the resolved config, the run directory and
 the execution context (device, autocast, ranks). The same command works under
 ``torchrun`` (it reads RANK/WORLD_SIZE/LOCAL_RANK) and under ``srun`` without
@@ -15,9 +15,10 @@ import contextlib
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ import optimizers
 from . import config as config_lib
 from .checkpoint import write_text_atomic
 from .errors import UsageError
+from .experiments import Experiment, experiment
 from .parallel import PARALLEL
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -66,6 +68,7 @@ class Run:
     local_rank: int = 0
     world_size: int = 1
     precision: str = "fp32"  # what is actually used on this device
+    experiment: Optional[Experiment] = None  # what was started: its task, configs, prepare command
 
     @property
     def is_main(self) -> bool:
@@ -134,18 +137,39 @@ class Run:
             print(*args, **kwargs, flush=True)
 
 
-def parser(experiment: str) -> argparse.ArgumentParser:
+def parser(exp: Experiment) -> argparse.ArgumentParser:
+    """The command line of ``python -m <exp>.train`` (with ``--task`` for a folder of tasks)."""
     p = argparse.ArgumentParser(
-        prog=f"python -m {experiment}.train",
-        description=f"Train the {experiment} experiment with one optimizer and one seed.",
+        prog=f"python -m {exp.module}",
+        description=f"Train the {exp.folder} experiment with one optimizer and one seed.",
     )
+    if exp.tasks:
+        p.add_argument("--task", required=True, choices=exp.tasks, help="the task")
     p.add_argument("--optimizer", required=True, help=f"one of {', '.join(optimizers.NAMES)}")
     p.add_argument("--seed", type=int, default=None, help="run seed (default: the first of configs/paper.yaml's seeds)")
     p.add_argument("--config", default=None, help="YAML overriding paper.yaml sections and/or best.yaml entries")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, dotted keys (repeatable): --set train.max_iters=200")
-    p.add_argument("--out", default=None, help="run directory (default runs/<exp>/<optimizer>/seed<S>)")
+    default = exp.default_out.replace(f"runs/{exp.folder}/", f"runs/{exp.folder}/<task>/") \
+        if exp.tasks and exp.task is None else exp.default_out
+    p.add_argument("--out", default=None, help=f"run directory (default {default})")
     return p
+
+
+def _with_task(exp: Experiment, argv: Optional[list[str]]) -> tuple[Experiment, list[str]]:
+    """A folder of tasks (bert): its ``--task`` from ``argv`` (a one-line error when missing or
+    unknown; ``--help`` prints the whole command line), and the rest of ``argv``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if exp.task is not None or not exp.tasks:
+        return exp, argv
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--task")
+    known, rest = pre.parse_known_args(argv)
+    if any(a in ("-h", "--help") for a in rest):
+        parser(exp).parse_args(["--help"])  # prints the help and exits, as argparse does
+    if known.task is None:
+        raise UsageError(f"--task is required; valid tasks: {', '.join(exp.tasks)}")
+    return experiment(f"{exp.folder}/{known.task}"), rest
 
 
 def _distributed_env() -> tuple[int, int, int]:
@@ -176,15 +200,13 @@ def run_status(run_dir: Path) -> Optional[str]:
         return None
 
 
-def start(experiment: str, argv: Optional[list[str]] = None, configs_dir: Optional[Path] = None,
-          default_out: Optional[str] = None) -> Optional[Run]:
+def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Optional[Run]:
     """Parse the command line, resolve the config and set up the process.
 
-    ``experiment`` names the run in its config and summary (e.g. ``"nano"``,
-    ``"bert-sst2"``); its configs are in ``configs_dir`` (default
-    ``<repo>/<experiment>/configs``) and its default run directory is
-    ``default_out`` formatted with ``optimizer`` and ``seed`` (default
-    ``runs/<experiment>/{optimizer}/seed{seed}``).
+    ``exp`` is an :class:`~harness.experiments.Experiment` or its name (``"nano"``,
+    ``"bert"``, ``"bert/sst2"``): it gives the run its name (in the config and summary),
+    its config folder and its default run directory (``runs/<exp>/{optimizer}/seed{seed}``);
+    for a folder of tasks (``bert``) the command line names the task (``--task sst2``).
 
     Returns None when the run directory already holds a completed or diverged
     run (nothing to do). Bad input raises a one-line ``UsageError`` (the command
@@ -192,14 +214,14 @@ def start(experiment: str, argv: Optional[list[str]] = None, configs_dir: Option
     Nothing is written here: the run directory is created by the training loop,
     so a start that fails later (a missing dataset, say) leaves no trace.
     """
-    args = parser(experiment.split("-")[0]).parse_args(argv)
-    configs_dir = Path(configs_dir) if configs_dir else config_lib.REPO / experiment / "configs"
-    default_out = default_out or f"runs/{experiment}/{{optimizer}}/seed{{seed}}"
+    exp = experiment(exp, task_required=False) if isinstance(exp, str) else exp
+    exp, argv = _with_task(exp, argv)
+    args = parser(exp).parse_args(["--task", exp.task, *argv] if exp.task else argv)
     if args.seed is None:
-        seeds = config_lib.read_yaml(configs_dir / "paper.yaml").get("seeds") or [0]
+        seeds = config_lib.read_yaml(exp.configs / "paper.yaml").get("seeds") or [0]
         args.seed = int(seeds[0])
-    cfg = config_lib.resolve(experiment, args.optimizer, args.seed, args.config, args.sets, configs_dir)
-    run_dir = Path(args.out or default_out.format(optimizer=cfg["optimizer"]["name"], seed=args.seed))
+    cfg = config_lib.resolve(exp.name, args.optimizer, args.seed, args.config, args.sets, exp.configs)
+    run_dir = Path(args.out or exp.default_out.format(optimizer=cfg["optimizer"]["name"], seed=args.seed))
     train = cfg.get("train", {})
     if train.get("parallel", "ddp") not in PARALLEL:
         raise UsageError(f"train.parallel must be {' or '.join(PARALLEL)}, got {train['parallel']!r}")
@@ -237,4 +259,4 @@ def start(experiment: str, argv: Optional[list[str]] = None, configs_dir: Option
     precision = cfg.get("train", {}).get("precision", "fp32") if device.type == "cuda" else "fp32"
     seed_everything(args.seed)
     return Run(cfg=cfg, dir=run_dir, device=device, rank=rank, local_rank=local_rank,
-               world_size=world_size, precision=precision)
+               world_size=world_size, precision=precision, experiment=exp)

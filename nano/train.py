@@ -11,6 +11,7 @@ owt (``python -m owt.train``) is this same script with owt's configs.
 """
 from __future__ import annotations
 
+import nano
 from harness.data import LMEvaluation, RandomTokenBatches
 from harness.errors import command
 from harness.loop import fit
@@ -18,21 +19,17 @@ from harness.run import start
 from harness.token_bins import TokenBins
 from nano.model import GPT, GPTConfig
 
-PREPARE = {
-    "nano": "python -m nano.prepare --source tinyshakespeare",
-    "owt": "python -m owt.prepare",
-}
-MARKER = {"nano": "meta.pkl", "owt": "meta.json"}
 GPT2_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64, as nanoGPT
 
 
 @command
-def main(argv=None, experiment: str = "nano") -> int:
+def main(argv=None, experiment: str = "nano", marker: str = nano.MARKER) -> int:
+    """Train nano's GPT on the token bins of ``experiment`` (nano, or owt with its ``marker``)."""
     run = start(experiment, argv)
     if run is None:
         return 0
     m, t = run.cfg["model"], run.cfg["train"]
-    bins = TokenBins(run.cfg["data"]["dir"], prepare_hint=PREPARE[experiment], marker=MARKER[experiment])
+    bins = TokenBins(run.cfg["data"]["dir"], prepare_hint=run.experiment.prepare, marker=marker)
     micro = run.micro_batch_size()
     evaluate = LMEvaluation(run, bins, t["batch_size"], m["block_size"], t["eval_iters"],
                             t.get("eval_batches", ["fixed"]))
