@@ -1,1 +1,1 @@
-"""ResNet-18 trained from scratch on CIFAR-10 (data from ``vit.data``)."""
+"""ResNet-18 trained from scratch on CIFAR-10 (data: ``harness.cifar10``; the recipe it shares with vit: ``harness.image_classification``)."""

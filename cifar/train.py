@@ -3,29 +3,31 @@
     python -m cifar.train --optimizer cadam --seed 1 [--config FILE] [--set key=value ...] [--out DIR]
     torchrun --nproc_per_node 4 -m cifar.train --optimizer cadam --seed 1
 
-The same training script as vit (``vit/train.py``: CIFAR-10 loading, the epoch loop,
-per-epoch train and validation loss/accuracy) with cifar's configs
-(``cifar/configs/paper.yaml``: 40 epochs, batch 64, fp32, no clipping), the ResNet-18
-of ``cifar/model.py`` and the paper's checkpoint rule: the weights with the best
-validation accuracy are kept in ``best_model.pt`` and are the ones evaluated on the
-test set when training ends (a ``test_at_best_val`` record in ``metrics.jsonl`` and
-``summary.json``).
+The CIFAR-10 recipe vit shares (``harness/image_classification.py``: CIFAR-10
+loading, the epoch loop, per-epoch train and validation loss/accuracy) with cifar's
+configs (``cifar/configs/paper.yaml``: 40 epochs, batch 64, fp32, no clipping), the
+ResNet-18 of ``cifar/model.py`` and the paper's checkpoint rule (``train.keep_best:
+true``): the weights with the best validation accuracy are kept in ``best_model.pt``
+and are the ones evaluated on the test set when training ends (a ``test_at_best_val``
+record in ``metrics.jsonl`` and ``summary.json``).
 """
 from __future__ import annotations
 
 import torch
 
 from cifar.model import resnet18
-from vit import train as classify
+from harness.errors import command
+from harness.image_classification import NUM_CLASSES, train
 
 
 def build_model(model_cfg: dict) -> torch.nn.Module:
     """The CIFAR ResNet-18 (``model.width`` 64, the paper's; smaller only for smoke tests)."""
-    return resnet18(num_classes=classify.NUM_CLASSES, **model_cfg)
+    return resnet18(num_classes=NUM_CLASSES, **model_cfg)
 
 
+@command
 def main(argv=None) -> int:
-    return classify.main(argv, experiment="cifar", build_model=build_model, keep_best=True)
+    return train("cifar", argv, build_model)
 
 
 if __name__ == "__main__":

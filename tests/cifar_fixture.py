@@ -15,7 +15,7 @@ torchvision md5-checks every file against the official checksums, which generate
 files cannot match: ``UncheckedCIFAR10`` is torchvision's ``CIFAR10`` with the
 checksums removed (``check_integrity(path, None)`` only checks that the file exists),
 so everything else, including the parsing, is the real class. Use it with
-``monkeypatch.setattr(vit.data, "DATASET_CLASS", UncheckedCIFAR10)`` or
+``monkeypatch.setattr(harness.cifar10, "DATASET_CLASS", UncheckedCIFAR10)`` or
 ``cifar10_splits(root, dataset_cls=UncheckedCIFAR10)``.
 """
 import io

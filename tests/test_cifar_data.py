@@ -1,4 +1,4 @@
-"""CIFAR-10 data (vit.data) on a generated miniature CIFAR-10, and the two image models."""
+"""CIFAR-10 data (harness.cifar10) on a generated miniature CIFAR-10, and the two image models."""
 import pickle
 
 import numpy as np
@@ -7,11 +7,11 @@ import torch
 from torch.utils.data import DataLoader, random_split
 from torchvision import transforms
 
-import vit.data
+import harness.cifar10
 from cifar.model import resnet18
 from harness.errors import UsageError
 from tests.cifar_fixture import LABEL_NAMES, UncheckedCIFAR10, make_fake_cifar10, read_raw
-from vit.data import MEAN, STD, cifar10_splits, loader_kwargs, train_val_indices, val_size
+from harness.cifar10 import MEAN, STD, cifar10_splits, loader_kwargs, train_val_indices, val_size
 from vit.model import build_vit
 
 N_TRAIN, N_TEST = 300, 60
@@ -24,7 +24,7 @@ def fake_root(tmp_path_factory):
 
 @pytest.fixture
 def splits(fake_root, monkeypatch):
-    monkeypatch.setattr(vit.data, "DATASET_CLASS", UncheckedCIFAR10)
+    monkeypatch.setattr(harness.cifar10, "DATASET_CLASS", UncheckedCIFAR10)
     return cifar10_splits(fake_root)
 
 
@@ -51,7 +51,7 @@ def test_fixture_writes_the_official_pickle_format(fake_root):
     assert len(UncheckedCIFAR10(fake_root, train=False)) == N_TEST
     # The real class, with checksums, refuses generated files.
     with pytest.raises(RuntimeError):
-        vit.data.CIFAR10(fake_root, train=True)
+        harness.cifar10.CIFAR10(fake_root, train=True)
 
 
 def test_split_sizes_and_items(splits):

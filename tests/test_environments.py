@@ -282,12 +282,13 @@ def test_each_environment_holds_exactly_what_its_code_imports(exp):
 
 def test_import_closure_sees_through_the_harness():
     """The import reader itself: nano reaches wandb only through harness.logging (a lazy
-    import in start_wandb, which harness.loop calls), cifar reaches timm through vit."""
+    import in start_wandb, which harness.loop calls), cifar reaches torchvision through the
+    CIFAR-10 recipe it shares with vit (harness/), and no longer timm (vit's model)."""
     nano, owt, cifar = (third_party_imports(e) for e in ("nano", "owt", "cifar"))
     assert nano["wandb"] == {"harness/logging.py"} and "optuna" in nano and "yaml" in nano
     assert "transformers" not in nano and "timm" not in nano and "datasets" not in nano
     assert "transformers" not in owt and {"datasets", "tiktoken"} <= set(owt)
-    assert cifar["timm"] == {"vit/model.py"}
+    assert "timm" not in cifar and "harness/cifar10.py" in cifar["torchvision"]
 
 
 # ---------------------------------------------------------------- the Python floor

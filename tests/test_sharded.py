@@ -212,8 +212,8 @@ def test_cifar_fsdp2_matches_ddp_batchnorm_and_best_weights_included(tmp_path):
     script = tmp_path / "cifar_unchecked.py"  # the generated files need the unchecked dataset class
     script.write_text(
         f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
-        "import vit.data\nfrom tests.cifar_fixture import UncheckedCIFAR10\n"
-        "vit.data.DATASET_CLASS = UncheckedCIFAR10\n"
+        "import harness.cifar10\nfrom tests.cifar_fixture import UncheckedCIFAR10\n"
+        "harness.cifar10.DATASET_CLASS = UncheckedCIFAR10\n"
         "from cifar.train import main\nraise SystemExit(main(sys.argv[1:]))\n")
     runs = {}
     for parallel in ("ddp", "fsdp2"):

@@ -19,7 +19,8 @@ import yaml
 from torch.utils.data import TensorDataset
 
 import optimizers
-import vit.data
+import harness.cifar10
+from harness import image_classification
 from cifar import train as cifar_train
 from cifar.model import resnet18
 from harness import config as config_lib
@@ -47,7 +48,7 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def unchecked_cifar10(monkeypatch):
     # Generated files cannot match torchvision's md5 sums: read them with the unchecked class.
-    monkeypatch.setattr(vit.data, "DATASET_CLASS", UncheckedCIFAR10)
+    monkeypatch.setattr(harness.cifar10, "DATASET_CLASS", UncheckedCIFAR10)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ CIFAR_RUNS = {"adam": [], "cd": []}
 def train_all(main, exp, runs, seed, cifar_root, out):
     """One smoke run per optimizer of ``runs`` on the generated CIFAR-10, under ``out``."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(vit.data, "DATASET_CLASS", UncheckedCIFAR10)
+    mp.setattr(harness.cifar10, "DATASET_CLASS", UncheckedCIFAR10)
     try:
         for name, extra in runs.items():
             assert main(args(exp, cifar_root, out / name, name, seed, *extra)) == 0
@@ -137,12 +138,12 @@ def test_vit_smoke_writes_the_run_contract(vit_runs, cifar_root, name):
     best = min(val, key=lambda r: r["loss"])
     assert summary["best"] == {"split": "val", "key": "loss", "value": best["loss"], "step": best["step"]}
     assert summary["final"]["test"]["acc"] == split_of(rows, "test")[-1]["acc"]
-    assert not (run_dir / vit_train.BEST_MODEL).exists()
+    assert not (run_dir / image_classification.BEST_MODEL).exists()
     # The last test record is the final weights evaluated on the whole test set.
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     model = build_vit(**cfg["model"])
     model.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"])
-    test = vit.data.cifar10_splits(cifar_root, dataset_cls=UncheckedCIFAR10)["test"]
+    test = harness.cifar10.cifar10_splits(cifar_root, dataset_cls=UncheckedCIFAR10)["test"]
     loss, acc = evaluate_on(model, test)
     assert loss == pytest.approx(split_of(rows, "test")[-1]["loss"], rel=1e-5)
     assert acc == split_of(rows, "test")[-1]["acc"]
@@ -187,9 +188,9 @@ def test_cifar_tests_the_weights_with_the_best_validation_accuracy(cifar_runs, c
     run_dir = cifar_runs / "cd"
     rows = records(run_dir)
     record = split_of(rows, "test_at_best_val")[0]
-    saved = torch.load(run_dir / cifar_train.classify.BEST_MODEL, weights_only=False)
+    saved = torch.load(run_dir / image_classification.BEST_MODEL, weights_only=False)
     assert saved["step"] == record["best_step"] and saved["val_acc"] == record["val_acc"]
-    splits = vit.data.cifar10_splits(cifar_root, dataset_cls=UncheckedCIFAR10)
+    splits = harness.cifar10.cifar10_splits(cifar_root, dataset_cls=UncheckedCIFAR10)
     model = resnet18(width=4)
     model.load_state_dict(saved["model"])
     loss, acc = evaluate_on(model, splits["val"])  # they are the weights of the best validation record
@@ -213,7 +214,7 @@ def test_best_weights_on_test_takes_the_current_or_the_saved_weights(tmp_path):
     before = {k: v.clone() for k, v in current.state_dict().items()}
     for val_acc, weights, best_step in ((0.6, current, 12), (0.5, saved, 3), (0.4, saved, 3)):
         with torch.no_grad():
-            record = vit_train.best_weights_on_test(run, current, current, 12, {"split": "val", "acc": val_acc},
+            record = image_classification.best_weights_on_test(run, current, current, 12, {"split": "val", "acc": val_acc},
                                                     loader, steps_per_epoch=6)
         loss, acc = evaluate_on(weights, test)
         assert record["loss"] == pytest.approx(loss, rel=1e-6) and record["acc"] == acc
@@ -271,8 +272,8 @@ def test_torchrun_two_ranks_match_one_process(vit_runs, cifar_root, tmp_path):
     script = tmp_path / "vit_unchecked.py"  # the generated files need the unchecked dataset class
     script.write_text(
         f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
-        "import vit.data\nfrom tests.cifar_fixture import UncheckedCIFAR10\n"
-        "vit.data.DATASET_CLASS = UncheckedCIFAR10\n"
+        "import harness.cifar10\nfrom tests.cifar_fixture import UncheckedCIFAR10\n"
+        "harness.cifar10.DATASET_CLASS = UncheckedCIFAR10\n"
         "from vit.train import main\nraise SystemExit(main(sys.argv[1:]))\n")
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

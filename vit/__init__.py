@@ -1,2 +1,2 @@
-"""ViT-tiny (timm) trained from scratch on CIFAR-10; ``vit.data`` is also the CIFAR-10
-data module of the ``cifar`` (ResNet-18) experiment."""
+"""ViT-tiny (timm) trained from scratch on CIFAR-10 (data: ``harness.cifar10``; the
+recipe it shares with the ``cifar`` ResNet-18 experiment: ``harness.image_classification``)."""

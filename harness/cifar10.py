@@ -1,4 +1,4 @@
-"""CIFAR-10 for the image experiments (vit and cifar both use this module).
+"""CIFAR-10 for the image experiments (vit and cifar; the recipe is ``image_classification.py``).
 
 Splits (the same for every run seed):
 
@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10
 
-from harness.errors import UsageError
+from .errors import UsageError
 
 # Per-channel statistics of the CIFAR-10 training images (RGB, pixels in [0, 1]);
 # these are the values the paper's code uses (the widely copied 0.2023/0.1994/0.2010
