@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
@@ -114,6 +114,44 @@ def parse_set(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _optimizer_value(optim, key: str, value: Any, origin: str) -> Any:
+    """``value`` checked for ``optimizer.<hp>`` (``key``) of the optimizer ``optim`` (an OptimInfo)."""
+    hp = key[len("optimizer."):]
+    names = optim.hyperparameters + optim.switches
+    if hp == "name":
+        raise UsageError(f"{origin}: choose the optimizer with --optimizer, not {key}")
+    if hp not in names:
+        raise UsageError(f"{origin}: unknown key {key} for optimizer {optim.name}; valid: "
+                         + ", ".join(f"optimizer.{k}" for k in names))
+    if hp in optim.switches:  # code paths and maximize: true/false (or null where that is the default)
+        nullable = optim.defaults[hp] is None
+        if not isinstance(value, bool) and not (nullable and value is None):
+            raise UsageError(f"{origin}: bad type for {key}: {value!r}, expected true, false"
+                             + (" or null" if nullable else ""))
+        return value
+    value = as_number(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{origin}: bad type for {key}: {value!r}, expected a number")
+    return value
+
+
+def _overrides(config_file: Optional[str], sets: Iterable[str], name: str, names: Sequence[str]):
+    """``(dotted key, value, origin)`` of every override, in order of precedence: the
+    ``--config`` file (protocol sections, and ``name``'s entry of a best.yaml-style file;
+    the other optimizers' entries are skipped), then each ``--set``."""
+    if config_file:
+        for top, value in read_yaml(Path(config_file)).items():
+            if top in names:  # best.yaml format (e.g. a sweep's export)
+                if top == name:
+                    for hp, v in (value or {}).items():
+                        yield f"optimizer.{hp}", v, str(config_file)
+                continue
+            for key, v in (flatten({top: value}) if isinstance(value, dict) else {top: value}).items():
+                yield key, v, str(config_file)
+    for item in sets:
+        yield (*parse_set(item), "--set")
+
+
 def resolve(
     experiment: str,
     optimizer: str,
@@ -129,56 +167,22 @@ def resolve(
     name = str(optimizer).lower()
     if name not in optimizers.NAMES:
         raise UsageError(f"unknown optimizer {optimizer!r}; valid: {', '.join(optimizers.NAMES)}")
+    optim = optimizers.info(name)
+    hp_names = optim.hyperparameters + optim.switches
 
-    protocol = read_yaml(configs_dir / "paper.yaml")
-    best = read_yaml(configs_dir / "best.yaml")
-    cfg = copy.deepcopy(protocol)
+    cfg = copy.deepcopy(read_yaml(configs_dir / "paper.yaml"))
     cfg.update(experiment=experiment, seed=int(seed))
     cfg.setdefault("wandb", False)
     defaults = flatten(cfg)
-    optim = optimizers.info(name)
-    hp_names = optim.hyperparameters + optim.switches
-    hyper = dict(best.get(name) or {})
-
-    def apply(key: str, value: Any, origin: str) -> None:
+    hyper = dict(read_yaml(configs_dir / "best.yaml").get(name) or {})
+    for key, value, origin in _overrides(config_file, sets, name, optimizers.NAMES):
         if key.startswith("optimizer."):
-            hp = key[len("optimizer."):]
-            if hp == "name":
-                raise UsageError(f"{origin}: choose the optimizer with --optimizer, not {key}")
-            if hp not in hp_names:
-                raise UsageError(
-                    f"{origin}: unknown key {key} for optimizer {name}; valid: "
-                    + ", ".join(f"optimizer.{k}" for k in hp_names)
-                )
-            if hp in optim.switches:  # code paths and maximize: true/false (or null where that is the default)
-                nullable = optim.defaults[hp] is None
-                if not isinstance(value, bool) and not (nullable and value is None):
-                    raise UsageError(f"{origin}: bad type for {key}: {value!r}, expected true, false"
-                                     + (" or null" if nullable else ""))
-            else:
-                value = as_number(value)
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise UsageError(f"{origin}: bad type for {key}: {value!r}, expected a number")
-            hyper[hp] = value
-            return
-        if key not in defaults:
+            hyper[key[len("optimizer."):]] = _optimizer_value(optim, key, value, origin)
+        elif key in defaults:
+            _set(cfg, key, _check_type(key, value, defaults[key]))
+        else:
             valid = sorted(defaults) + [f"optimizer.{k}" for k in hp_names]
             raise UsageError(f"{origin}: unknown key {key!r}; valid keys: {', '.join(valid)}")
-        _set(cfg, key, _check_type(key, value, defaults[key]))
-
-    if config_file:
-        for top, value in read_yaml(Path(config_file)).items():
-            if top in optimizers.NAMES:  # best.yaml format (e.g. a sweep's export)
-                if top == name:
-                    for hp, v in (value or {}).items():
-                        apply(f"optimizer.{hp}", v, str(config_file))
-                continue
-            sub = flatten({top: value}) if isinstance(value, dict) else {top: value}
-            for key, v in sub.items():
-                apply(key, v, str(config_file))
-    for item in sets:
-        key, value = parse_set(item)
-        apply(key, value, "--set")
 
     for hp in hyper:
         if hp not in optim.switches:

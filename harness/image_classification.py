@@ -117,6 +117,29 @@ def best_weights_on_test(run: Run, raw: torch.nn.Module, model: torch.nn.Module,
     return {**record, "best_step": best_step, "best_epoch": best_step / steps_per_epoch, "val_acc": val_acc}
 
 
+def _schedule(run: Run, train: EpochBatches) -> tuple[int, int]:
+    """``(optimizer steps per epoch, evaluations per epoch)``; a one-line error unless the
+    accumulation steps divide an epoch's micro-batches and the evaluations its steps."""
+    accumulation, evals = run.train.gradient_accumulation_steps, int(run.cfg["train"]["evals_per_epoch"])
+    steps_per_epoch, uneven = divmod(train.steps_per_epoch, accumulation)
+    if uneven or steps_per_epoch == 0:
+        raise UsageError(f"train.gradient_accumulation_steps={accumulation} must divide the "
+                         f"{train.steps_per_epoch} micro-batches of an epoch on each rank")
+    if evals < 1 or steps_per_epoch % evals:
+        raise UsageError(f"train.evals_per_epoch={evals} must divide the {steps_per_epoch} steps of an epoch")
+    return steps_per_epoch, evals
+
+
+def save_best(run: Run, model_state: dict, record: dict) -> None:
+    """``on_best`` with keep_best: the weights in ``best_model.pt``. Rank 0, right after the
+    evaluation at ``record["step"]`` improved the validation accuracy; the loop's checkpoint
+    follows, so after a crash in between the resumed run redoes these steps and writes the
+    same weights again."""
+    ckpt.save_atomic({"model": {k: v.detach().to("cpu", copy=True) for k, v in model_state.items()},
+                      "step": record["step"], "val_acc": record["acc"], "val_loss": record["loss"]},
+                     run.dir / BEST_MODEL)
+
+
 def train(experiment: str, argv, build_model: Callable[[dict], torch.nn.Module]) -> int:
     """Train ``build_model(cfg["model"])`` on CIFAR-10 as ``experiment`` (its configs, its runs).
 
@@ -135,34 +158,19 @@ def train(experiment: str, argv, build_model: Callable[[dict], torch.nn.Module])
     splits = load_cifar10(run)
 
     model = build_model(run.cfg["model"])
-    accumulation = run.train.gradient_accumulation_steps
     kwargs = loader_kwargs(run.device)
     train = EpochBatches(splits["train"], micro_batch, run.seed, run.rank, run.world_size, loader_kwargs=kwargs)
-    steps_per_epoch, uneven = divmod(train.steps_per_epoch, accumulation)
-    evals = int(t["evals_per_epoch"])
-    if uneven or steps_per_epoch == 0:
-        raise UsageError(f"train.gradient_accumulation_steps={accumulation} must divide the "
-                         f"{train.steps_per_epoch} micro-batches of an epoch on each rank")
-    if evals < 1 or steps_per_epoch % evals:
-        raise UsageError(f"train.evals_per_epoch={evals} must divide the {steps_per_epoch} steps of an epoch")
-
+    steps_per_epoch, evals = _schedule(run, train)
     total_steps = t["epochs"] * steps_per_epoch
     eval_splits = ("val",) if keep_best else ("val", "test")
     loaders = {name: eval_loader(run, splits[name], micro_batch, loader_kwargs=kwargs) for name in eval_splits}
     test_loader = eval_loader(run, splits["test"], micro_batch, loader_kwargs=kwargs)
+
     def evaluate(net, step):
         records = classification_evaluate(run, net, loaders, forward)
         if keep_best and step == total_steps:
             records.append(best_weights_on_test(run, model, net, step, records[0], test_loader, steps_per_epoch))
         return records
-
-    def on_best(model_state, record):
-        # Rank 0, right after the evaluation at record["step"] improved the validation
-        # accuracy. The loop's checkpoint follows: after a crash in between, the resumed
-        # run redoes these steps and writes the same weights again.
-        ckpt.save_atomic({"model": {k: v.detach().to("cpu", copy=True) for k, v in model_state.items()},
-                          "step": record["step"], "val_acc": record["acc"], "val_loss": record["loss"]},
-                         run.dir / BEST_MODEL)
 
     n_params = sum(p.numel() for p in model.parameters())
     run.print(f"{experiment}: {type(model).__name__} with {n_params / 1e6:.2f}M parameters; CIFAR-10 "
@@ -176,7 +184,7 @@ def train(experiment: str, argv, build_model: Callable[[dict], torch.nn.Module])
         eval_interval=steps_per_epoch // evals,
         steps_per_epoch=steps_per_epoch,
         select=("val", "acc", "max") if keep_best else ("val", "loss", "min"),
-        on_best=on_best if keep_best else None,
+        on_best=(lambda state, record: save_best(run, state, record)) if keep_best else None,
     )
     if run.is_main and "test_at_best_val" in summary["final"]:
         summary["test_at_best_val"] = result = summary["final"]["test_at_best_val"]
