@@ -1,4 +1,4 @@
-"""The optimizers against the spec's oracles (spec/optimizers.md)."""
+"""The optimizers against exact oracles: hand-checked values, the SGD and Adam identities, exact sub-flows (optimizers/README.md, "Exact equivalences")."""
 import copy
 import io
 import math
