@@ -32,13 +32,13 @@ from typing import Optional
 import torch
 from torch.utils.data import Subset
 
+from gpt2 import PREPARE
 from gpt2 import data as wikitext
 from gpt2.model import build_model, flops_per_token
 from harness.data import EpochBatches, eval_loader, reduce_sum
 from harness.errors import UsageError, command
 from harness.loop import fit, move
 from harness.run import Run, start
-from gpt2 import PREPARE
 
 def load_blocks(cache_dir: str, block_size: int) -> tuple[dict, dict]:
     """(``{"train", "val"}`` LMBlocks, the cache's meta) from a prepared cache; never builds one."""
