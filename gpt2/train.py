@@ -35,9 +35,9 @@ from torch.utils.data import Subset
 from gpt2 import PREPARE
 from gpt2 import data as wikitext
 from gpt2.model import build_model, flops_per_token
-from harness.data import EpochBatches, eval_loader, reduce_sum
+from harness.data import EpochBatches, eval_loader, move, reduce_sum
 from harness.errors import UsageError, command
-from harness.loop import fit, move
+from harness.loop import fit
 from harness.run import Run, start
 
 def load_blocks(cache_dir: str, block_size: int) -> tuple[dict, dict]:

@@ -18,6 +18,17 @@ from .errors import UsageError
 from .run import Run
 
 
+def move(batch: Any, device: torch.device) -> Any:
+    """Tensors in (nested) tuples/lists/dicts to ``device`` (asynchronously from pinned memory)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=batch.is_pinned())
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move(b, device) for b in batch)
+    if hasattr(batch, "items"):
+        return {k: move(v, device) for k, v in batch.items()}
+    return batch
+
+
 def derive_seed(*keys: int) -> int:
     """A 63-bit seed from integer keys (run seed, rank, epoch, ...); distinct keys, independent streams."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
@@ -218,8 +229,6 @@ def classification_evaluate(run: Run, model: torch.nn.Module, loaders: dict[str,
 
     ``forward(model, batch) -> (logits, labels)`` with the batch already on the run's device.
     """
-    from .loop import move
-
     out = []
     for split, loader in loaders.items():
         loss_sum, correct, count = 0.0, 0.0, 0.0

@@ -33,23 +33,13 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import parallel as par
 from .cpu import matmul_peak_flops
+from .data import move
 from .logging import MetricsLog, best_of, read_metrics, start_wandb, versions, write_summary
 from .run import Run
 from .signals import EXIT_INTERRUPTED, Interrupted, StopFlag  # noqa: F401 (EXIT_INTERRUPTED: for callers)
 
 # For tests and preemption drills: behave as if SIGTERM arrived after this many steps.
 STOP_AFTER_ENV = "HARNESS_STOP_AFTER_STEPS"
-
-
-def move(batch: Any, device: torch.device) -> Any:
-    """Tensors in (nested) tuples/lists/dicts to ``device`` (asynchronously from pinned memory)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=batch.is_pinned())
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move(b, device) for b in batch)
-    if hasattr(batch, "items"):
-        return {k: move(v, device) for k, v in batch.items()}
-    return batch
 
 
 def _gather(run: Run, obj: Any) -> list:
