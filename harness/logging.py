@@ -1,5 +1,6 @@
-"""Run records: ``metrics.jsonl`` (one JSON object per evaluation or log point),
-``summary.json`` (status and headline numbers), optional Weights & Biases."""
+"""Writing run records: ``metrics.jsonl`` (one JSON object per evaluation or log point),
+``summary.json`` (status and headline numbers), optional Weights & Biases. Reading them
+is ``harness.rundir``'s."""
 from __future__ import annotations
 
 import hashlib
@@ -9,11 +10,11 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Optional
 
 from .checkpoint import write_text_atomic
 from .config import REPO
 from .errors import UsageError
+from .rundir import RunDir
 
 
 def _clean(value):
@@ -29,7 +30,7 @@ class MetricsLog:
     """Appends records to ``metrics.jsonl`` (rank 0 only) and mirrors them to wandb."""
 
     def __init__(self, run_dir: Path, enabled: bool = True, wandb_run=None):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics_file
         self.enabled = enabled
         self.wandb = wandb_run
 
@@ -60,13 +61,6 @@ class MetricsLog:
                            step=int(record["step"]))
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def versions() -> dict:
     import torch
 
@@ -85,7 +79,7 @@ def versions() -> dict:
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    write_text_atomic(Path(run_dir) / "summary.json",
+    write_text_atomic(RunDir(run_dir).summary_file,
                       json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2) + "\n")
 
 
@@ -108,10 +102,3 @@ def start_wandb(cfg: dict, run_dir: Path):
         tags=[t for t in (os.environ.get("SLURM_JOB_ID"),) if t],
     )
 
-
-def best_of(records: list[dict], split: str, key: str, mode: str = "min") -> Optional[dict]:
-    """The record of ``split`` with the lowest (or highest) finite ``key``."""
-    rows = [r for r in records if r.get("split") == split and isinstance(r.get(key), (int, float))]
-    if not rows:
-        return None
-    return (min if mode == "min" else max)(rows, key=lambda r: r[key])

@@ -26,8 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .logging import MetricsLog, best_of, read_metrics, start_wandb, versions, write_summary
+from .logging import MetricsLog, start_wandb, versions, write_summary
 from .run import Run
+from .rundir import RunDir, best_record
 from .signals import EXIT_INTERRUPTED, StopFlag
 
 # For tests and preemption drills: behave as if SIGTERM arrived after this many steps.
@@ -99,7 +100,7 @@ def fit(
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")
     wandb_run = start_wandb(run.cfg, run.dir) if run.is_main else None
     log = MetricsLog(run.dir, enabled=run.is_main, wandb_run=wandb_run)
-    ckpt_path = run.dir / "checkpoint.pt"
+    ckpt_path = RunDir(run.dir).checkpoint_file
 
     step, wall, best = 0, 0.0, None
     running: dict[str, torch.Tensor] = {}
@@ -255,7 +256,7 @@ def fit(
 
     summary = None
     if run.is_main:
-        records = read_metrics(run.dir)
+        records = RunDir(run.dir).records()
         finals = {}
         for r in records:
             finals[r["split"]] = {k: v for k, v in r.items() if k != "split"}
@@ -271,7 +272,7 @@ def fit(
         }
         estimators = [k for r in records if r.get("split") == "val" for k in r if k.startswith("loss_")]
         for key, mode in (("loss", "min"), ("acc", "max"), *((k, "min") for k in dict.fromkeys(estimators))):
-            best_rec = best_of(records, "val", key, mode)
+            best_rec = best_record(records, "val", key, mode)
             if best_rec is not None:
                 summary[f"best_val_{key}"] = best_rec[key]
         if hasattr(evaluate, "estimators"):  # which estimator "loss" is, then the others recorded

@@ -14,7 +14,6 @@ groups runs by experiment and optimizer, and writes to ``--out`` (default
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import UsageError
-from .logging import read_metrics
+from .rundir import RunDir, best_record, finite_values
 
 ORDER = ("adam", "msgd", "ldhd", "cd", "cd0", "ikfad", "ikfad0", "cadam", "cadam0")
 LABELS = {"adam": "Adam", "msgd": "mSGD", "ldhd": "LDHD", "cd": "CD", "cd0": "CD0", "ikfad": "iKFAD",
@@ -31,18 +30,14 @@ LABELS = {"adam": "Adam", "msgd": "mSGD", "ldhd": "LDHD", "cd": "CD", "cd0": "CD
 
 
 def find_runs(root: Path) -> list[dict]:
-    """Every run under ``root``: its summary, metrics and directory."""
-    runs = []
-    for path in sorted(Path(root).rglob("summary.json")):
-        try:
-            summary = json.loads(path.read_text())
-        except ValueError:
-            continue
-        runs.append({"dir": path.parent, "summary": summary, "metrics": read_metrics(path.parent)})
-    return runs
+    """Every run under ``root`` with a readable summary: its summary, records and directory."""
+    found = [(run, run.summary()) for run in RunDir.find(root)]
+    return [{"dir": run.path, "summary": summary, "metrics": run.records()} for run, summary in found
+            if summary is not None]
 
 
-def _sort_key(name: str):
+def sort_key(name: str):
+    """Optimizers in the paper's order (``ORDER``), then any other by name."""
     return (ORDER.index(name) if name in ORDER else len(ORDER), name)
 
 
@@ -64,10 +59,12 @@ def _mean_std(values: list[float]) -> str:
 
 
 def _metric(run: dict, split: str, key: str, how: str) -> Optional[float]:
-    vals = [float(r[key]) for r in run["metrics"] if r.get("split") == split and isinstance(r.get(key), (int, float))]
-    if not vals:
-        return None
-    return {"min": min, "max": max, "final": lambda v: v[-1]}[how](vals)
+    """A run's best (``how`` = min or max) or final finite ``split`` ``key``, or None."""
+    if how == "final":
+        values = finite_values(run["metrics"], split, key)
+        return values[-1] if values else None
+    best = best_record(run["metrics"], split, key, how)
+    return None if best is None else float(best[key])
 
 
 def plot(by_opt: dict[str, list[dict]], split: str, key: str, path: Path, title: str) -> bool:
@@ -78,7 +75,7 @@ def plot(by_opt: dict[str, list[dict]], split: str, key: str, path: Path, title:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn, seen = False, []
-    for name in sorted(by_opt, key=_sort_key):
+    for name in sorted(by_opt, key=sort_key):
         steps, values = _curves(by_opt[name], split, key)
         seen.append(values.ravel())
         if len(steps) == 0 or np.isnan(values).all():
@@ -140,7 +137,7 @@ def table(by_opt: dict[str, list[dict]]) -> str:
         head += ["test acc at best val"]
     head += ["wall time (s)", "status"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in sorted(by_opt, key=_sort_key):
+    for name in sorted(by_opt, key=sort_key):
         runs = by_opt[name]
         cells = [LABELS.get(name, name), str(len(runs)),
                  *(_mean_std([_metric(r, "val", k, "min") for r in runs]) for k in losses),

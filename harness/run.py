@@ -12,7 +12,6 @@ import argparse
 import importlib.util
 import atexit
 import contextlib
-import json
 import os
 import random
 import sys
@@ -29,6 +28,7 @@ import optimizers
 from . import config as config_lib
 from .checkpoint import write_text_atomic
 from .errors import UsageError
+from .rundir import RunDir
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Run:
         run keeps the file, which ``start`` checked to be identical)."""
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.dir / "config.yaml", config_lib.dump(self.cfg))
+            write_text_atomic(RunDir(self.dir).config_file, config_lib.dump(self.cfg))
 
     def print(self, *args, **kwargs):
         if self.is_main:
@@ -133,14 +133,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_status(run_dir: Path) -> Optional[str]:
-    """The ``status`` of an existing run directory's summary.json, or None."""
-    try:
-        return json.loads((Path(run_dir) / "summary.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
-
-
 def start(experiment: str, argv: Optional[list[str]] = None, configs_dir: Optional[Path] = None,
           default_out: Optional[str] = None) -> Optional[Run]:
     """Parse the command line, resolve the config and set up the process.
@@ -167,9 +159,9 @@ def start(experiment: str, argv: Optional[list[str]] = None, configs_dir: Option
         run_dir = Path(args.out or default_out.format(optimizer=cfg["optimizer"]["name"], seed=args.seed))
         if cfg.get("wandb") and importlib.util.find_spec("wandb") is None:
             raise UsageError("wandb=true but wandb is not installed: pip install wandb (or --set wandb=false)")
-        saved = run_dir / "config.yaml"
-        if saved.exists() and (run_dir / "checkpoint.pt").exists():
-            old = config_lib.read_yaml(saved)
+        saved = RunDir(run_dir)
+        if saved.config_file.exists() and saved.checkpoint_file.exists():
+            old = saved.config()
             if old != cfg:
                 diff = sorted(k for k in set(config_lib.flatten(old)) | set(config_lib.flatten(cfg))
                               if config_lib.flatten(old).get(k) != config_lib.flatten(cfg).get(k))
@@ -179,8 +171,8 @@ def start(experiment: str, argv: Optional[list[str]] = None, configs_dir: Option
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
-    if run_status(run_dir) in ("completed", "diverged"):
-        print(f"{run_dir}: already {run_status(run_dir)}; nothing to do", flush=True)
+    if saved.finished():
+        print(f"{run_dir}: already {saved.status()}; nothing to do", flush=True)
         return None
 
     rank, local_rank, world_size = _distributed_env()

@@ -3,6 +3,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -211,6 +212,32 @@ def test_wandb_is_optional_and_checked_before_anything_is_written(nano_data, tmp
     proc = subprocess.run([sys.executable, "-m", "nano.train", *nano_args(nano_data, out), "--set", "wandb=true"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "pip install wandb" in proc.stderr and not out.exists()
+
+
+def test_ctrl_c_reaches_the_runs_of_a_launch(nano_data, tmp_path):
+    """Runs have their own session, so a terminal's Ctrl-C (SIGINT to launch's process group)
+    reaches only launch, which forwards SIGTERM: the run checkpoints and launch exits 75."""
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "harness.launch", "nano", "--config", SMOKE, "--set", f"data.dir={nano_data}",
+           "--set", "train.max_iters=1000000", "--set", "train.eval_interval=2", "--optimizers", "adam",
+           "--seeds", "1", "--runs-dir", str(runs), "--no-report"]
+    launch = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # its own process group, as a terminal's foreground job
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (runs / "adam" / "seed1" / "metrics.jsonl").exists():
+            time.sleep(0.1)
+        children = Path(f"/proc/{launch.pid}/task/{launch.pid}/children")
+        if children.exists():
+            (child,) = [int(pid) for pid in children.read_text().split()]
+            assert os.getsid(child) != os.getsid(launch.pid)
+        os.killpg(launch.pid, signal.SIGINT)
+        assert launch.wait(timeout=120) == EXIT_INTERRUPTED
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+    summary = json.loads((runs / "adam" / "seed1" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and (runs / "adam" / "seed1" / "checkpoint.pt").exists()
 
 
 def test_runs_per_gpu_plans_round_robin_slots():
