@@ -15,12 +15,15 @@ fraction of a modern GPU, so several runs can share one. On the CPU,
 equal share of the cores (``OMP_NUM_THREADS``). Each run is started in its own
 session (``harness.processes``): Ctrl-C or SIGTERM reaches this process, which
 forwards one SIGTERM to every running run (each checkpoints and exits 75) and
-starts no new one. One progress bar follows the whole set. Afterwards
+starts no new one. One line per finished run, with the count done and the time
+elapsed; on a terminal a progress bar follows the whole set as well (none when
+stderr is a file or a pipe: nohup, SLURM ``.out`` files). Afterwards
 ``harness.report`` draws the figures and table.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import os
 import subprocess
@@ -70,17 +73,23 @@ def plan_slots(gpus: list[str], runs_per_gpu: int = 1, parallel: Optional[int] =
 
 
 class Progress:
-    """What a launch prints as it goes: one line per finished run and a progress bar counting
-    runs with fractions (from each running run's last record)."""
+    """What a launch prints as it goes: one line per finished run (``  cd seed 1337: completed
+    (exit 0) [3/24 done, elapsed 0:41:10]``, flushed at once) and, when stderr is a terminal,
+    a progress bar counting runs with fractions (from each running run's last record). On a
+    file or a pipe there is no bar: no carriage-return frames in logs."""
 
     def __init__(self, total: int, desc: str):
-        self.total, self.done = total, 0
+        self.total, self.done, self.started = total, 0, time.time()
+        on_terminal = getattr(sys.stderr, "isatty", lambda: False)()
         self.bar = tqdm(total=total, dynamic_ncols=True, desc=desc,
-                        bar_format="{l_bar}{bar}| {n:.2f}/{total} runs [{elapsed}<{remaining}]")
+                        bar_format="{l_bar}{bar}| {n:.2f}/{total} runs [{elapsed}<{remaining}]",
+                        **({} if on_terminal else {"disable": True}))
 
     def finished(self, text: str) -> None:
         self.done += 1
-        tqdm.write(f"  {text}")
+        elapsed = datetime.timedelta(seconds=int(time.time() - self.started))
+        tqdm.write(f"  {text} [{self.done}/{self.total} done, elapsed {elapsed}]")
+        sys.stdout.flush()
 
     def update(self, running_fraction: float) -> None:
         self.bar.n = self.done + running_fraction

@@ -214,6 +214,22 @@ def test_wandb_is_optional_and_checked_before_anything_is_written(nano_data, tmp
     assert proc.returncode == 2 and "pip install wandb" in proc.stderr and not out.exists()
 
 
+def test_launch_under_a_pipe_writes_one_line_per_run(nano_data, tmp_path):
+    """Not on a terminal (nohup, SLURM .out files): no progress-bar frames, one line per finished run."""
+    cmd = [sys.executable, "-m", "harness.launch", "nano", "--config", SMOKE, "--set", f"data.dir={nano_data}",
+           "--set", "train.max_iters=4", "--set", "train.eval_interval=2", "--optimizers", "adam", "cd",
+           "--seeds", "1", "--parallel", "1", "--runs-dir", str(tmp_path / "runs"), "--no-report"]
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # the bar would be on
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stdout + proc.stderr and proc.stderr == ""
+    header, *lines = proc.stdout.splitlines()
+    assert header.startswith("nano: 2 runs to do (0 already finished) on the CPU, 1 at a time")
+    assert len(lines) == 2
+    for k, (line, name) in enumerate(zip(lines, ("adam", "cd")), 1):
+        assert re.fullmatch(rf"  {name} seed 1: completed \(exit 0\) \[{k}/2 done, elapsed 0:\d\d:\d\d\]", line), line
+
+
 def test_ctrl_c_reaches_the_runs_of_a_launch(nano_data, tmp_path):
     """Runs have their own session, so a terminal's Ctrl-C (SIGINT to launch's process group)
     reaches only launch, which forwards SIGTERM: the run checkpoints and launch exits 75."""
