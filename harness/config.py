@@ -136,7 +136,8 @@ def resolve(
     cfg.update(experiment=experiment, seed=int(seed))
     cfg.setdefault("wandb", False)
     defaults = flatten(cfg)
-    hp_names = optimizers.hyperparameter_names(name)
+    optim = optimizers.info(name)
+    hp_names = optim.hyperparameters + optim.switches
     hyper = dict(best.get(name) or {})
 
     def apply(key: str, value: Any, origin: str) -> None:
@@ -149,9 +150,11 @@ def resolve(
                     f"{origin}: unknown key {key} for optimizer {name}; valid: "
                     + ", ".join(f"optimizer.{k}" for k in hp_names)
                 )
-            if hp in ("foreach", "fused"):  # code-path switches, not hyperparameters
-                if value is not None and not isinstance(value, bool):
-                    raise UsageError(f"{origin}: bad type for {key}: {value!r}, expected true, false or null")
+            if hp in optim.switches:  # code paths and maximize: true/false (or null where that is the default)
+                nullable = optim.defaults[hp] is None
+                if not isinstance(value, bool) and not (nullable and value is None):
+                    raise UsageError(f"{origin}: bad type for {key}: {value!r}, expected true, false"
+                                     + (" or null" if nullable else ""))
             else:
                 value = as_number(value)
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -178,7 +181,7 @@ def resolve(
         apply(key, value, "--set")
 
     for hp in hyper:
-        if hp not in ("foreach", "fused"):
+        if hp not in optim.switches:
             hyper[hp] = as_number(hyper[hp])
         if hp not in hp_names:
             raise UsageError(f"best.yaml: unknown hyperparameter {hp} for {name}; valid: {', '.join(hp_names)}")

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import parallel as par
 from .logging import MetricsLog, start_wandb, versions, write_summary
 from .run import Run
 from .rundir import RunDir, best_record
@@ -54,6 +55,17 @@ def _gather(run: Run, obj: Any) -> list:
     return out
 
 
+def _my_running(saved, run: Run) -> dict:
+    """This rank's running training sums from a checkpoint's ``running``: one dict per rank
+    (a dict alone in checkpoints that kept rank 0's only). Resumed on another number of
+    ranks, every rank takes the mean over the saved ranks, so the next train record still
+    averages every rank's batches since the previous evaluation."""
+    saved = [saved] if isinstance(saved, dict) else saved
+    if len(saved) == run.world_size:
+        return saved[run.rank]
+    return {k: sum(s[k] for s in saved) / len(saved) for k in saved[0]}
+
+
 def fit(
     run: Run,
     model: torch.nn.Module,
@@ -67,7 +79,7 @@ def fit(
     tokens_per_step: Optional[int] = None,
     flops_per_step: Optional[float] = None,
     select: tuple[str, str, str] = ("val", "loss", "min"),
-    on_best: Optional[Callable[[torch.nn.Module, dict], None]] = None,
+    on_best: Optional[Callable[[dict, dict], None]] = None,
 ) -> Optional[dict]:
     """Train ``model`` for ``total_steps`` optimizer updates; returns the summary (rank 0).
 
@@ -85,18 +97,25 @@ def fit(
             ``flops_per_step`` (model FLOPs of one optimizer step on one rank) adds ``mfu``
             on GPUs with a known peak.
         select: (split, key, "min"|"max") of the headline "best" metric, e.g. ("val", "acc", "max").
-        on_best: called on rank 0 with the model and the (stamped) record when ``select`` improves
-            (e.g. to keep the best-validation weights for a final test evaluation).
+        on_best: called on rank 0 with the model's full ``state_dict()`` (as one process holds
+            it, whether the model is replicated or sharded) and the (stamped) record when
+            ``select`` improves (e.g. to keep the best-validation weights for a final test evaluation).
     """
     tcfg = run.cfg.get("train", {})
     accumulation = int(tcfg.get("gradient_accumulation_steps", 1) or 1)
     grad_clip = float(tcfg.get("grad_clip", 0.0) or 0.0)
     log_interval = int(tcfg.get("log_interval", 10) or 10)
+    # FSDP2 shards the parameters (DTensors) before the optimizer sees them; a single
+    # process has nothing to shard or replicate.
+    fsdp = run.distributed and run.parallel == "fsdp2"
     sel_split, sel_key, sel_mode = select
 
     run.write_config()
     raw = model.to(run.device)
+    if fsdp:
+        par.fully_shard_model(raw, run.device, run.world_size)
     optimizer = run.build_optimizer(raw.parameters())
+    buffers = list(raw.buffers())
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")
     wandb_run = start_wandb(run.cfg, run.dir) if run.is_main else None
     log = MetricsLog(run.dir, enabled=run.is_main, wandb_run=wandb_run)
@@ -108,8 +127,11 @@ def fit(
     resumed = ckpt_path.exists()
     if resumed:
         state = ckpt.load(ckpt_path, run.device)
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp:  # the full state dicts, as saved: each rank keeps its shards
+            par.load_full_state_dicts(raw, optimizer, state["model"], state["optimizer"])
+        else:
+            raw.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         mine = min(run.rank, len(state["data"]) - 1)  # a different world size reuses rank 0's stream
         data.load_state_dict(state["data"][mine])
@@ -117,7 +139,7 @@ def fit(
             evaluate.load_state_dict(state["evaluate"])
         ckpt.set_rng_state(state["rng"][mine])
         step, wall, best = state["step"], state["wall_time_s"], state["best"]
-        running = {k: v.to(run.device) for k, v in state["running"].items()}
+        running = {k: v.to(run.device) for k, v in _my_running(state["running"], run).items()}
         running_n = state["running_n"]
         log.truncate(state["metrics_offset"])
         run.print(f"Resuming {run.dir} from step {step}")
@@ -127,7 +149,7 @@ def fit(
 
     if tcfg.get("compile"):
         model = torch.compile(model)
-    if run.distributed:
+    if run.distributed and not fsdp:
         model = DistributedDataParallel(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
 
     saved_at = [step if resumed else -1]
@@ -137,11 +159,17 @@ def fit(
             return
         saved_at[0] = step
         data_states, rng_states = _gather(run, data.state_dict()), _gather(run, ckpt.rng_state())
+        # Each rank's sums since the last evaluation: the train record averages them over the ranks.
+        running_states = _gather(run, {k: v.cpu() for k, v in running.items()})
+        if fsdp:  # gathered to full tensors on rank 0 (a collective), the format of a 1-process run
+            model_state, optim_state = par.full_state_dicts(raw, optimizer)
+        elif run.is_main:
+            model_state, optim_state = raw.state_dict(), optimizer.state_dict()
         if run.is_main:
             ckpt.save_atomic({
-                "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict(),
                 "data": data_states, "rng": rng_states, "step": step, "wall_time_s": elapsed(),
-                "best": best, "running": running, "running_n": running_n, "metrics_offset": log.offset(),
+                "best": best, "running": running_states, "running_n": running_n, "metrics_offset": log.offset(),
                 "config": run.cfg, "evaluate": evaluate.state_dict() if hasattr(evaluate, "state_dict") else None,
             }, ckpt_path)
         if run.distributed:
@@ -193,6 +221,7 @@ def fit(
                     records = evaluate(model, step)
                 model.train()
                 records = [stamp(record) for record in records]
+                improved = None
                 for record in records:
                     log.log(record)
                     if record.get("split") == sel_split and sel_key in record:
@@ -200,8 +229,15 @@ def fit(
                         better = best is None or (value < best["value"] if sel_mode == "min" else value > best["value"])
                         if finite(value) and better:
                             best = {"split": sel_split, "key": sel_key, "value": value, "step": step}
-                            if on_best is not None and run.is_main:
-                                on_best(raw, record)
+                            improved = record
+                if on_best is not None:
+                    if fsdp:  # gathering the full weights is a collective: every rank takes part
+                        if run.any_rank(improved is not None):
+                            model_state = par.full_model_state_dict(raw)
+                            if run.is_main:
+                                on_best(model_state, improved)
+                    elif improved is not None and run.is_main:
+                        on_best(raw.state_dict(), improved)
                 if not finite(*(float(r["loss"]) for r in records if "loss" in r)):
                     status = "diverged"
                     break
@@ -217,11 +253,20 @@ def fit(
 
             for micro in range(accumulation):
                 batch = move(next(batches), run.device)
-                sync = model.no_sync() if run.distributed and micro < accumulation - 1 else contextlib.nullcontext()
+                last = micro == accumulation - 1
+                if fsdp:  # FSDP2 has no no_sync(): reduce-scatter only after the last micro-batch
+                    raw.set_requires_gradient_sync(last)
+                sync = model.no_sync() if run.distributed and not fsdp and not last else contextlib.nullcontext()
                 with sync:
                     with run.autocast():
                         loss, stats = loss_fn(model, batch)
                     scaler.scale(loss / accumulation).backward()
+                if fsdp and buffers:
+                    # DDP broadcasts rank 0's buffers (BatchNorm's running statistics) before every
+                    # forward; FSDP2 leaves them per rank. Broadcasting after each forward gives every
+                    # later forward, training or evaluation, rank 0's, as under DDP.
+                    for buffer in buffers:
+                        dist.broadcast(buffer, src=0)
                 for name, value in {"loss": loss, **stats}.items():
                     value = value.detach().float() / accumulation
                     running[name] = running[name] + value if name in running else value
@@ -289,8 +334,7 @@ def fit(
                 summary["cpu_flops_utilization"] = achieved / matmul_peak_flops()
         write_summary(run.dir, summary)
         if wandb_run is not None:
-            wandb_run.summary.update({"status": status, **({"best": best["value"]} if best else {})})
-            wandb_run.finish()
+            wandb_run.finish({"status": status, **({"best": best["value"]} if best else {})})
         run.print(f"{run.dir}: {status} after {step} steps"
                   + (f", best {sel_split} {sel_key} {best['value']:.4f} at step {best['step']}" if best else ""))
     if run.distributed:

@@ -21,12 +21,19 @@ from typing import Optional
 
 import numpy as np
 
+import optimizers
+
 from .errors import UsageError
 from .rundir import RunDir, best_record, finite_values
 
-ORDER = ("adam", "msgd", "ldhd", "cd", "cd0", "ikfad", "ikfad0", "cadam", "cadam0")
-LABELS = {"adam": "Adam", "msgd": "mSGD", "ldhd": "LDHD", "cd": "CD", "cd0": "CD0", "ikfad": "iKFAD",
-          "ikfad0": "iKFAD0", "cadam": "CADAM", "cadam0": "CADAM0"}
+
+
+def label(name: str) -> str:
+    """The optimizer's display name (the registry's), else ``name`` itself."""
+    try:
+        return optimizers.info(name).label
+    except ValueError:
+        return name
 
 
 def find_runs(root: Path) -> list[dict]:
@@ -34,11 +41,6 @@ def find_runs(root: Path) -> list[dict]:
     found = [(run, run.summary()) for run in RunDir.find(root)]
     return [{"dir": run.path, "summary": summary, "metrics": run.records()} for run, summary in found
             if summary is not None]
-
-
-def sort_key(name: str):
-    """Optimizers in the paper's order (``ORDER``), then any other by name."""
-    return (ORDER.index(name) if name in ORDER else len(ORDER), name)
 
 
 def _curves(runs: list[dict], split: str, key: str):
@@ -75,7 +77,7 @@ def plot(by_opt: dict[str, list[dict]], split: str, key: str, path: Path, title:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn, seen = False, []
-    for name in sorted(by_opt, key=sort_key):
+    for name in sorted(by_opt, key=optimizers.sort_key):
         steps, values = _curves(by_opt[name], split, key)
         seen.append(values.ravel())
         if len(steps) == 0 or np.isnan(values).all():
@@ -84,7 +86,7 @@ def plot(by_opt: dict[str, list[dict]], split: str, key: str, path: Path, title:
             mean = np.nanmean(values, axis=0)
             std = np.nanstd(values, axis=0)
         n = len(by_opt[name])
-        (line,) = ax.plot(steps, mean, label=f"{LABELS.get(name, name)}" + (f" (n={n})" if n > 1 else ""))
+        (line,) = ax.plot(steps, mean, label=f"{label(name)}" + (f" (n={n})" if n > 1 else ""))
         if n > 1:
             ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
         drawn = True
@@ -126,9 +128,9 @@ def table(by_opt: dict[str, list[dict]]) -> str:
     splits = sorted({r.get("split") for runs in by_opt.values() for run in runs for r in run["metrics"]} - {None})
     has_acc = any("acc" in r for runs in by_opt.values() for run in runs for r in run["metrics"])
     losses = estimator_keys(by_opt) or ["loss"]
-    label = lambda key: "" if key == "loss" else f" ({key[5:]})"
-    head = ["optimizer", "runs", *(f"best val loss{label(k)}" for k in losses),
-            *(f"final val loss{label(k)}" for k in losses)]
+    named = lambda key: "" if key == "loss" else f" ({key[5:]})"
+    head = ["optimizer", "runs", *(f"best val loss{named(k)}" for k in losses),
+            *(f"final val loss{named(k)}" for k in losses)]
     if has_acc:
         head += ["best val acc", "final val acc"]
     if "test" in splits:
@@ -137,9 +139,9 @@ def table(by_opt: dict[str, list[dict]]) -> str:
         head += ["test acc at best val"]
     head += ["wall time (s)", "status"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in sorted(by_opt, key=sort_key):
+    for name in sorted(by_opt, key=optimizers.sort_key):
         runs = by_opt[name]
-        cells = [LABELS.get(name, name), str(len(runs)),
+        cells = [label(name), str(len(runs)),
                  *(_mean_std([_metric(r, "val", k, "min") for r in runs]) for k in losses),
                  *(_mean_std([_metric(r, "val", k, "final") for r in runs]) for k in losses)]
         if has_acc:

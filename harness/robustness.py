@@ -31,11 +31,13 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+import optimizers
+
 from . import processes
 from .config import read_yaml
 from .errors import UsageError
 from .experiments import Experiment, experiment, paper_seeds, train_command
-from .report import LABELS, sort_key
+from .report import label
 from .rundir import FINISHED, SUMMARY, RunDir
 from .signals import EXIT_INTERRUPTED, StopFlag
 from .sweep.space import budget_sets, load_space, set_arg
@@ -43,9 +45,7 @@ from .sweep.space import budget_sets, load_space, set_arg
 
 def step_size_name(optimizer: str) -> str:
     """The hyperparameter that plays the step size: ``lr`` for Adam/mSGD, ``h`` for the rest."""
-    import optimizers
-
-    return "lr" if "lr" in optimizers.hyperparameter_names(optimizer) else "h"
+    return optimizers.info(optimizer).step_size
 
 
 def log_grid(points: int, low: float = 0.1, high: float = 10.0) -> list[float]:
@@ -160,7 +160,7 @@ def plot(results: dict, path: Path, metric: str, title: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     diverged = []  # (multipliers, colour, curve index) drawn once the y range is known
-    for k, name in enumerate(sorted(results, key=sort_key)):
+    for k, name in enumerate(sorted(results, key=optimizers.sort_key)):
         xs, means, stds, div = [], [], [], []
         for m in sorted(results[name]["points"]):
             mean, std, n_ok, n_div = _summarise(results[name]["points"][m])
@@ -168,7 +168,7 @@ def plot(results: dict, path: Path, metric: str, title: str) -> bool:
                 xs.append(m), means.append(mean), stds.append(std)
             if n_div:
                 div.append(m)
-        bars = ax.errorbar(xs, means, yerr=stds, marker="o", ms=4, capsize=3, label=LABELS.get(name, name))
+        bars = ax.errorbar(xs, means, yerr=stds, marker="o", ms=4, capsize=3, label=label(name))
         if div:
             diverged.append((div, bars[0].get_color(), k))
     if diverged:
@@ -200,9 +200,9 @@ def table(results: dict, metric: str) -> str:
     mults = sorted({m for r in results.values() for m in r["points"]})
     head = ["optimizer", "step size", "tuned"] + [f"{m:.3g}x" for m in mults]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in sorted(results, key=sort_key):
+    for name in sorted(results, key=optimizers.sort_key):
         r = results[name]
-        cells = [LABELS.get(name, name), r["hp"], f"{r['tuned']:.4g}" if r["tuned"] is not None else "–"]
+        cells = [label(name), r["hp"], f"{r['tuned']:.4g}" if r["tuned"] is not None else "–"]
         for m in mults:
             if m not in r["points"]:
                 cells.append("–")

@@ -28,6 +28,7 @@ import optimizers
 from . import config as config_lib
 from .checkpoint import write_text_atomic
 from .errors import UsageError
+from .parallel import PARALLEL
 from .rundir import RunDir
 
 
@@ -60,6 +61,12 @@ class Run:
             dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
             return torch.autocast("cuda", dtype=dtype)
         return contextlib.nullcontext()
+
+    @property
+    def parallel(self) -> str:
+        """``train.parallel``: ``ddp`` (replicas, the default) or ``fsdp2`` (sharded, see
+        ``harness/parallel.py``); it matters only with more than one process."""
+        return self.cfg.get("train", {}).get("parallel", "ddp")
 
     def micro_batch_size(self) -> int:
         """Examples one rank feeds forward at a time: ``train.batch_size`` (the global batch,
@@ -157,6 +164,9 @@ def start(experiment: str, argv: Optional[list[str]] = None, configs_dir: Option
             args.seed = int(seeds[0])
         cfg = config_lib.resolve(experiment, args.optimizer, args.seed, args.config, args.sets, configs_dir)
         run_dir = Path(args.out or default_out.format(optimizer=cfg["optimizer"]["name"], seed=args.seed))
+        parallel = cfg.get("train", {}).get("parallel", "ddp")
+        if parallel not in PARALLEL:
+            raise UsageError(f"train.parallel must be {' or '.join(PARALLEL)}, got {parallel!r}")
         if cfg.get("wandb") and importlib.util.find_spec("wandb") is None:
             raise UsageError("wandb=true but wandb is not installed: pip install wandb (or --set wandb=false)")
         saved = RunDir(run_dir)

@@ -379,6 +379,18 @@ def test_build_names_and_keys():
         build("adam", p, betas=(0.9, 0.99))
 
 
+def test_registry_states_each_optimizers_facts():
+    cd0, adam = optimizers.info("CD0"), optimizers.info("adam")
+    assert cd0.hyperparameters == ("h", "c", "lr", "weight_decay") and cd0.switches == ("maximize", "foreach", "fused")
+    assert adam.hyperparameters == ("lr", "beta1", "beta2", "eps", "weight_decay")
+    assert [optimizers.info(n).step_size for n in optimizers.NAMES] == ["lr", "lr"] + ["h"] * 7
+    assert [optimizers.info(n).label for n in ("msgd", "ikfad0", "cadam")] == ["mSGD", "iKFAD0", "CADAM"]
+    assert sorted(["cadam", "zzz", "adam", "cd0"], key=optimizers.sort_key) == ["adam", "cd0", "cadam", "zzz"]
+    from harness.robustness import step_size_name
+
+    assert step_size_name("cd") == "h" and step_size_name("msgd") == "lr"
+
+
 # ---------------------------------------------------------------- real training
 
 DIGITS_SETTINGS = {

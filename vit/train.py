@@ -34,6 +34,7 @@ in cifar's ResNet, are per rank). It must be divisible by ranks x accumulation s
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from typing import Callable
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from harness import checkpoint as ckpt
+from harness import parallel
 from harness.data import EpochBatches, classification_evaluate, eval_loader
 from harness.errors import UsageError
 from harness.logging import write_summary
@@ -119,13 +121,19 @@ def best_weights_on_test(run: Run, raw: torch.nn.Module, model: torch.nn.Module,
     path = run.dir / BEST_MODEL
     saved = ckpt.load(path, run.device) if path.exists() else None
     if saved is None or val_record["acc"] > saved["val_acc"]:  # strictly: as the loop decides
-        best_step, val_acc, candidate = step, val_record["acc"], model
+        best_step, val_acc, weights, candidate = step, val_record["acc"], contextlib.nullcontext(), model
+    elif parallel.is_sharded(raw):
+        # FSDP2 modules cannot be deep-copied: the model holds the saved weights for this
+        # evaluation only, then its training weights again.
+        best_step, val_acc, candidate = saved["step"], saved["val_acc"], model
+        weights = parallel.loaded(raw, saved["model"])
     else:
-        best_step, val_acc = saved["step"], saved["val_acc"]
+        best_step, val_acc, weights = saved["step"], saved["val_acc"], contextlib.nullcontext()
         candidate = copy.deepcopy(raw)  # the training weights stay as they are
         candidate.load_state_dict(saved["model"])
         candidate.eval()
-    (record,) = classification_evaluate(run, candidate, {"test_at_best_val": test_loader}, forward)
+    with weights:
+        (record,) = classification_evaluate(run, candidate, {"test_at_best_val": test_loader}, forward)
     return {**record, "best_step": best_step, "best_epoch": best_step / steps_per_epoch, "val_acc": val_acc}
 
 
@@ -178,11 +186,11 @@ def main(argv=None, experiment: str = "vit", build_model: Callable[[dict], torch
             records.append(best_weights_on_test(run, model, net, step, records[0], test_loader, steps_per_epoch))
         return records
 
-    def on_best(raw, record):
+    def on_best(model_state, record):
         # Rank 0, right after the evaluation at record["step"] improved the validation
         # accuracy. The loop's checkpoint follows: after a crash in between, the resumed
         # run redoes these steps and writes the same weights again.
-        ckpt.save_atomic({"model": {k: v.detach().to("cpu", copy=True) for k, v in raw.state_dict().items()},
+        ckpt.save_atomic({"model": {k: v.detach().to("cpu", copy=True) for k, v in model_state.items()},
                           "step": record["step"], "val_acc": record["acc"], "val_loss": record["loss"]},
                          run.dir / BEST_MODEL)
 
