@@ -140,6 +140,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_resumable(saved: RunDir, cfg: dict) -> None:
+    """A one-line UsageError when ``saved`` holds a checkpointed run with another config
+    (naming the keys that differ): a resume must use the same arguments."""
+    if saved.config_file.exists() and saved.checkpoint_file.exists():
+        old = saved.config()
+        if old != cfg:
+            diff = sorted(k for k in set(config_lib.flatten(old)) | set(config_lib.flatten(cfg))
+                          if config_lib.flatten(old).get(k) != config_lib.flatten(cfg).get(k))
+            raise UsageError(f"{saved.path} holds a run with a different config ({', '.join(diff)}); "
+                             "resume it with the same arguments or choose another --out")
+
+
 def start(experiment: str, argv: Optional[list[str]] = None, configs_dir: Optional[Path] = None,
           default_out: Optional[str] = None) -> Optional[Run]:
     """Parse the command line, resolve the config and set up the process.
@@ -170,13 +182,7 @@ def start(experiment: str, argv: Optional[list[str]] = None, configs_dir: Option
         if cfg.get("wandb") and importlib.util.find_spec("wandb") is None:
             raise UsageError("wandb=true but wandb is not installed: pip install wandb (or --set wandb=false)")
         saved = RunDir(run_dir)
-        if saved.config_file.exists() and saved.checkpoint_file.exists():
-            old = saved.config()
-            if old != cfg:
-                diff = sorted(k for k in set(config_lib.flatten(old)) | set(config_lib.flatten(cfg))
-                              if config_lib.flatten(old).get(k) != config_lib.flatten(cfg).get(k))
-                raise UsageError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
-                                 "resume it with the same arguments or choose another --out")
+        check_resumable(saved, cfg)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
