@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -38,7 +37,7 @@ from transformers import DistilBertConfig, DistilBertForMaskedLM, DistilBertToke
 from bert.data import TASKS, glue_splits, load_tokenizer
 from bert.model import build_model
 from harness import config as config_lib
-from harness.errors import UsageError
+from harness.errors import UsageError, command
 
 CONFIGS = config_lib.REPO / "bert" / "configs"
 
@@ -157,6 +156,7 @@ def prepare_smoke(out_dir="data/bert-smoke", train_rows: int = 48, validation_ro
     return paths
 
 
+@command
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bert.prepare", description=__doc__.splitlines()[0])
     p.add_argument("--task", nargs="+", choices=TASKS, default=list(TASKS), help="GLUE task(s) (default: both)")
@@ -166,17 +166,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--smoke", action="store_true", help="write generated stand-ins for smoke runs instead")
     p.add_argument("--out", default="data/bert-smoke", help="where --smoke writes (default data/bert-smoke)")
     args = p.parse_args(argv)
-    try:
-        if (args.config or args.sets) and len(args.task) > 1:
-            raise UsageError("--config and --set apply to one task's config: give one --task (sst2 or qnli)")
-        if args.smoke:
-            prepare_smoke(args.out)
-        else:
-            for task in args.task:
-                prepare(task, args.config, args.sets)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if (args.config or args.sets) and len(args.task) > 1:
+        raise UsageError("--config and --set apply to one task's config: give one --task (sst2 or qnli)")
+    if args.smoke:
+        prepare_smoke(args.out)
+    else:
+        for task in args.task:
+            prepare(task, args.config, args.sets)
     return 0
 
 

@@ -24,10 +24,8 @@ them, and together the ranks take exactly the examples a single process would
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
-import sys
 from typing import Optional
 
 import numpy as np
@@ -35,43 +33,24 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bert.data import TASKS, check_task, collate_fn, glue_splits, load_tokenizer
+from bert.data import collate_fn, glue_splits, load_tokenizer
 from bert.model import build_model
-from harness import run as harness_run
-from harness.config import REPO
 from harness.data import EpochBatches, classification_evaluate, eval_loader
-from harness.errors import UsageError
+from harness.errors import OtherRankFailed, UsageError, command
 from harness.loop import fit
 from harness.run import Run, start
 
-CONFIGS = REPO / "bert" / "configs"
-PREPARE = "python -m bert.prepare --task {task}"
 # model.* keys that are not DistilBertConfig fields.
 NOT_CONFIG_FIELDS = ("pretrained",)
 
 
-def parse_task(argv: list[str]) -> tuple[str, list[str]]:
-    """Split ``--task NAME`` off the command line; the rest is the harness's standard arguments."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--task")
-    args, rest = pre.parse_known_args(argv)
-    if any(a in ("-h", "--help") for a in rest):
-        full = harness_run.parser("bert")
-        full.add_argument("--task", required=True, choices=TASKS, help="the GLUE task")
-        full.print_help()
-        raise SystemExit(0)
-    if args.task is None:
-        raise UsageError(f"--task is required; valid tasks: {', '.join(TASKS)}")
-    return check_task(args.task), rest
-
-
 @contextlib.contextmanager
-def fetch_hint(task: str, alternative: str = ""):
-    """Add the command that downloads what is missing to a UsageError raised inside."""
+def fetch_hint(prepare: str, alternative: str = ""):
+    """Add the command that downloads what is missing (``prepare``) to a UsageError raised inside."""
     try:
         yield
     except UsageError as e:
-        raise UsageError(f"{e} (`{PREPARE.format(task=task)}` fetches it where the network is reachable"
+        raise UsageError(f"{e} (`{prepare}` fetches it where the network is reachable"
                          f"{alternative})") from None
 
 
@@ -85,7 +64,7 @@ def load_splits(run: Run, task: str, tokenizer, data_cfg: dict) -> dict:
     splits, error = None, None
     if run.is_main:
         try:
-            with fetch_hint(task, "; or --set data.raw=DIR, a save_to_disk copy of GLUE"):
+            with fetch_hint(run.experiment.prepare, "; or --set data.raw=DIR, a save_to_disk copy of GLUE"):
                 splits = glue_splits(task, tokenizer, **kwargs)
         except UsageError as e:
             error = str(e)
@@ -94,7 +73,7 @@ def load_splits(run: Run, task: str, tokenizer, data_cfg: dict) -> dict:
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error is not None:
-        raise UsageError(error)
+        raise UsageError(error) if run.is_main else OtherRankFailed(error)
     return splits if splits is not None else glue_splits(task, tokenizer, **kwargs)
 
 
@@ -129,31 +108,21 @@ def loss_fn(model, batch) -> tuple[torch.Tensor, dict]:
     return loss, {"acc": (logits.argmax(-1) == labels).float().mean()}
 
 
+@command
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        task, rest = parse_task(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    run = start(f"bert-{task}", rest, configs_dir=CONFIGS / task,
-                default_out=f"runs/bert/{task}/{{optimizer}}/seed{{seed}}")
+    run = start("bert", argv)  # the task comes from --task
     if run is None:
         return 0
+    task = run.experiment.task
     d, m, t = run.cfg["data"], run.cfg["model"], run.cfg["train"]
-    try:
-        micro = run.micro_batch_size()
-        with fetch_hint(task):
-            tokenizer = load_tokenizer(d["tokenizer"])
-        splits = load_splits(run, task, tokenizer, d)
-        # Seeded by start(): every rank draws the same initial weights.
-        with fetch_hint(task):
-            model = build_model(task, pretrained=m.get("pretrained"),
-                                config_overrides=model_overrides(m, task, len(tokenizer)))
-    except UsageError as e:
-        if run.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+    micro = run.micro_batch_size()
+    with fetch_hint(run.experiment.prepare):
+        tokenizer = load_tokenizer(d["tokenizer"])
+    splits = load_splits(run, task, tokenizer, d)
+    # Seeded by start(): every rank draws the same initial weights.
+    with fetch_hint(run.experiment.prepare):
+        model = build_model(task, pretrained=m.get("pretrained"),
+                            config_overrides=model_overrides(m, task, len(tokenizer)))
     n_params = sum(p.numel() for p in model.parameters())
     run.print(f"bert-{task}: DistilBERT with {n_params / 1e6:.2f}M parameters "
               f"({'pretrained ' + str(m['pretrained']) if task == 'qnli' else 'random init'}), "
@@ -162,7 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     collate = collate_fn(tokenizer)
     train = EpochBatches(splits["train"], micro, run.seed, run.rank, run.world_size, collate_fn=collate)
-    accumulation = int(t["gradient_accumulation_steps"])
+    accumulation = run.train.gradient_accumulation_steps
     steps_per_epoch = math.ceil(train.steps_per_epoch / accumulation)
     # evals_per_epoch evaluations per epoch (the last one within a few steps of the epoch's end
     # when they do not divide it), plus the untrained model's at step 0.

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from harness.errors import UsageError
+from harness.errors import UsageError, command
 from harness.gpt2_tokenizer import hf_gpt2_tokenizer
 
 __all__ = ["DATASET", "CONFIG", "MARKER", "LMBlocks", "articles", "lm_splits", "main", "read_meta", "tokenize_stream"]
@@ -212,6 +212,7 @@ def lm_splits(cache_dir="data/gpt2", block_size: int = 1024, raw=None, tokenizer
     return splits
 
 
+@command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt2.data", description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default="data/gpt2", help="where the token cache goes (default: data/gpt2)")
@@ -221,11 +222,7 @@ def main(argv=None) -> int:
     parser.add_argument("--block-size", type=int, default=1024)
     parser.add_argument("--force", action="store_true", help="rebuild the cache")
     args = parser.parse_args(argv)
-    try:
-        splits = lm_splits(args.cache_dir, args.block_size, raw=args.raw, tokenizer=args.tokenizer, force=args.force)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    splits = lm_splits(args.cache_dir, args.block_size, raw=args.raw, tokenizer=args.tokenizer, force=args.force)
     for split, blocks in splits.items():
         print(f"{split}: {len(blocks):,} blocks of {args.block_size} tokens")
     return 0

@@ -27,7 +27,6 @@ K GPUs takes the same updates on the same blocks as a run on one.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Optional
 
 import torch
@@ -36,12 +35,10 @@ from torch.utils.data import Subset
 from gpt2 import data as wikitext
 from gpt2.model import build_model, flops_per_token
 from harness.data import EpochBatches, eval_loader, reduce_sum
-from harness.errors import UsageError
+from harness.errors import UsageError, command
 from harness.loop import fit, move
 from harness.run import Run, start
-
-PREPARE = "python -m gpt2.data"
-
+from gpt2 import PREPARE
 
 def load_blocks(cache_dir: str, block_size: int) -> tuple[dict, dict]:
     """(``{"train", "val"}`` LMBlocks, the cache's meta) from a prepared cache; never builds one."""
@@ -75,28 +72,24 @@ def evaluate(run: Run, model, loader) -> list[dict]:
     return [{"split": "val", "loss": loss, "perplexity": perplexity(loss)}]
 
 
+@command
 def main(argv: Optional[list[str]] = None) -> int:
     run = start("gpt2", argv)
     if run is None:
         return 0
     d, m, t = run.cfg["data"], run.cfg["model"], run.cfg["train"]
     block = int(d["block_size"])
-    try:
-        micro = run.micro_batch_size()
-        splits, meta = load_blocks(d["cache_dir"], block)
-        # Seeded by start(): every rank draws the same initial weights (from scratch).
-        model = build_model(m["pretrained"], from_scratch=m["from_scratch"], n_layer=m["n_layer"],
-                            n_head=m["n_head"], n_embd=m["n_embd"], n_positions=max(block, 1024),
-                            vocab_size=meta["vocab_size"], dropout=m["dropout"])
-        if meta["vocab_size"] > model.config.vocab_size:
-            raise UsageError(f"{d['cache_dir']} holds token ids up to {meta['vocab_size'] - 1}, beyond the "
-                             f"model's vocabulary of {model.config.vocab_size}; prepare it with the model's tokenizer")
-        if block > model.config.n_positions:
-            raise UsageError(f"data.block_size {block} exceeds the model's {model.config.n_positions} positions")
-    except UsageError as e:
-        if run.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+    micro = run.micro_batch_size()
+    splits, meta = load_blocks(d["cache_dir"], block)
+    # Seeded by start(): every rank draws the same initial weights (from scratch).
+    model = build_model(m["pretrained"], from_scratch=m["from_scratch"], n_layer=m["n_layer"],
+                        n_head=m["n_head"], n_embd=m["n_embd"], n_positions=max(block, 1024),
+                        vocab_size=meta["vocab_size"], dropout=m["dropout"])
+    if meta["vocab_size"] > model.config.vocab_size:
+        raise UsageError(f"{d['cache_dir']} holds token ids up to {meta['vocab_size'] - 1}, beyond the "
+                         f"model's vocabulary of {model.config.vocab_size}; prepare it with the model's tokenizer")
+    if block > model.config.n_positions:
+        raise UsageError(f"data.block_size {block} exceeds the model's {model.config.n_positions} positions")
     n_params = sum(p.numel() for p in model.parameters())
     run.print(f"gpt2: GPT2LMHeadModel with {n_params / 1e6:.2f}M parameters "
               f"({'random init' if m['from_scratch'] else 'pretrained ' + str(m['pretrained'])}), "
@@ -108,7 +101,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # of the uninterrupted run (the loaders use no workers: a block is a slice of a memmap).
     loader_kwargs = {"generator": torch.Generator(), "pin_memory": run.device.type == "cuda"}
     train = EpochBatches(splits["train"], micro, run.seed, run.rank, run.world_size, loader_kwargs=loader_kwargs)
-    accumulation = int(t["gradient_accumulation_steps"])
+    accumulation = run.train.gradient_accumulation_steps
     n_val = min(len(splits["val"]), int(t["eval_iters"]) * int(t["batch_size"]))
     val_loader = eval_loader(run, Subset(splits["val"], range(n_val)), max(1, int(t["batch_size"]) // run.world_size),
                              loader_kwargs={"pin_memory": run.device.type == "cuda"})

@@ -1,11 +1,46 @@
-"""The one exception type for bad input a user can fix."""
+"""The one exception type for bad input a user can fix, and the one place that turns a
+command's exceptions into exit statuses."""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+from .signals import EXIT_INTERRUPTED, Interrupted
+
+EXIT_USAGE = 2  # bad input: the message says what to fix
 
 
 class UsageError(Exception):
     """Bad input the user can fix: unknown key, bad value, missing dataset, ...
 
     The message is one line naming what is wrong and what is valid (or the
-    command that fixes it). Entry points catch it, print ``error: <message>``
-    to stderr and exit with status 2, before anything in a run directory is
-    written or changed.
+    command that fixes it). Library code raises it before anything in a run
+    directory is written or changed; ``command`` prints ``error: <message>`` to
+    stderr and returns exit status 2.
     """
+
+
+class OtherRankFailed(UsageError):
+    """Raised on the ranks of a multi-process run whose peer hit a ``UsageError`` (which that
+    peer reports): ``command`` exits with status 2 without repeating the message."""
+
+
+def command(main: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a command's ``main``: a ``UsageError`` becomes ``error: <message>`` on stderr and
+    status 2, an ``Interrupted`` run status 75 (``EXIT_INTERRUPTED``: rerun to resume). So
+    library code raises, and never exits the process itself."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except UsageError as e:
+            if not isinstance(e, OtherRankFailed):
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            return EXIT_USAGE
+        except Interrupted as e:
+            print(f"{e}; re-run the same command to resume", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+
+    return wrapped

@@ -7,6 +7,7 @@ configs in ``bert/configs/sst2``, runs under ``runs/bert/sst2``.
 """
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,32 +19,55 @@ from .errors import UsageError
 
 @dataclass(frozen=True)
 class Experiment:
-    """How to run one experiment: ``python -m <module> <args...>`` with configs in ``configs``."""
+    """How to run one experiment: ``python -m <module> <args...>`` with configs in ``configs``.
+
+    ``task`` is None for a one-task folder, else the task (``bert/sst2``); ``tasks`` lists a
+    folder's tasks (empty for a one-task folder). ``prepare`` is the command that prepares
+    its data (the ``PREPARE`` of the experiment's package, ``{task}`` filled in), named in
+    the errors about missing data.
+    """
 
     name: str              # run and study names: "nano", "bert-sst2"
     module: str            # "nano.train", "bert.train"
     args: tuple[str, ...]  # () or ("--task", "sst2")
     configs: Path          # <repo>/nano/configs, <repo>/bert/configs/sst2
     runs_subdir: str       # runs/<runs_subdir>/<optimizer>/seed<S>: "nano", "bert/sst2"
+    folder: str = ""       # "nano", "bert"
+    task: Optional[str] = None
+    tasks: tuple[str, ...] = ()
+    prepare: str = ""
+
+    @property
+    def default_out(self) -> str:
+        """The run directory pattern: ``runs/<runs_subdir>/{optimizer}/seed{seed}``."""
+        return f"runs/{self.runs_subdir}/{{optimizer}}/seed{{seed}}"
 
 
-def experiment(spec: str) -> Experiment:
-    """The experiment called ``spec`` ("nano", "vit", "bert/sst2", "bert-sst2", ...)."""
+def experiment(spec: str, task_required: bool = True) -> Experiment:
+    """The experiment called ``spec`` ("nano", "vit", "bert/sst2", "bert-sst2", ...).
+
+    A folder with several tasks named without one ("bert") is an error, unless
+    ``task_required`` is False: then its ``task`` is None (``harness.run.start`` reads
+    ``--task`` from the command line)."""
     repo = config_lib.REPO
     folder, _, task = str(spec).strip("/").replace("/", "-").partition("-")
     root = repo / folder
     if not folder or not (root / "train.py").is_file():
         known = sorted(p.parent.name for p in repo.glob("*/train.py"))
         raise UsageError(f"unknown experiment {spec!r}; valid: {', '.join(known) or 'none yet'}")
-    tasks = sorted(p.parent.name for p in (root / "configs").glob("*/paper.yaml"))
+    package = importlib.import_module(folder)
+    found = sorted(p.parent.name for p in (root / "configs").glob("*/paper.yaml"))
+    tasks = tuple(getattr(package, "TASKS", found))  # the package's order, where it states one
+    prepare = getattr(package, "PREPARE", "")
+    common = dict(module=f"{folder}.train", folder=folder, tasks=tasks)
     if task:
         if task not in tasks:
-            raise UsageError(f"{folder} has no task {task!r}; valid: {', '.join(tasks) or 'none'}")
-        return Experiment(f"{folder}-{task}", f"{folder}.train", ("--task", task), root / "configs" / task,
-                          f"{folder}/{task}")
-    if not (root / "configs" / "paper.yaml").is_file():
+            raise UsageError(f"unknown {folder} task {task!r}; valid tasks: {', '.join(tasks) or 'none'}")
+        return Experiment(f"{folder}-{task}", args=("--task", task), configs=root / "configs" / task,
+                          runs_subdir=f"{folder}/{task}", task=task, prepare=prepare.format(task=task), **common)
+    if not (root / "configs" / "paper.yaml").is_file() and task_required:
         raise UsageError(f"{folder} has several tasks: name one of " + ", ".join(f"{folder}/{t}" for t in tasks))
-    return Experiment(folder, f"{folder}.train", (), root / "configs", folder)
+    return Experiment(folder, args=(), configs=root / "configs", runs_subdir=folder, prepare=prepare, **common)
 
 
 def paper_seeds(exp: Experiment) -> list[int]:

@@ -77,15 +77,18 @@ def fully_shard_model(model: nn.Module, device: torch.device, world_size: int) -
     return model
 
 
-def _param_names(model: nn.Module) -> list[str]:
-    """Parameter names in ``model.parameters()`` order, a tied parameter under its first
-    name: the order in which the optimizer was built (``parameters()`` skips the repeats)."""
-    return [name for name, _ in model.named_parameters()]
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's order (its groups, in turn), a tied parameter under
+    its first name: the index order of ``optimizer.state_dict()``."""
+    names = {}
+    for name, p in model.named_parameters():  # named_parameters() skips a tied repeat
+        names.setdefault(id(p), name)
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
 def _fqn_to_index(optim_state: dict, names: list[str]) -> dict:
     """An optimizer state dict keyed by parameter names (``get_state_dict``'s) -> keyed by
-    index (``Optimizer.state_dict()``'s), for an optimizer built on ``model.parameters()``."""
+    index (``Optimizer.state_dict()``'s); ``names`` from ``_param_names``."""
     index = {name: i for i, name in enumerate(names)}
     return {
         "state": {index[name]: value for name, value in optim_state["state"].items()},
@@ -113,7 +116,7 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
         model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not optim_state:
         return model_state, optim_state
-    return model_state, _fqn_to_index(optim_state, _param_names(model))
+    return model_state, _fqn_to_index(optim_state, _param_names(model, optimizer))
 
 
 def full_model_state_dict(model: nn.Module) -> dict:
@@ -146,5 +149,5 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, mo
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     set_state_dict(model, optimizer, model_state_dict=model_state,
-                   optim_state_dict=_index_to_fqn(optim_state, _param_names(model)),
+                   optim_state_dict=_index_to_fqn(optim_state, _param_names(model, optimizer)),
                    options=StateDictOptions(full_state_dict=True))

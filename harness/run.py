@@ -1,6 +1,6 @@
 """One training run: command line, run directory, seeding, device, precision, distributed.
 
-Every experiment's ``train.py`` starts with ``run = harness.run.start("<exp>")``
+Every experiment's ``train.py`` starts with ``run = harness.run.start("<exp>", argv)``
 and gets back a :class:`Run` holding the resolved config, the run directory and
 the execution context (device, autocast, ranks). The same command works under
 ``torchrun`` (it reads RANK/WORLD_SIZE/LOCAL_RANK) and under ``srun`` without
@@ -15,9 +15,9 @@ import contextlib
 import os
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -28,8 +28,35 @@ import optimizers
 from . import config as config_lib
 from .checkpoint import write_text_atomic
 from .errors import UsageError
+from .experiments import Experiment, experiment
 from .parallel import PARALLEL
 from .rundir import RunDir
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The ``train`` keys the harness itself acts on, typed and read once (``Run.train``);
+    the experiments read the same object. Each experiment's paper.yaml holds every key."""
+
+    batch_size: int  # sequences (examples) per optimizer step: the global batch, over all ranks
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step on each rank
+    grad_clip: float = 0.0  # global grad-norm clipping; 0 = none
+    log_interval: int = 10  # steps between divergence checks and progress updates
+    compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # with several processes: ddp (replicas) or fsdp2 (sharded)
+    precision: str = "fp32"  # on CUDA: fp32, fp16 (autocast + GradScaler) or bf16; the CPU runs fp32
+
+    @classmethod
+    def from_config(cls, train: dict) -> "TrainConfig":
+        return cls(batch_size=int(train["batch_size"]),
+                   gradient_accumulation_steps=int(train.get("gradient_accumulation_steps", 1) or 1),
+                   grad_clip=float(train.get("grad_clip", 0.0) or 0.0),
+                   log_interval=int(train.get("log_interval", 10) or 10),
+                   compile=bool(train.get("compile", False)),
+                   parallel=train.get("parallel", "ddp"),
+                   precision=train.get("precision", "fp32"))
 
 
 @dataclass
@@ -41,7 +68,7 @@ class Run:
     local_rank: int = 0
     world_size: int = 1
     precision: str = "fp32"  # what is actually used on this device
-    extra: dict = field(default_factory=dict)
+    experiment: Optional[Experiment] = None  # what was started: its task, configs, prepare command
 
     @property
     def is_main(self) -> bool:
@@ -63,10 +90,15 @@ class Run:
         return contextlib.nullcontext()
 
     @property
+    def train(self) -> TrainConfig:
+        """The ``train`` section's harness keys, typed (see ``TrainConfig``)."""
+        return TrainConfig.from_config(self.cfg["train"])
+
+    @property
     def parallel(self) -> str:
         """``train.parallel``: ``ddp`` (replicas, the default) or ``fsdp2`` (sharded, see
         ``harness/parallel.py``); it matters only with more than one process."""
-        return self.cfg.get("train", {}).get("parallel", "ddp")
+        return self.train.parallel
 
     def micro_batch_size(self) -> int:
         """Examples one rank feeds forward at a time: ``train.batch_size`` (the global batch,
@@ -74,8 +106,7 @@ class Run:
 
         So a run on K GPUs takes the same optimizer steps on as many examples as on one.
         """
-        t = self.cfg["train"]
-        batch, accumulation = int(t["batch_size"]), int(t.get("gradient_accumulation_steps", 1))
+        batch, accumulation = self.train.batch_size, self.train.gradient_accumulation_steps
         parts = self.world_size * accumulation
         if batch < 1 or accumulation < 1 or batch % parts:
             raise UsageError(f"train.batch_size {batch} (the global batch) must be a positive multiple of "
@@ -106,18 +137,39 @@ class Run:
             print(*args, **kwargs, flush=True)
 
 
-def parser(experiment: str) -> argparse.ArgumentParser:
+def parser(exp: Experiment) -> argparse.ArgumentParser:
+    """The command line of ``python -m <exp>.train`` (with ``--task`` for a folder of tasks)."""
     p = argparse.ArgumentParser(
-        prog=f"python -m {experiment}.train",
-        description=f"Train the {experiment} experiment with one optimizer and one seed.",
+        prog=f"python -m {exp.module}",
+        description=f"Train the {exp.folder} experiment with one optimizer and one seed.",
     )
+    if exp.tasks:
+        p.add_argument("--task", required=True, choices=exp.tasks, help="the task")
     p.add_argument("--optimizer", required=True, help=f"one of {', '.join(optimizers.NAMES)}")
     p.add_argument("--seed", type=int, default=None, help="run seed (default: the first of configs/paper.yaml's seeds)")
     p.add_argument("--config", default=None, help="YAML overriding paper.yaml sections and/or best.yaml entries")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, dotted keys (repeatable): --set train.max_iters=200")
-    p.add_argument("--out", default=None, help="run directory (default runs/<exp>/<optimizer>/seed<S>)")
+    default = exp.default_out.replace(f"runs/{exp.folder}/", f"runs/{exp.folder}/<task>/") \
+        if exp.tasks and exp.task is None else exp.default_out
+    p.add_argument("--out", default=None, help=f"run directory (default {default})")
     return p
+
+
+def _with_task(exp: Experiment, argv: Optional[list[str]]) -> tuple[Experiment, list[str]]:
+    """A folder of tasks (bert): its ``--task`` from ``argv`` (a one-line error when missing or
+    unknown; ``--help`` prints the whole command line), and the rest of ``argv``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if exp.task is not None or not exp.tasks:
+        return exp, argv
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--task")
+    known, rest = pre.parse_known_args(argv)
+    if any(a in ("-h", "--help") for a in rest):
+        parser(exp).parse_args(["--help"])  # prints the help and exits, as argparse does
+    if known.task is None:
+        raise UsageError(f"--task is required; valid tasks: {', '.join(exp.tasks)}")
+    return experiment(f"{exp.folder}/{known.task}"), rest
 
 
 def _distributed_env() -> tuple[int, int, int]:
@@ -152,40 +204,38 @@ def check_resumable(saved: RunDir, cfg: dict) -> None:
                              "resume it with the same arguments or choose another --out")
 
 
-def start(experiment: str, argv: Optional[list[str]] = None, configs_dir: Optional[Path] = None,
-          default_out: Optional[str] = None) -> Optional[Run]:
+def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Optional[Run]:
     """Parse the command line, resolve the config and set up the process.
 
-    ``experiment`` names the run in its config and summary (e.g. ``"nano"``,
-    ``"bert-sst2"``); its configs are in ``configs_dir`` (default
-    ``<repo>/<experiment>/configs``) and its default run directory is
-    ``default_out`` formatted with ``optimizer`` and ``seed`` (default
-    ``runs/<experiment>/{optimizer}/seed{seed}``).
+    ``exp`` is an :class:`~harness.experiments.Experiment` or its name (``"nano"``,
+    ``"bert"``, ``"bert/sst2"``): it gives the run its name (in the config and summary),
+    its config folder and its default run directory (``runs/<exp>/{optimizer}/seed{seed}``);
+    for a folder of tasks (``bert``) the command line names the task (``--task sst2``).
 
     Returns None when the run directory already holds a completed or diverged
-    run (nothing to do). Bad input exits with status 2 and a one-line message.
+    run (nothing to do). Bad input raises a one-line ``UsageError`` (the command
+    exits with status 2; see ``harness.errors.command``).
     Nothing is written here: the run directory is created by the training loop,
     so a start that fails later (a missing dataset, say) leaves no trace.
     """
-    args = parser(experiment.split("-")[0]).parse_args(argv)
-    configs_dir = Path(configs_dir) if configs_dir else config_lib.REPO / experiment / "configs"
-    default_out = default_out or f"runs/{experiment}/{{optimizer}}/seed{{seed}}"
-    try:
-        if args.seed is None:
-            seeds = config_lib.read_yaml(configs_dir / "paper.yaml").get("seeds") or [0]
-            args.seed = int(seeds[0])
-        cfg = config_lib.resolve(experiment, args.optimizer, args.seed, args.config, args.sets, configs_dir)
-        run_dir = Path(args.out or default_out.format(optimizer=cfg["optimizer"]["name"], seed=args.seed))
-        parallel = cfg.get("train", {}).get("parallel", "ddp")
-        if parallel not in PARALLEL:
-            raise UsageError(f"train.parallel must be {' or '.join(PARALLEL)}, got {parallel!r}")
-        if cfg.get("wandb") and importlib.util.find_spec("wandb") is None:
-            raise UsageError("wandb=true but wandb is not installed: pip install wandb (or --set wandb=false)")
-        saved = RunDir(run_dir)
-        check_resumable(saved, cfg)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    exp = experiment(exp, task_required=False) if isinstance(exp, str) else exp
+    exp, argv = _with_task(exp, argv)
+    args = parser(exp).parse_args(["--task", exp.task, *argv] if exp.task else argv)
+    if args.seed is None:
+        seeds = config_lib.read_yaml(exp.configs / "paper.yaml").get("seeds") or [0]
+        args.seed = int(seeds[0])
+    cfg = config_lib.resolve(exp.name, args.optimizer, args.seed, args.config, args.sets, exp.configs)
+    run_dir = Path(args.out or exp.default_out.format(optimizer=cfg["optimizer"]["name"], seed=args.seed))
+    train = cfg.get("train", {})
+    if train.get("parallel", "ddp") not in PARALLEL:
+        raise UsageError(f"train.parallel must be {' or '.join(PARALLEL)}, got {train['parallel']!r}")
+    if train.get("precision", "fp32") not in PRECISIONS:
+        raise UsageError(f"train.precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
+                         f"got {train['precision']!r}")
+    if cfg.get("wandb") and importlib.util.find_spec("wandb") is None:
+        raise UsageError("wandb=true but wandb is not installed: pip install wandb (or --set wandb=false)")
+    saved = RunDir(run_dir)
+    check_resumable(saved, cfg)
 
     if saved.finished():
         print(f"{run_dir}: already {saved.status()}; nothing to do", flush=True)
@@ -205,9 +255,6 @@ def start(experiment: str, argv: Optional[list[str]] = None, configs_dir: Option
         # connections still open can make its peers abort (SIGABRT in gloo/NCCL).
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     precision = cfg.get("train", {}).get("precision", "fp32") if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "fp16", "bf16"):
-        print(f"error: train.precision must be fp32, fp16 or bf16, got {precision!r}", file=sys.stderr)
-        raise SystemExit(2)
     seed_everything(args.seed)
     return Run(cfg=cfg, dir=run_dir, device=device, rank=rank, local_rank=local_rank,
-               world_size=world_size, precision=precision)
+               world_size=world_size, precision=precision, experiment=exp)

@@ -9,6 +9,11 @@ from typing import Optional
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: a run or sweep stopped on request; rerun the same command to resume
 
 
+class Interrupted(Exception):
+    """A run stopped on request after checkpointing; its command exits with ``EXIT_INTERRUPTED``
+    (``harness.errors.command``)."""
+
+
 class StopFlag:
     """``with StopFlag() as stop: ... if stop.flag: checkpoint and exit``.
 

@@ -36,14 +36,13 @@ import json
 import os
 import pickle
 import re
-import sys
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from harness.errors import UsageError
+from harness.errors import UsageError, command
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -288,7 +287,8 @@ def prepare(source="packaged", out_dir=DEFAULT_OUT, plays=None, input_file=None,
     return out_dir
 
 
-def main(argv=None):
+@command
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nano.prepare",
         description="Prepare character-level Shakespeare as nanoGPT's shakespeare_char (train.bin, val.bin, meta.pkl).",
@@ -304,12 +304,9 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="prepare again even if --out is already prepared")
     args = parser.parse_args(argv)
     source = args.source or ("tinyshakespeare" if args.input_file is not None else "packaged")
-    try:
-        prepare(source=source, out_dir=args.out, plays=args.plays, input_file=args.input_file, force=args.force)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    prepare(source=source, out_dir=args.out, plays=args.plays, input_file=args.input_file, force=args.force)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

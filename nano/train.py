@@ -11,36 +11,28 @@ owt (``python -m owt.train``) is this same script with owt's configs.
 """
 from __future__ import annotations
 
-import sys
-
+import nano
 from harness.data import LMEvaluation, RandomTokenBatches
-from harness.errors import UsageError
+from harness.errors import command
 from harness.loop import fit
 from harness.run import start
 from harness.token_bins import TokenBins
 from nano.model import GPT, GPTConfig
 
-PREPARE = {
-    "nano": "python -m nano.prepare --source tinyshakespeare",
-    "owt": "python -m owt.prepare",
-}
-MARKER = {"nano": "meta.pkl", "owt": "meta.json"}
 GPT2_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64, as nanoGPT
 
 
-def main(argv=None, experiment: str = "nano") -> int:
+@command
+def main(argv=None, experiment: str = "nano", marker: str = nano.MARKER) -> int:
+    """Train nano's GPT on the token bins of ``experiment`` (nano, or owt with its ``marker``)."""
     run = start(experiment, argv)
     if run is None:
         return 0
     m, t = run.cfg["model"], run.cfg["train"]
-    try:
-        bins = TokenBins(run.cfg["data"]["dir"], prepare_hint=PREPARE[experiment], marker=MARKER[experiment])
-        micro = run.micro_batch_size()
-        evaluate = LMEvaluation(run, bins, t["batch_size"], m["block_size"], t["eval_iters"],
-                                t.get("eval_batches", ["fixed"]))
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    bins = TokenBins(run.cfg["data"]["dir"], prepare_hint=run.experiment.prepare, marker=marker)
+    micro = run.micro_batch_size()
+    evaluate = LMEvaluation(run, bins, t["batch_size"], m["block_size"], t["eval_iters"],
+                            t.get("eval_batches", ["fixed"]))
     vocab_size = m.get("vocab_size") or bins.vocab_size or GPT2_VOCAB
     model = GPT(GPTConfig(**{**m, "vocab_size": vocab_size}))
     run.print(f"{experiment}: GPT with {model.get_num_params() / 1e6:.2f}M parameters, vocab {vocab_size}, "
@@ -48,8 +40,8 @@ def main(argv=None, experiment: str = "nano") -> int:
 
     # train.batch_size is the global batch: each of K ranks takes batch / (K x accumulation)
     # sequences per forward pass, so the paper's 16 sequences per update hold on any GPU count.
-    accumulation = int(t.get("gradient_accumulation_steps", 1))
-    batch, block = t["batch_size"], m["block_size"]
+    accumulation = run.train.gradient_accumulation_steps
+    batch, block = run.train.batch_size, m["block_size"]
     fit(
         run, model,
         RandomTokenBatches(bins, micro, block, run.seed, run.rank),

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from harness.errors import UsageError
+from harness.errors import UsageError, command
 from harness.gpt2_tokenizer import EOT_TOKEN, VOCAB_SIZE, tiktoken_gpt2
 
 __all__ = [
@@ -262,6 +262,7 @@ def prepare(
     return out_dir
 
 
+@command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m owt.prepare", description=__doc__.splitlines()[0])
     parser.add_argument("--data-files", nargs="+", default=None, metavar="GLOB",
@@ -273,12 +274,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", default=None, help="Hugging Face datasets cache directory")
     parser.add_argument("--force", action="store_true", help="redo a finished output directory")
     args = parser.parse_args(argv)
-    try:
-        prepare(args.out, data_files=args.data_files, num_proc=args.num_proc, force=args.force,
-                cache_dir=args.cache_dir)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    prepare(args.out, data_files=args.data_files, num_proc=args.num_proc, force=args.force,
+            cache_dir=args.cache_dir)
     return 0
 
 

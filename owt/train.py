@@ -18,11 +18,12 @@ sequences of ``block_size`` tokens. The run directory (default
 """
 from __future__ import annotations
 
+import owt
 from nano.train import main as nano_main
 
 
 def main(argv=None) -> int:
-    return nano_main(argv, experiment="owt")
+    return nano_main(argv, experiment="owt", marker=owt.MARKER)
 
 
 if __name__ == "__main__":

@@ -70,9 +70,7 @@ def test_kill_and_resume_gives_identical_metrics(nano_data, tmp_path, monkeypatc
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert nano_train.main(nano_args(nano_data, whole, "ikfad")) == 0
     monkeypatch.setenv(STOP_AFTER_ENV, "13")  # stop mid-interval, between evaluations
-    with pytest.raises(SystemExit) as stop:
-        nano_train.main(nano_args(nano_data, parts, "ikfad"))
-    assert stop.value.code == EXIT_INTERRUPTED
+    assert nano_train.main(nano_args(nano_data, parts, "ikfad")) == EXIT_INTERRUPTED
     assert json.loads((parts / "summary.json").read_text())["status"] == "interrupted"
     monkeypatch.delenv(STOP_AFTER_ENV)
     assert nano_train.main(nano_args(nano_data, parts, "ikfad")) == 0
@@ -349,3 +347,45 @@ def test_fresh_batches_change_every_evaluation_and_resume_from_their_state(nano_
         again = evaluate(model, 1)[0]
     assert first["loss_fixed"] == second["loss_fixed"] and first["loss_fresh"] != second["loss_fresh"]
     assert again == second
+
+
+def test_trainer_takes_param_groups_or_an_optimizer(nano_data, tmp_path):
+    """An experiment hands the Trainer param groups (the run's optimizer and hyperparameters,
+    a group's own keys winning) or a ready optimizer; the run resumes with them exactly."""
+    import torch
+
+    from harness.data import LMEvaluation, RandomTokenBatches
+    from harness.loop import Trainer
+    from harness.run import start
+    from harness.signals import Interrupted
+    from harness.token_bins import TokenBins
+    from nano.model import GPT, GPTConfig
+
+    def groups(model):  # the usual split: no weight decay on biases and norms
+        matrices = [p for p in model.parameters() if p.dim() >= 2]
+        return [{"params": matrices}, {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+
+    def trainer(out, optimizer, extra=()):
+        run = start("nano", nano_args(nano_data, out, "cd", 1, "--set", "optimizer.weight_decay=0.05", *extra))
+        bins = TokenBins(nano_data, prepare_hint="unused")
+        m = run.cfg["model"]
+        model = GPT(GPTConfig(**{**m, "vocab_size": bins.vocab_size}))
+        return Trainer(run, model, RandomTokenBatches(bins, 8, m["block_size"], run.seed),
+                       loss_fn=lambda model, xy: (model(*xy)[1], {}),
+                       evaluate=LMEvaluation(run, bins, 8, m["block_size"], 2), total_steps=12, eval_interval=4,
+                       optimizer=optimizer)
+
+    t = trainer(tmp_path / "groups", groups)
+    assert [g["weight_decay"] for g in t.optimizer.param_groups] == [0.05, 0.0]
+    assert [g["c"] for g in t.optimizer.param_groups] == [t.run.cfg["optimizer"]["c"]] * 2
+    assert t.fit()["status"] == "completed"
+    os.environ[STOP_AFTER_ENV] = "6"
+    try:
+        with pytest.raises(Interrupted, match="interrupted at step 6"):
+            trainer(tmp_path / "parts", groups).fit()
+    finally:
+        del os.environ[STOP_AFTER_ENV]
+    trainer(tmp_path / "parts", groups).fit()
+    assert records(tmp_path / "parts") == records(tmp_path / "groups")
+    ready = trainer(tmp_path / "ready", lambda model: torch.optim.SGD(model.parameters(), lr=0.1))
+    assert isinstance(ready.optimizer, torch.optim.SGD) and ready.fit()["status"] == "completed"

@@ -150,9 +150,7 @@ def test_vit_smoke_writes_the_run_contract(vit_runs, cifar_root, name):
 
 def stop_and_resume(exp, argv, stop_after, monkeypatch):
     monkeypatch.setenv(STOP_AFTER_ENV, str(stop_after))
-    with pytest.raises(SystemExit) as stop:
-        MAIN[exp](argv)
-    assert stop.value.code == EXIT_INTERRUPTED
+    assert MAIN[exp](argv) == EXIT_INTERRUPTED
     out = Path(argv[argv.index("--out") + 1])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] == stop_after
@@ -252,11 +250,7 @@ def test_missing_dataset_is_a_one_line_error_and_creates_nothing(exp, tmp_path, 
 ])
 def test_bad_settings_are_one_line_errors(cifar_root, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
-    try:
-        code = vit_train.main(args("vit", cifar_root, out, "adam", 0, *extra))
-    except SystemExit as e:  # config errors exit from harness.run.start
-        code = e.code
-    assert code == 2
+    assert vit_train.main(args("vit", cifar_root, out, "adam", 0, *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert message is None or message in err[0]

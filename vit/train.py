@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
 from typing import Callable
 
 import torch
@@ -46,7 +45,7 @@ from torch.utils.data import Subset
 from harness import checkpoint as ckpt
 from harness import parallel
 from harness.data import EpochBatches, classification_evaluate, eval_loader
-from harness.errors import UsageError
+from harness.errors import OtherRankFailed, UsageError, command
 from harness.logging import write_summary
 from harness.loop import fit
 from harness.run import Run, start
@@ -55,10 +54,6 @@ from vit.model import build_vit
 
 BEST_MODEL = "best_model.pt"  # cifar: the weights with the best validation accuracy so far
 NUM_CLASSES = 10
-
-
-class OtherRankFailed(UsageError):
-    """Raised on the ranks that loaded the data fine when another rank could not (it prints why)."""
 
 
 def load_cifar10(run: Run) -> dict:
@@ -137,6 +132,7 @@ def best_weights_on_test(run: Run, raw: torch.nn.Module, model: torch.nn.Module,
     return {**record, "best_step": best_step, "best_epoch": best_step / steps_per_epoch, "val_acc": val_acc}
 
 
+@command
 def main(argv=None, experiment: str = "vit", build_model: Callable[[dict], torch.nn.Module] = build_model,
          keep_best: bool = False) -> int:
     """Train ``build_model(cfg["model"])`` on CIFAR-10 under ``<experiment>/configs``.
@@ -152,29 +148,20 @@ def main(argv=None, experiment: str = "vit", build_model: Callable[[dict], torch
     if run is None:
         return 0
     t = run.cfg["train"]
-    try:
-        micro_batch = run.micro_batch_size()
-        splits = load_cifar10(run)
-    except UsageError as e:
-        if not isinstance(e, OtherRankFailed):
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+    micro_batch = run.micro_batch_size()
+    splits = load_cifar10(run)
 
     model = build_model(run.cfg["model"])
-    accumulation = int(t["gradient_accumulation_steps"])
+    accumulation = run.train.gradient_accumulation_steps
     kwargs = cifar10.loader_kwargs(run.device)
     train = EpochBatches(splits["train"], micro_batch, run.seed, run.rank, run.world_size, loader_kwargs=kwargs)
     steps_per_epoch, uneven = divmod(train.steps_per_epoch, accumulation)
     evals = int(t["evals_per_epoch"])
-    try:
-        if uneven or steps_per_epoch == 0:
-            raise UsageError(f"train.gradient_accumulation_steps={accumulation} must divide the "
-                             f"{train.steps_per_epoch} micro-batches of an epoch on each rank")
-        if evals < 1 or steps_per_epoch % evals:
-            raise UsageError(f"train.evals_per_epoch={evals} must divide the {steps_per_epoch} steps of an epoch")
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if uneven or steps_per_epoch == 0:
+        raise UsageError(f"train.gradient_accumulation_steps={accumulation} must divide the "
+                         f"{train.steps_per_epoch} micro-batches of an epoch on each rank")
+    if evals < 1 or steps_per_epoch % evals:
+        raise UsageError(f"train.evals_per_epoch={evals} must divide the {steps_per_epoch} steps of an epoch")
 
     total_steps = t["epochs"] * steps_per_epoch
     eval_splits = ("val",) if keep_best else ("val", "test")
