@@ -12,14 +12,19 @@ preemption. With GPUs, ``--runs-per-gpu`` runs on each GPU at a time (default
 1; ``CUDA_VISIBLE_DEVICES``): a small model (nano's 0.8M parameters) uses a
 fraction of a modern GPU, so several runs can share one. On the CPU,
 ``--parallel`` runs at a time sharing the cores. Either way each run gets an
-equal share of the cores (``OMP_NUM_THREADS``). One progress bar follows the
-whole set. Afterwards ``harness.report`` draws the figures and table.
+equal share of the cores (``OMP_NUM_THREADS``). Each run is started in its own
+session (``harness.processes``): Ctrl-C or SIGTERM reaches this process, which
+forwards one SIGTERM to every running run (each checkpoints and exits 75) and
+starts no new one. One line per finished run, with the count done and the time
+elapsed; on a terminal a progress bar follows the whole set as well (none when
+stderr is a file or a pipe: nohup, SLURM ``.out`` files). Afterwards
+``harness.report`` draws the figures and table.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -29,25 +34,12 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
+from . import processes
 from .config import read_yaml, resolve
 from .errors import UsageError
-from .experiments import experiment, paper_seeds, train_command
-from .run import run_status
+from .experiments import Experiment, experiment, paper_seeds, train_command
+from .rundir import FINISHED, RunDir
 from .signals import EXIT_INTERRUPTED, StopFlag
-
-
-def _progress(run_dir: Path, train_cfg: dict) -> float:
-    """How far a run is, from 0 to 1, by its last logged record."""
-    path = run_dir / "metrics.jsonl"
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, path.stat().st_size - 4096))
-            last = json.loads(f.read().decode(errors="ignore").strip().splitlines()[-1])
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    if "epoch" in last and train_cfg.get("epochs"):
-        return min(1.0, last["epoch"] / train_cfg["epochs"])
-    return min(1.0, last.get("step", 0) / max(1, train_cfg.get("max_iters", 1)))
 
 
 def _gpus(arg: str | None) -> list[str]:
@@ -80,7 +72,34 @@ def plan_slots(gpus: list[str], runs_per_gpu: int = 1, parallel: Optional[int] =
     return slots, max(1, cpus // len(slots))
 
 
-def main(argv=None) -> int:
+class Progress:
+    """What a launch prints as it goes: one line per finished run (``  cd seed 1337: completed
+    (exit 0) [3/24 done, elapsed 0:41:10]``, flushed at once) and, when stderr is a terminal,
+    a progress bar counting runs with fractions (from each running run's last record). On a
+    file or a pipe there is no bar: no carriage-return frames in logs."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.done, self.started = total, 0, time.time()
+        on_terminal = getattr(sys.stderr, "isatty", lambda: False)()
+        self.bar = tqdm(total=total, dynamic_ncols=True, desc=desc,
+                        bar_format="{l_bar}{bar}| {n:.2f}/{total} runs [{elapsed}<{remaining}]",
+                        **({} if on_terminal else {"disable": True}))
+
+    def finished(self, text: str) -> None:
+        self.done += 1
+        elapsed = datetime.timedelta(seconds=int(time.time() - self.started))
+        tqdm.write(f"  {text} [{self.done}/{self.total} done, elapsed {elapsed}]")
+        sys.stdout.flush()
+
+    def update(self, running_fraction: float) -> None:
+        self.bar.n = self.done + running_fraction
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m harness.launch", description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", help="nano, owt, gpt2, vit, cifar, bert/sst2, bert/qnli")
     p.add_argument("--optimizers", nargs="+", default=None, help="default: those in the experiment's best.yaml")
@@ -100,8 +119,67 @@ def main(argv=None) -> int:
                    help="do only run number INDEX of --list (a SLURM array task); exit 0 if out of range")
     p.add_argument("--runs-per-task", type=int, default=1,
                    help="with --index: do runs INDEX*N .. INDEX*N+N-1 (several runs in one array task)")
-    args = p.parse_args(argv)
+    return p
 
+
+def _task_runs(everything: list, index: int, per_task: int) -> Optional[list]:
+    """Runs ``index * per_task`` .. ``+ per_task - 1`` of ``everything`` (a SLURM array task's);
+    None, after saying so, when the index is out of range."""
+    if per_task < 1:
+        raise UsageError(f"--runs-per-task must be at least 1, got {per_task}")
+    first = index * per_task
+    if index < 0 or first >= len(everything):
+        tasks = -(-len(everything) // per_task)
+        print(f"task index {index} is out of range (0-{tasks - 1} for {len(everything)} runs, "
+              f"{per_task} per task): nothing to do")
+        return None
+    return everything[first: first + per_task]
+
+
+def _start_run(exp: Experiment, name: str, seed: int, runs_dir: Path, slot: int, gpu: Optional[str],
+               threads: int, args) -> subprocess.Popen:
+    """One run in its own session, its output in ``<runs-dir>/logs/<optimizer>-seed<S>.log``."""
+    env = {"TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    note = f"# harness.launch: slot {slot}, CUDA_VISIBLE_DEVICES={gpu or ''}, OMP_NUM_THREADS={threads}"
+    cmd = train_command(exp, name, seed, runs_dir / name / f"seed{seed}", args.config, args.sets)
+    return processes.start(cmd, runs_dir / "logs" / f"{name}-seed{seed}.log", env, note)
+
+
+def run_all(exp: Experiment, jobs: list, slots: list, threads: int, runs_dir: Path, train_cfg: dict,
+            args) -> tuple[list, bool]:
+    """Run ``jobs`` (optimizer, seed) on ``slots``; returns (the runs that did not finish as
+    (optimizer, seed, exit status), whether a stop request ended it). A stop request reaches
+    every running run (each checkpoints and exits 75); no new one starts."""
+    progress = Progress(len(jobs), exp.name)
+    running: dict = {}  # slot -> (process, run directory, optimizer, seed)
+    queue, failed = list(jobs), []
+    with StopFlag() as stop:
+        while (queue and not stop.flag) or running:
+            for slot in range(len(slots)):
+                if slot in running or not queue or stop.flag:
+                    continue
+                name, seed = queue.pop(0)
+                proc = _start_run(exp, name, seed, runs_dir, slot, slots[slot], threads, args)
+                stop.children.append(proc)
+                running[slot] = (proc, RunDir(runs_dir / name / f"seed{seed}"), name, seed)
+            time.sleep(1.0)
+            for slot, (proc, run, name, seed) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[slot]
+                    stop.children.remove(proc)
+                    status = run.status()
+                    progress.finished(f"{name} seed {seed}: {status or 'failed'} (exit {proc.returncode})")
+                    if status not in FINISHED:
+                        failed.append((name, seed, proc.returncode))
+            progress.update(sum(run.progress(train_cfg[name]) for _, run, name, _ in running.values()))
+    progress.close()
+    return failed, stop.flag
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     try:
         exp = experiment(args.experiment)
         names = [n.lower() for n in (args.optimizers or list(read_yaml(exp.configs / "best.yaml")))]
@@ -109,86 +187,37 @@ def main(argv=None) -> int:
         # Fails fast, before launching anything, on any bad name, key or value.
         train_cfg = {n: resolve(exp.name, n, seeds[0], args.config, args.sets, exp.configs).get("train", {})
                      for n in names}
+        everything = list(itertools.product(names, seeds))
+        if args.list:
+            for i, (name, seed) in enumerate(everything):
+                print(i, name, seed)
+            return 0
+        if args.index is not None:
+            everything = _task_runs(everything, args.index, args.runs_per_task)
+            if everything is None:
+                return 0
+        slots, threads = plan_slots(_gpus(args.gpus), args.runs_per_gpu, args.parallel)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     runs_dir = args.runs_dir or Path("runs") / exp.runs_subdir
-    everything = list(itertools.product(names, seeds))
-    if args.list:
-        for i, (name, seed) in enumerate(everything):
-            print(i, name, seed)
-        return 0
-    if args.index is not None:
-        if args.runs_per_task < 1:
-            print(f"error: --runs-per-task must be at least 1, got {args.runs_per_task}", file=sys.stderr)
-            return 2
-        first = args.index * args.runs_per_task
-        if args.index < 0 or first >= len(everything):
-            tasks = -(-len(everything) // args.runs_per_task)
-            print(f"task index {args.index} is out of range (0-{tasks - 1} for {len(everything)} runs, "
-                  f"{args.runs_per_task} per task): nothing to do")
-            return 0
-        everything = everything[first: first + args.runs_per_task]
-    try:
-        slots, threads = plan_slots(_gpus(args.gpus), args.runs_per_gpu, args.parallel)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     (runs_dir / "logs").mkdir(parents=True, exist_ok=True)
-    jobs = [(n, s) for n, s in everything if run_status(runs_dir / n / f"seed{s}") not in ("completed", "diverged")]
-    done_before = len(everything) - len(jobs)
+    jobs = [(n, s) for n, s in everything if not RunDir(runs_dir / n / f"seed{s}").finished()]
     gpus = list(dict.fromkeys(g for g in slots if g is not None))
-    print(f"{exp.name}: {len(jobs)} runs to do ({done_before} already finished) on "
+    print(f"{exp.name}: {len(jobs)} runs to do ({len(everything) - len(jobs)} already finished) on "
           + (f"GPUs {','.join(gpus)}, {args.runs_per_gpu} at a time on each x {threads} threads" if gpus
              else f"the CPU, {len(slots)} at a time x {threads} threads")
           + f"; runs in {runs_dir}", flush=True)
-
-    bar = tqdm(total=len(jobs), dynamic_ncols=True, desc=exp.name,
-               bar_format="{l_bar}{bar}| {n:.2f}/{total} runs [{elapsed}<{remaining}]")
-    running: dict = {}  # slot -> (process, run_dir, name, seed, log file)
-    queue, failed, finished = list(jobs), [], 0
-    # A stop request reaches every running run (each checkpoints and exits 75); no new one starts.
-    with StopFlag() as stop:
-        while (queue and not stop.flag) or running:
-            for slot in range(len(slots)):
-                if slot in running or not queue or stop.flag:
-                    continue
-                name, seed = queue.pop(0)
-                run_dir = runs_dir / name / f"seed{seed}"
-                env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
-                if slots[slot] is not None:
-                    env["CUDA_VISIBLE_DEVICES"] = slots[slot]
-                log = open(runs_dir / "logs" / f"{name}-seed{seed}.log", "a")
-                log.write(f"# harness.launch: slot {slot}, CUDA_VISIBLE_DEVICES={slots[slot] or ''}, "
-                          f"OMP_NUM_THREADS={threads}\n")
-                log.flush()
-                cmd = train_command(exp, name, seed, run_dir, args.config, args.sets)
-                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-                stop.children.append(proc)
-                running[slot] = (proc, run_dir, name, seed, log)
-            time.sleep(1.0)
-            for slot, (proc, run_dir, name, seed, log) in list(running.items()):
-                if proc.poll() is not None:
-                    log.close()
-                    del running[slot]
-                    stop.children.remove(proc)
-                    finished += 1
-                    status = run_status(run_dir)
-                    tqdm.write(f"  {name} seed {seed}: {status or 'failed'} (exit {proc.returncode})")
-                    if status not in ("completed", "diverged"):
-                        failed.append((name, seed, proc.returncode))
-            bar.n = finished + sum(_progress(r[1], train_cfg[r[2]]) for r in running.values())
-            bar.refresh()
-    bar.close()
+    failed, stopped = run_all(exp, jobs, slots, threads, runs_dir, train_cfg, args)
 
     if failed:
         print(f"{len(failed)} runs did not finish (see {runs_dir / 'logs'}): "
               + ", ".join(f"{n} seed {s} (exit {rc})" for n, s, rc in failed), file=sys.stderr)
-    if stop.flag:
+    if stopped:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if not args.no_report and any(run_status(runs_dir / n / f"seed{s}") for n, s in everything):
+    if not args.no_report and any(RunDir(runs_dir / n / f"seed{s}").status() for n, s in everything):
         from .report import report
 
         written = report(runs_dir, args.report or Path("results") / exp.runs_subdir, title=exp.name)

@@ -1,5 +1,6 @@
-"""Run records: ``metrics.jsonl`` (one JSON object per evaluation or log point),
-``summary.json`` (status and headline numbers), optional Weights & Biases."""
+"""Writing run records: ``metrics.jsonl`` (one JSON object per evaluation or log point),
+``summary.json`` (status and headline numbers), optional Weights & Biases. Reading them
+is ``harness.rundir``'s."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from typing import Optional
 from .checkpoint import write_text_atomic
 from .config import REPO
 from .errors import UsageError
+from .rundir import RunDir
 
 
 def _clean(value):
@@ -36,7 +38,7 @@ class MetricsLog:
     """
 
     def __init__(self, run_dir: Path, enabled: bool = True, wandb_run: Optional["WandbRun"] = None):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics_file
         self.enabled = enabled
         self.wandb = wandb_run
         self.count = self._lines() if enabled else 0  # records in the file: the next record's index
@@ -60,7 +62,7 @@ class MetricsLog:
                 f.truncate(offset)
         self.count = self._lines()
         if self.wandb is not None and self.wandb.logged < self.count:
-            for index, record in enumerate(read_metrics(self.path.parent)):
+            for index, record in enumerate(RunDir(self.path.parent).records()):
                 if index >= self.wandb.logged:
                     self.wandb.log(index, record)
 
@@ -73,13 +75,6 @@ class MetricsLog:
         index, self.count = self.count, self.count + 1
         if self.wandb is not None:
             self.wandb.log(index, record)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def versions() -> dict:
@@ -100,7 +95,7 @@ def versions() -> dict:
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    write_text_atomic(Path(run_dir) / "summary.json",
+    write_text_atomic(RunDir(run_dir).summary_file,
                       json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2) + "\n")
 
 
@@ -195,10 +190,3 @@ def start_wandb(cfg: dict, run_dir: Path) -> Optional[WandbRun]:
     )
     return WandbRun(run, state_path, logged)
 
-
-def best_of(records: list[dict], split: str, key: str, mode: str = "min") -> Optional[dict]:
-    """The record of ``split`` with the lowest (or highest) finite ``key``."""
-    rows = [r for r in records if r.get("split") == split and isinstance(r.get(key), (int, float))]
-    if not rows:
-        return None
-    return (min if mode == "min" else max)(rows, key=lambda r: r[key])

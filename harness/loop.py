@@ -34,8 +34,9 @@ from . import checkpoint as ckpt
 from . import parallel as par
 from .cpu import matmul_peak_flops
 from .data import move
-from .logging import MetricsLog, best_of, read_metrics, start_wandb, versions, write_summary
+from .logging import MetricsLog, start_wandb, versions, write_summary
 from .run import Run
+from .rundir import RunDir, best_record
 from .signals import EXIT_INTERRUPTED, Interrupted, StopFlag  # noqa: F401 (EXIT_INTERRUPTED: for callers)
 
 # For tests and preemption drills: behave as if SIGTERM arrived after this many steps.
@@ -165,7 +166,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision == "fp16")
         self.wandb = start_wandb(run.cfg, run.dir) if run.is_main else None
         self.log = MetricsLog(run.dir, enabled=run.is_main, wandb_run=self.wandb)
-        self.ckpt_path = run.dir / "checkpoint.pt"
+        self.ckpt_path = RunDir(run.dir).checkpoint_file
         self.state = TrainState()
         self.model = self.raw  # what the forward pass calls: compiled and/or DDP-wrapped in fit()
         self.saved_at = -1  # the step of the last checkpoint
@@ -402,7 +403,7 @@ class Trainer:
 
     def _summary(self, status: str) -> dict:
         run, state = self.run, self.state
-        records = read_metrics(run.dir)
+        records = RunDir(run.dir).records()
         steps_per_s = (state.step - self.start_step) / max(time.time() - self.t_start, 1e-9)
         summary = {
             "status": status, "experiment": run.cfg["experiment"], "optimizer": run.cfg["optimizer"]["name"],
@@ -415,7 +416,7 @@ class Trainer:
         }
         estimators = [k for r in records if r.get("split") == "val" for k in r if k.startswith("loss_")]
         for key, mode in (("loss", "min"), ("acc", "max"), *((k, "min") for k in dict.fromkeys(estimators))):
-            best = best_of(records, "val", key, mode)
+            best = best_record(records, "val", key, mode)
             if best is not None:
                 summary[f"best_val_{key}"] = best[key]
         if hasattr(self.evaluate, "estimators"):  # which estimator "loss" is, then the others recorded

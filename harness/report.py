@@ -14,7 +14,6 @@ groups runs by experiment and optimizer, and writes to ``--out`` (default
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import optimizers
 
 from .errors import UsageError
-from .logging import read_metrics
+from .rundir import RunDir, best_record, finite_values
 
 
 
@@ -38,15 +37,10 @@ def label(name: str) -> str:
 
 
 def find_runs(root: Path) -> list[dict]:
-    """Every run under ``root``: its summary, metrics and directory."""
-    runs = []
-    for path in sorted(Path(root).rglob("summary.json")):
-        try:
-            summary = json.loads(path.read_text())
-        except ValueError:
-            continue
-        runs.append({"dir": path.parent, "summary": summary, "metrics": read_metrics(path.parent)})
-    return runs
+    """Every run under ``root`` with a readable summary: its summary, records and directory."""
+    found = [(run, run.summary()) for run in RunDir.find(root)]
+    return [{"dir": run.path, "summary": summary, "metrics": run.records()} for run, summary in found
+            if summary is not None]
 
 
 def _curves(runs: list[dict], split: str, key: str):
@@ -67,10 +61,12 @@ def _mean_std(values: list[float]) -> str:
 
 
 def _metric(run: dict, split: str, key: str, how: str) -> Optional[float]:
-    vals = [float(r[key]) for r in run["metrics"] if r.get("split") == split and isinstance(r.get(key), (int, float))]
-    if not vals:
-        return None
-    return {"min": min, "max": max, "final": lambda v: v[-1]}[how](vals)
+    """A run's best (``how`` = min or max) or final finite ``split`` ``key``, or None."""
+    if how == "final":
+        values = finite_values(run["metrics"], split, key)
+        return values[-1] if values else None
+    best = best_record(run["metrics"], split, key, how)
+    return None if best is None else float(best[key])
 
 
 def plot(by_opt: dict[str, list[dict]], split: str, key: str, path: Path, title: str) -> bool:

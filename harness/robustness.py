@@ -23,7 +23,6 @@ table) in ``<root>/<exp>/`` or ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections import defaultdict
@@ -34,12 +33,14 @@ import numpy as np
 
 import optimizers
 
+from . import processes
 from .config import read_yaml
 from .errors import UsageError
+from .experiments import Experiment, experiment, paper_seeds, train_command
 from .report import label
-from .run import run_status
-from .sweep import (EXIT_INTERRUPTED, Experiment, Signals, budget_sets, experiment, last_line, launch,
-                    load_space, paper_seeds, set_arg, train_command)
+from .rundir import FINISHED, SUMMARY, RunDir
+from .signals import EXIT_INTERRUPTED, StopFlag
+from .sweep.space import budget_sets, load_space, set_arg
 
 
 def step_size_name(optimizer: str) -> str:
@@ -86,16 +87,17 @@ def run_scan(exp: Experiment, runs: list[dict], config: Optional[str], sets: Seq
     a signal stopped the scan (the run in flight checkpointed: re-run the command to continue)."""
     from tqdm.auto import tqdm
 
-    todo = [r for r in runs if run_status(r["dir"]) not in ("completed", "diverged")]
+    todo = [r for r in runs if not RunDir(r["dir"]).finished()]
     crashed = 0
-    with Signals() as signals, tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"{exp.name} robustness",
+    with StopFlag() as signals, tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"{exp.name} robustness",
                                     dynamic_ncols=True) as progress:
         for r in todo:
             if signals.flag:  # a signal between two runs
                 raise SystemExit(EXIT_INTERRUPTED)
             cmd = train_command(exp, r["optimizer"], r["seed"], r["dir"], config,
                                 [*sets, set_arg(f"optimizer.{r['hp']}", r["value"])])
-            proc = launch(cmd, r["dir"] / "train.log")
+            run = RunDir(r["dir"])
+            proc = processes.start(cmd, run.log_file)
             signals.child = proc
             rc = proc.wait()
             signals.child = None
@@ -103,32 +105,14 @@ def run_scan(exp: Experiment, runs: list[dict], config: Optional[str], sets: Seq
                 progress.write(f"{r['dir']}: interrupted; run the same command to continue")
                 raise SystemExit(EXIT_INTERRUPTED)
             if rc == 2:
-                raise UsageError(f"{r['dir']} could not start: {last_line(r['dir'] / 'train.log')}")
+                raise UsageError(f"{r['dir']} could not start: {processes.last_line(run.log_file)}")
             if rc != 0:
                 crashed += 1
-                progress.write(f"{r['dir']}: exited with status {rc}: {last_line(r['dir'] / 'train.log')}")
+                progress.write(f"{r['dir']}: exited with status {rc}: {processes.last_line(run.log_file)}")
             else:
-                progress.write(f"{r['dir']}: {run_status(r['dir'])}")
+                progress.write(f"{r['dir']}: {run.status()}")
             progress.update(1)
     return crashed
-
-
-def best_metric(run_dir: Path, metric: str = "loss") -> Optional[float]:
-    """The best finite validation ``metric`` of a run (min loss, max acc), or None."""
-    values = []
-    path = Path(run_dir) / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            v = r.get(metric)
-            if r.get("split") == "val" and isinstance(v, (int, float)) and math.isfinite(v):
-                values.append(float(v))
-    if not values:
-        return None
-    return min(values) if metric == "loss" else max(values)
 
 
 def collect(exp_root: Path, metric: str = "loss") -> dict:
@@ -137,21 +121,22 @@ def collect(exp_root: Path, metric: str = "loss") -> dict:
     import optimizers
 
     out: dict = {}
-    for summary_path in sorted(Path(exp_root).glob("*/x*/seed*/summary.json")):
-        run_dir = summary_path.parent
+    for summary_path in sorted(Path(exp_root).glob(f"*/x*/seed*/{SUMMARY}")):
+        run = RunDir(summary_path.parent)
+        summary = run.summary() or {}
         try:
-            summary = json.loads(summary_path.read_text())
-            multiplier = float(run_dir.parent.name[1:])
+            multiplier = float(run.path.parent.name[1:])
         except ValueError:
             continue
-        status, name = summary.get("status"), run_dir.parent.parent.name
-        if status not in ("completed", "diverged") or name not in optimizers.NAMES:
+        status, name = summary.get("status"), run.path.parent.parent.name
+        if status not in FINISHED or name not in optimizers.NAMES:
             continue
         entry = out.setdefault(name, {"hp": step_size_name(name), "tuned": None, "points": defaultdict(list)})
         value = (summary.get("hyperparameters") or {}).get(entry["hp"])
         if entry["tuned"] is None and isinstance(value, (int, float)):
             entry["tuned"] = value / multiplier
-        entry["points"][multiplier].append((status, best_metric(run_dir, metric)))
+        best = run.best("val", metric, "min" if metric == "loss" else "max")
+        entry["points"][multiplier].append((status, None if best is None else float(best[metric])))
     return out
 
 

@@ -12,7 +12,6 @@ import argparse
 import importlib.util
 import atexit
 import contextlib
-import json
 import os
 import random
 import sys
@@ -31,6 +30,7 @@ from .checkpoint import write_text_atomic
 from .errors import UsageError
 from .experiments import Experiment, experiment
 from .parallel import PARALLEL
+from .rundir import RunDir
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -130,7 +130,7 @@ class Run:
         run keeps the file, which ``start`` checked to be identical)."""
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.dir / "config.yaml", config_lib.dump(self.cfg))
+            write_text_atomic(RunDir(self.dir).config_file, config_lib.dump(self.cfg))
 
     def print(self, *args, **kwargs):
         if self.is_main:
@@ -192,12 +192,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_status(run_dir: Path) -> Optional[str]:
-    """The ``status`` of an existing run directory's summary.json, or None."""
-    try:
-        return json.loads((Path(run_dir) / "summary.json").read_text()).get("status")
-    except (OSError, ValueError):
-        return None
+def check_resumable(saved: RunDir, cfg: dict) -> None:
+    """A one-line UsageError when ``saved`` holds a checkpointed run with another config
+    (naming the keys that differ): a resume must use the same arguments."""
+    if saved.config_file.exists() and saved.checkpoint_file.exists():
+        old = saved.config()
+        if old != cfg:
+            diff = sorted(k for k in set(config_lib.flatten(old)) | set(config_lib.flatten(cfg))
+                          if config_lib.flatten(old).get(k) != config_lib.flatten(cfg).get(k))
+            raise UsageError(f"{saved.path} holds a run with a different config ({', '.join(diff)}); "
+                             "resume it with the same arguments or choose another --out")
 
 
 def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Optional[Run]:
@@ -230,17 +234,11 @@ def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Opti
                          f"got {train['precision']!r}")
     if cfg.get("wandb") and importlib.util.find_spec("wandb") is None:
         raise UsageError("wandb=true but wandb is not installed: pip install wandb (or --set wandb=false)")
-    saved = run_dir / "config.yaml"
-    if saved.exists() and (run_dir / "checkpoint.pt").exists():
-        old = config_lib.read_yaml(saved)
-        if old != cfg:
-            diff = sorted(k for k in set(config_lib.flatten(old)) | set(config_lib.flatten(cfg))
-                          if config_lib.flatten(old).get(k) != config_lib.flatten(cfg).get(k))
-            raise UsageError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); "
-                             "resume it with the same arguments or choose another --out")
+    saved = RunDir(run_dir)
+    check_resumable(saved, cfg)
 
-    if run_status(run_dir) in ("completed", "diverged"):
-        print(f"{run_dir}: already {run_status(run_dir)}; nothing to do", flush=True)
+    if saved.finished():
+        print(f"{run_dir}: already {saved.status()}; nothing to do", flush=True)
         return None
 
     rank, local_rank, world_size = _distributed_env()

@@ -3,6 +3,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -226,6 +227,48 @@ def test_wandb_is_optional_and_checked_before_anything_is_written(nano_data, tmp
                                                                           "train.max_iters=2")],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and (out / "summary.json").exists(), proc.stderr[-2000:]  # wandb=false needs none
+
+
+def test_launch_under_a_pipe_writes_one_line_per_run(nano_data, tmp_path):
+    """Not on a terminal (nohup, SLURM .out files): no progress-bar frames, one line per finished run."""
+    cmd = [sys.executable, "-m", "harness.launch", "nano", "--config", SMOKE, "--set", f"data.dir={nano_data}",
+           "--set", "train.max_iters=4", "--set", "train.eval_interval=2", "--optimizers", "adam", "cd",
+           "--seeds", "1", "--parallel", "1", "--runs-dir", str(tmp_path / "runs"), "--no-report"]
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # the bar would be on
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stdout + proc.stderr and proc.stderr == ""
+    header, *lines = proc.stdout.splitlines()
+    assert header.startswith("nano: 2 runs to do (0 already finished) on the CPU, 1 at a time")
+    assert len(lines) == 2
+    for k, (line, name) in enumerate(zip(lines, ("adam", "cd")), 1):
+        assert re.fullmatch(rf"  {name} seed 1: completed \(exit 0\) \[{k}/2 done, elapsed 0:\d\d:\d\d\]", line), line
+
+
+def test_ctrl_c_reaches_the_runs_of_a_launch(nano_data, tmp_path):
+    """Runs have their own session, so a terminal's Ctrl-C (SIGINT to launch's process group)
+    reaches only launch, which forwards SIGTERM: the run checkpoints and launch exits 75."""
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "harness.launch", "nano", "--config", SMOKE, "--set", f"data.dir={nano_data}",
+           "--set", "train.max_iters=1000000", "--set", "train.eval_interval=2", "--optimizers", "adam",
+           "--seeds", "1", "--runs-dir", str(runs), "--no-report"]
+    launch = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # its own process group, as a terminal's foreground job
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (runs / "adam" / "seed1" / "metrics.jsonl").exists():
+            time.sleep(0.1)
+        children = Path(f"/proc/{launch.pid}/task/{launch.pid}/children")
+        if children.exists():
+            (child,) = [int(pid) for pid in children.read_text().split()]
+            assert os.getsid(child) != os.getsid(launch.pid)
+        os.killpg(launch.pid, signal.SIGINT)
+        assert launch.wait(timeout=120) == EXIT_INTERRUPTED
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+    summary = json.loads((runs / "adam" / "seed1" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and (runs / "adam" / "seed1" / "checkpoint.pt").exists()
 
 
 def test_runs_per_gpu_plans_round_robin_slots():

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from harness import robustness, sweep
 from harness.errors import UsageError
 from harness.loop import EXIT_INTERRUPTED, STOP_AFTER_ENV
+from harness.rundir import RunDir
 from nano import train as nano_train
 from nano.prepare import prepare
 
@@ -121,7 +122,7 @@ def test_sweep_survives_interruptions_and_runs_no_trial_twice(cd_study, runs):
         run_dir = Path(t.user_attrs["run_dir"])
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
         assert val_steps(run_dir) == [0, 2, 4]
-        assert t.value == pytest.approx(sweep.run_result(run_dir)[1])
+        assert t.value == pytest.approx(RunDir(run_dir).best("val", "loss", "min")["loss"])
         assert t.user_attrs["seed"] == 1337  # nano's first paper seed, for every trial
         assert not (run_dir / "checkpoint.pt").exists()  # finished trials keep no checkpoint
     # The stopped trial's run resumed from its checkpoint instead of starting again.
@@ -181,10 +182,10 @@ def test_nan_trials_are_pruned_and_the_study_completes(child_env, nano_data, run
 
 def test_a_pruner_stops_the_run_of_a_hopeless_trial(child_env, nano_data, tmp_path):
     """The worker reads the running trial's metrics, reports them, and SIGTERMs the run on a prune."""
-    study = sweep.run_sweep("nano", "adam", trials=1, config=SMOKE, poll_s=0.2, out_root=tmp_path, plot=False,
-                            sets=[f"data.dir={nano_data}", "train.max_iters=100000", "train.eval_interval=2",
-                                  "train.eval_iters=2"],
-                            pruner_obj=optuna.pruners.ThresholdPruner(upper=0.0))  # any loss > 0 prunes
+    options = sweep.SweepOptions("nano", "adam", trials=1, config=SMOKE, poll_s=0.2, out_root=tmp_path, plot=False,
+                                 sets=[f"data.dir={nano_data}", "train.max_iters=100000", "train.eval_interval=2",
+                                       "train.eval_iters=2"])
+    study = sweep.run_sweep(options, pruner_obj=optuna.pruners.ThresholdPruner(upper=0.0))  # any loss > 0 prunes
     (trial,) = study.get_trials()
     assert trial.state == TrialState.PRUNED and 0 in trial.intermediate_values
     summary = json.loads((Path(trial.user_attrs["run_dir"]) / "summary.json").read_text())

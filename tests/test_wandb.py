@@ -184,9 +184,10 @@ def test_records_sent_before_a_crash_are_not_sent_again(nano_data, tmp_path, wan
 
 
 def test_a_sweep_trial_logs_its_records_once(nano_data, tmp_path, wandb_env):
-    study = sweep.run_sweep("nano", "adam", trials=1, config=SMOKE, poll_s=0.2, out_root=tmp_path / "sweeps",
-                            plot=False, sets=[f"data.dir={nano_data}", "wandb=true", "train.max_iters=4",
-                                              "train.eval_interval=2", "train.eval_iters=2"])
+    study = sweep.run_sweep(sweep.SweepOptions("nano", "adam", trials=1, config=SMOKE, poll_s=0.2,
+                                               out_root=tmp_path / "sweeps", plot=False,
+                                               sets=[f"data.dir={nano_data}", "wandb=true", "train.max_iters=4",
+                                                     "train.eval_interval=2", "train.eval_iters=2"]))
     (trial,) = study.get_trials()
     run_dir = Path(trial.user_attrs["run_dir"])
     assert trial.state.name == "COMPLETE", (run_dir / "train.log").read_text()[-2000:]

@@ -1,0 +1,82 @@
+"""A study's result for the configs: the best trial's hyperparameters in ``best.yaml`` format,
+to a new file (``export --out``) or in place in ``<exp>/configs/best.yaml`` (``--write-best``)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from ..errors import UsageError
+from ..experiments import Experiment
+
+
+def best_params(study) -> dict[str, float]:
+    """The best completed trial's hyperparameters; a one-line UsageError if none completed."""
+    from optuna.trial import TrialState
+
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise UsageError(f"study {study.study_name} has no completed trial yet")
+    return dict(study.best_trial.params)
+
+
+def yaml_float(value: float) -> str:
+    """A float YAML 1.1 reads back as a float (``1e-05`` would be a string; ``1.0e-05`` is not)."""
+    text = repr(float(value))
+    mantissa, e, exponent = text.partition("e")
+    if e and "." not in mantissa:
+        text = f"{mantissa}.0e{exponent}"
+    return text
+
+
+def flow_entry(params: dict) -> str:
+    """``{h: 0.25, c: 3.0}``: one YAML flow mapping of floats."""
+    return "{" + ", ".join(f"{k}: {yaml_float(v)}" for k, v in params.items()) + "}"
+
+
+def export_best(study, exp: Experiment, optimizer: str, out: Path, force: bool = False) -> Path:
+    """Write ``{optimizer: {hp: value}}`` (best.yaml format) to a new file ``out``."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise UsageError(f"{out} exists; choose a new --out or pass --force to overwrite it")
+    best = study.best_trial
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# Best of study {study.study_name}: trial {best.number}, best val loss {best.value:.6g}, "
+                   f"run {best.user_attrs.get('run_dir', '?')}.\n"
+                   f"# Use with: python -m {' '.join([exp.module, *exp.args])} --optimizer {optimizer} --config {out}\n"
+                   f"{optimizer}: {flow_entry(best_params(study))}\n")
+    return out
+
+
+def write_best(best_yaml: Path, optimizer: str, params: dict) -> None:
+    """Replace (or append) the ``optimizer:`` entry of a best.yaml, keeping every other line and comment."""
+    from ..config import as_number
+
+    best_yaml = Path(best_yaml)
+    text = best_yaml.read_text() if best_yaml.exists() else ""
+    before = yaml.safe_load(text) or {}
+    merged = {**(before.get(optimizer) or {}), **params}
+    lines = text.splitlines(keepends=True)
+    pattern = re.compile(rf"^{re.escape(optimizer)}\s*:\s*")
+    for i, line in enumerate(lines):
+        match = pattern.match(line)
+        if match:
+            end = i + 1  # a block-style entry continues on indented lines
+            while end < len(lines) and lines[end][:1] in (" ", "\t") and lines[end].strip():
+                end += 1
+            lines[i:end] = [f"{match.group(0)}{flow_entry(merged)}\n"]
+            break
+    else:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        lines.append(f"{optimizer}: {flow_entry(merged)}\n")
+    new = "".join(lines)
+    after = yaml.safe_load(new)
+    expected = {**before, optimizer: merged}
+    if {k: {h: as_number(v) for h, v in (e or {}).items()} for k, e in after.items()} != \
+            {k: {h: as_number(v) for h, v in (e or {}).items()} for k, e in expected.items()}:
+        raise UsageError(f"could not edit {best_yaml} in place; write the entry by hand: {optimizer}: {flow_entry(merged)}")
+    tmp = best_yaml.with_name(f".{best_yaml.name}.tmp{os.getpid()}")
+    tmp.write_text(new)
+    os.replace(tmp, best_yaml)

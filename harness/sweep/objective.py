@@ -1,0 +1,135 @@
+"""The objective: one trial = one ordinary run in a subprocess, its best validation loss.
+
+The run is ``python -m <exp>.train --optimizer NAME --seed S --set optimizer.<hp>=<value> ...
+--out <sweep dir>/trial-<k>``: a crash or a NaN never takes the worker down, and every
+trial starts from fresh torch state. Trial directories are named by the first trial of a
+retry chain (``trial-<k>``, k the original trial's number), so a retry resumes the run
+directory of the trial it retries.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .. import processes
+from ..errors import UsageError
+from ..experiments import Experiment, train_command
+from ..rundir import RunDir, finite
+from ..signals import EXIT_INTERRUPTED, StopFlag
+from .space import Range, set_arg
+
+
+class WorkerInterrupted(Exception):
+    """The worker was asked to stop; the trial's run checkpointed and the trial will be retried."""
+
+
+class TrialCrashed(Exception):
+    """The trial's run exited with an error (not a divergence): the trial fails, the worker goes on."""
+
+
+class _Reports:
+    """Validation losses a running trial logged since the last look, reported to Optuna once
+    per step (the pruner's input)."""
+
+    def __init__(self, trial, run: RunDir):
+        self.trial, self.run, self.offset, self.steps = trial, run, 0, set()
+
+    def send(self) -> None:
+        records, self.offset = self.run.records_after(self.offset)
+        for r in records:
+            if r.get("split") == "val" and finite(r.get("loss")) and r["step"] not in self.steps:
+                self.steps.add(r["step"])
+                self.trial.report(float(r["loss"]), int(r["step"]))
+
+
+class Objective:
+    """One trial = one ordinary run of ``exp`` in a subprocess; returns its best validation loss.
+
+    A run that diverged (or logged no finite validation loss) prunes the trial, as does the
+    pruner (the run is then stopped); an interrupted run raises ``WorkerInterrupted``, a
+    crashed one ``TrialCrashed``, one that could not start (exit 2) ``UsageError``."""
+
+    def __init__(self, exp: Experiment, optimizer: str, space: dict[str, Range], *, seed: int, out: Path,
+                 config: Optional[str], sets: Sequence[str], signals: StopFlag, poll_s: float = 10.0,
+                 keep_checkpoints: bool = False, nproc: int = 1):
+        self.exp, self.optimizer, self.space, self.seed, self.out = exp, optimizer, space, seed, out
+        self.config, self.sets, self.signals, self.poll_s = config, list(sets), signals, poll_s
+        self.keep_checkpoints, self.nproc = keep_checkpoints, nproc
+        self.current: Optional[int] = None  # the number of the trial whose run is in flight
+
+    def __call__(self, trial) -> float:
+        self.current = None
+        if self.signals.flag:
+            raise WorkerInterrupted("stop requested before the trial started")
+        run, proc = self._start(trial)
+        rc, pruned = self._wait(trial, run, proc)
+        return self._result(trial, run, rc, pruned)
+
+    def _start(self, trial) -> tuple[RunDir, subprocess.Popen]:
+        """Sample the hyperparameters, record the trial's run directory, seed, host and pids, start the run."""
+        params = {hp: trial.suggest_float(hp, r.low, r.high, log=r.log) for hp, r in self.space.items()}
+        root = int(trial.user_attrs.get("root", trial.number))  # a retry inherits its original's attrs
+        run = RunDir(self.out / f"trial-{root}")
+        for key, value in {"root": root, "seed": self.seed, "run_dir": str(run.path), "host": socket.gethostname(),
+                           "pid": os.getpid(), "pid_start": processes.start_time(os.getpid())}.items():
+            trial.set_user_attr(key, value)
+        cmd = train_command(self.exp, self.optimizer, self.seed, run.path, self.config,
+                            self.sets + [set_arg(f"optimizer.{k}", v) for k, v in params.items()], self.nproc)
+        proc = processes.start(cmd, run.log_file)
+        self.current = trial.number
+        self.signals.child = proc
+        trial.set_user_attr("child_pid", proc.pid)
+        trial.set_user_attr("child_start", processes.start_time(proc.pid))
+        return run, proc
+
+    def _wait(self, trial, run: RunDir, proc: subprocess.Popen) -> tuple[int, bool]:
+        """Wait for the run, reporting its validation losses every ``poll_s`` seconds; stop it
+        when the pruner says so. Returns (exit status, pruned)."""
+        reports, pruned = _Reports(trial, run), False
+        try:
+            while True:
+                try:
+                    rc = proc.wait(timeout=self.poll_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                reports.send()
+                if not self.signals.flag and trial.should_prune():
+                    pruned, rc = True, processes.stop(proc)
+                    break
+        finally:
+            self.signals.child = None
+            if proc.poll() is None:  # an exception above: never leave the run behind
+                processes.stop(proc)
+        reports.send()
+        return rc, pruned
+
+    def _result(self, trial, run: RunDir, rc: int, pruned: bool) -> float:
+        import optuna
+
+        status = run.status()
+        trial.set_user_attr("status", status)
+        if pruned:
+            self._drop_checkpoint(run)
+            raise optuna.TrialPruned(f"median pruner stopped the run at {run.path}")
+        if rc == EXIT_INTERRUPTED or (rc != 0 and self.signals.flag):  # a run that finished anyway counts
+            raise WorkerInterrupted(f"{run.path} interrupted (exit status {rc}); the trial will be retried")
+        if rc == 2:
+            raise UsageError(f"trial {trial.number} could not start: {processes.last_line(run.log_file)}")
+        if rc != 0:
+            trial.set_user_attr("error", f"exit status {rc}: {processes.last_line(run.log_file)}")
+            raise TrialCrashed(f"{run.path} exited with status {rc}: {processes.last_line(run.log_file)}")
+        self._drop_checkpoint(run)
+        best = run.best("val", "loss", "min")
+        if status == "diverged" or best is None:
+            raise optuna.TrialPruned(f"{run.path} {status or 'logged no finite validation loss'}")
+        trial.set_user_attr("best_step", int(best["step"]))
+        return float(best["loss"])
+
+    def _drop_checkpoint(self, run: RunDir) -> None:
+        """A finished trial's checkpoint is never needed again (the summary says it is done)."""
+        if not self.keep_checkpoints:
+            run.checkpoint_file.unlink(missing_ok=True)

@@ -1,0 +1,160 @@
+"""The study and its recovery: Optuna storage, the study of one experiment x optimizer,
+and the retry of trials whose worker was interrupted or died.
+
+A trial whose worker died is found at the next worker start on the same host (its
+pid is gone: :func:`recover_dead_trials`) and on any host by Optuna's heartbeat after
+``--grace`` seconds; either way it is marked FAIL and re-enqueued with the same
+hyperparameters (at most ``MAX_RETRY`` times), and the retry resumes its run directory.
+"""
+from __future__ import annotations
+
+import re
+import socket
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .. import processes
+from ..errors import UsageError
+from ..experiments import Experiment
+from .space import Range
+
+MAX_RETRY = 10  # re-enqueues of one interrupted trial before it is given up
+
+
+def quiet_optuna():
+    """optuna, with its logging and warnings turned down."""
+    import optuna
+
+    # The worker prints one line per trial itself (and the reason of a failure), no tracebacks.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+    return optuna
+
+
+def _retry_callback():
+    """Optuna's retry of a failed trial (the class was renamed in Optuna 4.9)."""
+    import optuna
+
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    if cls is not None:
+        return cls(max_retry=MAX_RETRY), "heartbeat_stale_trial_callback"
+    return optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY), "failed_trial_callback"
+
+
+def sweep_dir(exp: Experiment, optimizer: str, root: str | Path = "runs/sweeps") -> Path:
+    """Where the study's trial run directories and figures go: ``<root>/<exp>/<optimizer>``."""
+    return Path(root).resolve() / exp.name / optimizer
+
+
+def default_storage(exp: Experiment, optimizer: str, root: str | Path = "runs/sweeps") -> str:
+    return f"sqlite:///{sweep_dir(exp, optimizer, root) / 'study.db'}"
+
+
+def study_name(exp: Experiment, optimizer: str) -> str:
+    return f"{exp.name}-{optimizer}"
+
+
+def storage(url: str, heartbeat_s: Optional[int] = None, grace_s: Optional[int] = None, create: bool = True):
+    """An ``RDBStorage`` (SQLite, PostgreSQL, MySQL) with the heartbeat and the retry callback."""
+    optuna = quiet_optuna()
+    if not re.match(r"^(sqlite|postgresql|mysql)(\+\w+)?://", url):
+        raise UsageError(f"--storage must be an sqlite:///, postgresql:// or mysql:// URL, got {url!r}")
+    if url.startswith("sqlite:///"):
+        db = Path(url[len("sqlite:///"):])
+        if not create and not db.is_file():
+            raise UsageError(f"no study at {db}; run `bash scripts/sweep.sh <exp> <optimizer>` first or pass --storage")
+        db.parent.mkdir(parents=True, exist_ok=True)
+    retry, keyword = _retry_callback()
+    kwargs = {}
+    if heartbeat_s:
+        kwargs = {"heartbeat_interval": int(heartbeat_s), "grace_period": int(grace_s or 3 * heartbeat_s),
+                  keyword: retry}
+    # SQLite serialises writers: wait for the lock instead of failing when workers collide.
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+
+
+def load_study(exp: Experiment, optimizer: str, url: Optional[str] = None, out_root: str | Path = "runs/sweeps"):
+    """The existing study of ``exp`` x ``optimizer``; a one-line UsageError if there is none."""
+    optuna = quiet_optuna()
+    url = url or default_storage(exp, optimizer, out_root)
+    name = study_name(exp, optimizer)
+    try:
+        return optuna.load_study(study_name=name, storage=storage(url, create=False))
+    except KeyError:
+        raise UsageError(f"no study named {name} in {url}; run `bash scripts/sweep.sh {exp.name} {optimizer}`") from None
+
+
+def open_study(exp: Experiment, optimizer: str, space: dict[str, Range], seed: int, store, url: str, pruner):
+    """Create (or load) the study of ``exp`` x ``optimizer`` in ``store``: refused when it was made
+    with another search space; records the space, experiment, optimizer and trial seed."""
+    optuna = quiet_optuna()
+    study = optuna.create_study(study_name=study_name(exp, optimizer), storage=store, direction="minimize",
+                                load_if_exists=True, pruner=pruner)
+    recorded = {hp: [r.low, r.high, "log" if r.log else "uniform"] for hp, r in space.items()}
+    if study.user_attrs.get("space", recorded) != recorded:
+        raise UsageError(f"study {study.study_name} in {url} was made with the search space "
+                         f"{study.user_attrs['space']}, not {recorded}; use another --storage")
+    for key, value in {"space": recorded, "experiment": exp.name, "optimizer": optimizer, "seed": seed}.items():
+        if key not in study.user_attrs:
+            study.set_user_attr(key, value)
+    return study
+
+
+def seed_sampler(study, sampler_seed: int, worker: int) -> int:
+    """Give ``study`` a TPE sampler (constant liar, for parallel workers) seeded differently for
+    every worker and every restart, reproducibly from the study's history; returns the seed."""
+    optuna = quiet_optuna()
+    tpe_seed = int(np.random.SeedSequence([sampler_seed, worker, len(study.trials)]).generate_state(1)[0])
+    study.sampler = optuna.samplers.TPESampler(seed=tpe_seed, constant_liar=True)
+    return tpe_seed
+
+
+def finished(study) -> int:
+    """The study's finished (complete or pruned) trials."""
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def retry(study, number: int) -> None:
+    """Enqueue a retry of the FAILed trial ``number``: same hyperparameters and user attributes
+    (so the same run directory), with Optuna's retry bookkeeping (``retry_history``)."""
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    if frozen.params:  # a trial stopped before it sampled anything has nothing to retry
+        _retry_callback()[0](study, frozen)
+
+
+def fail_and_retry(study, store, number: int) -> bool:
+    """Mark the RUNNING trial ``number`` FAIL and enqueue its retry; False if another worker did it first."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    trial_id = store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name(study.study_name), number)
+    try:
+        if not store.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            return False
+    except UpdateFinishedTrialError:
+        return False
+    retry(study, number)
+    return True
+
+
+def recover_dead_trials(study, store) -> list[int]:
+    """RUNNING trials whose worker ran on this host and is gone: stop an orphaned run (it
+    checkpoints), then fail and re-enqueue the trial. Other hosts' trials are left to the heartbeat."""
+    from optuna.trial import TrialState
+
+    host, recovered = socket.gethostname(), []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        a = t.user_attrs
+        if a.get("host") != host or processes.alive(a.get("pid"), a.get("pid_start")):
+            continue
+        processes.stop_pid(a.get("child_pid"), a.get("child_start"))  # the run checkpoints
+        if fail_and_retry(study, store, t.number):
+            recovered.append(t.number)
+    return recovered

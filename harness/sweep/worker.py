@@ -1,0 +1,149 @@
+"""One sweep worker: ``SweepOptions`` (what ``python -m harness.sweep run`` is asked) and
+``run_sweep``, which runs trials of the study until it holds its number of finished ones.
+
+Any number of workers may run the same options at once (Optuna's distributed mode): each
+stops once the study holds ``trials`` finished (complete or pruned) trials, and one that is
+mid-trial then finishes that trial, so a study of W workers may end up to W - 1 trials over.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..errors import UsageError
+from ..experiments import experiment, paper_seeds
+from ..signals import StopFlag
+from .objective import Objective, TrialCrashed, WorkerInterrupted
+from .plots import plot_study
+from .space import budget_sets, load_space, optimizer_space
+from .study import (default_storage, finished, open_study, recover_dead_trials, retry, seed_sampler, storage,
+                    sweep_dir, quiet_optuna)
+
+MAX_CONSECUTIVE_CRASHES = 3  # a worker whose trials keep crashing stops (something is broken)
+
+
+@dataclass
+class SweepOptions:
+    """A sweep worker's options; the fields are ``python -m harness.sweep run``'s options."""
+
+    experiment: str                    # nano, vit, ...; bert/sst2 for a task
+    optimizer: str
+    trials: Optional[int] = None       # finished trials to reach (default: space.yaml's)
+    storage_url: Optional[str] = None  # default sqlite:///<out_root>/<exp>/<optimizer>/study.db
+    seed: Optional[int] = None         # every trial's run seed (default: the first paper seed)
+    sampler_seed: int = 0              # TPE seed, mixed with the worker index
+    worker: Optional[int] = None       # default $SLURM_ARRAY_TASK_ID or 0
+    pruner: str = "none"               # none | median
+    prune_startup: int = 5             # median pruner: trials before it prunes
+    prune_warmup: int = 0              # median pruner: steps before it prunes a trial
+    config: Optional[str] = None       # YAML applied to every trial (its keys win over the budget)
+    sets: Sequence[str] = ()           # --set KEY=VALUE for every trial
+    space_file: Optional[str] = None   # default <exp>/configs/space.yaml
+    out_root: str | Path = "runs/sweeps"
+    poll_s: float = 10.0               # seconds between looks at a running trial's metrics
+    heartbeat_s: int = 60
+    grace_s: Optional[int] = None      # without a heartbeat for this long a trial is dead (default 3x)
+    keep_checkpoints: bool = False     # keep finished trials' checkpoint.pt
+    nproc: int = 1                     # GPUs per trial (torchrun) when > 1
+    plot: bool = True                  # draw the study's figures at the end
+
+    @classmethod
+    def from_args(cls, args) -> "SweepOptions":
+        """From an argparse namespace whose names are the fields'."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def _pruner(options: SweepOptions):
+    optuna = quiet_optuna()
+    if options.pruner not in ("none", "median"):
+        raise UsageError(f"--pruner must be none or median, got {options.pruner!r}")
+    if options.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=options.prune_startup,
+                                           n_warmup_steps=options.prune_warmup)
+    return optuna.pruners.NopPruner()
+
+
+def run_sweep(options: SweepOptions, pruner_obj=None):
+    """Run one worker of the study ``<exp>-<optimizer>`` until it holds ``options.trials`` finished
+    (complete or pruned) trials; returns the study. ``pruner_obj`` replaces the options' pruner.
+    Raises UsageError on bad input (before any trial), ``WorkerInterrupted`` when a signal stopped
+    it (the trial in flight will be retried) and ``TrialCrashed`` after too many crashes in a row."""
+    from .. import config as config_lib
+
+    exp = experiment(options.experiment)
+    optimizer = str(options.optimizer).lower()
+    space = load_space(exp, options.space_file)
+    hp_space = optimizer_space(space, optimizer)
+    n_trials = int(options.trials or space["trials"])
+    seed = int(options.seed if options.seed is not None else paper_seeds(exp)[0])
+    run_sets = budget_sets(space["budget"], options.config) + list(options.sets)
+    # Bad keys or values fail here, once, not in every trial.
+    config_lib.resolve(exp.name, optimizer, seed, options.config, run_sets, exp.configs)
+
+    out = sweep_dir(exp, optimizer, options.out_root)
+    url = options.storage_url or default_storage(exp, optimizer, options.out_root)
+    store = storage(url, options.heartbeat_s, options.grace_s)
+    worker = options.worker if options.worker is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0) or 0)
+    pruner = pruner_obj if pruner_obj is not None else _pruner(options)
+    study = open_study(exp, optimizer, hp_space, seed, store, url, pruner)
+    recovered = recover_dead_trials(study, store)
+    tpe_seed = seed_sampler(study, options.sampler_seed, worker)
+
+    done = finished(study)
+    print(f"study {study.study_name} in {url}: {done}/{n_trials} finished, worker {worker}, TPE seed {tpe_seed}, "
+          f"trial seed {seed}, runs in {out}"
+          + (f"; retrying interrupted trial(s) {recovered}" if recovered else ""), flush=True)
+    if done < n_trials:
+        _optimize(study, n_trials, out, lambda signals: Objective(
+            exp, optimizer, hp_space, seed=seed, out=out, config=options.config, sets=run_sets, signals=signals,
+            poll_s=options.poll_s, keep_checkpoints=options.keep_checkpoints, nproc=options.nproc))
+    if options.plot:
+        for path in plot_study(study, out):
+            print(path)
+    return study
+
+
+def _optimize(study, n_trials: int, out: Path, objective_for) -> None:
+    """Run trials (``objective_for(signals)`` is the objective) under one progress bar until the
+    study holds ``n_trials`` finished ones, a signal arrives or trials keep crashing."""
+    from tqdm.auto import tqdm
+
+    with StopFlag() as signals, tqdm(total=n_trials, initial=finished(study), desc=study.study_name,
+                                     dynamic_ncols=True) as progress:
+        objective = objective_for(signals)
+        after_trial = _AfterTrial(progress, signals, n_trials)
+        try:
+            study.optimize(objective, callbacks=[after_trial], catch=(TrialCrashed,), gc_after_trial=False)
+        except WorkerInterrupted:
+            if objective.current is not None:  # Optuna has marked it FAIL
+                retry(study, objective.current)
+            raise
+        if after_trial.crashes >= MAX_CONSECUTIVE_CRASHES:
+            raise TrialCrashed(f"{MAX_CONSECUTIVE_CRASHES} trials in a row crashed; see the train.log "
+                               f"of the last trials under {out}")
+
+
+class _AfterTrial:
+    """Optuna's callback after each trial: one line about it, the progress bar, and the stops
+    (the study has its finished trials, a stop request, ``MAX_CONSECUTIVE_CRASHES`` in a row)."""
+
+    def __init__(self, progress, signals: StopFlag, n_trials: int):
+        self.progress, self.signals, self.n_trials, self.crashes = progress, signals, n_trials, 0
+
+    def __call__(self, study, frozen) -> None:
+        state = frozen.state.name.lower()
+        value = f" best val loss {frozen.value:.4f}" if frozen.value is not None else ""
+        if state == "fail":
+            value = f" ({frozen.user_attrs.get('error', '?')})"
+        elif state == "pruned":
+            value = f" (run {frozen.user_attrs.get('status') or 'stopped early'})"
+        params = ", ".join(f"{k}={v:.4g}" for k, v in frozen.params.items())
+        self.progress.write(f"trial {frozen.number} ({frozen.user_attrs.get('run_dir', '?')}): {state}{value}; "
+                            f"{params}")
+        self.crashes = self.crashes + 1 if state == "fail" else 0
+        self.progress.n = finished(study)
+        self.progress.refresh()
+        if self.progress.n >= self.n_trials or self.signals.flag or self.crashes >= MAX_CONSECUTIVE_CRASHES:
+            study.stop()
