@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import processes
 from .config import read_yaml, resolve
-from .errors import UsageError
+from .errors import UsageError, command
 from .experiments import Experiment, experiment, paper_seeds, train_command
 from .rundir import FINISHED, RunDir
 from .signals import EXIT_INTERRUPTED, StopFlag
@@ -178,28 +178,25 @@ def run_all(exp: Experiment, jobs: list, slots: list, threads: int, runs_dir: Pa
     return failed, stop.flag
 
 
+@command
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        exp = experiment(args.experiment)
-        names = [n.lower() for n in (args.optimizers or list(read_yaml(exp.configs / "best.yaml")))]
-        seeds = args.seeds or paper_seeds(exp)
-        # Fails fast, before launching anything, on any bad name, key or value.
-        train_cfg = {n: resolve(exp.name, n, seeds[0], args.config, args.sets, exp.configs).get("train", {})
-                     for n in names}
-        everything = list(itertools.product(names, seeds))
-        if args.list:
-            for i, (name, seed) in enumerate(everything):
-                print(i, name, seed)
+    exp = experiment(args.experiment)
+    names = [n.lower() for n in (args.optimizers or list(read_yaml(exp.configs / "best.yaml")))]
+    seeds = args.seeds or paper_seeds(exp)
+    # Fails fast, before launching anything, on any bad name, key or value.
+    train_cfg = {n: resolve(exp.name, n, seeds[0], args.config, args.sets, exp.configs).get("train", {})
+                 for n in names}
+    everything = list(itertools.product(names, seeds))
+    if args.list:
+        for i, (name, seed) in enumerate(everything):
+            print(i, name, seed)
+        return 0
+    if args.index is not None:
+        everything = _task_runs(everything, args.index, args.runs_per_task)
+        if everything is None:
             return 0
-        if args.index is not None:
-            everything = _task_runs(everything, args.index, args.runs_per_task)
-            if everything is None:
-                return 0
-        slots, threads = plan_slots(_gpus(args.gpus), args.runs_per_gpu, args.parallel)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    slots, threads = plan_slots(_gpus(args.gpus), args.runs_per_gpu, args.parallel)
 
     runs_dir = args.runs_dir or Path("runs") / exp.runs_subdir
     (runs_dir / "logs").mkdir(parents=True, exist_ok=True)

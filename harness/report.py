@@ -14,7 +14,6 @@ groups runs by experiment and optimizer, and writes to ``--out`` (default
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -23,7 +22,7 @@ import numpy as np
 
 import optimizers
 
-from .errors import UsageError
+from .errors import UsageError, command
 from .rundir import RunDir, best_record, finite_values
 
 
@@ -197,18 +196,14 @@ def report(root: Path, out: Optional[Path] = None, title: Optional[str] = None) 
     return written
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__.split("\n\n")[0])
     p.add_argument("runs_dir", type=Path)
     p.add_argument("--out", type=Path, default=None, help="output folder (default results/<experiment>)")
     p.add_argument("--title", default=None)
     args = p.parse_args(argv)
-    try:
-        written = report(args.runs_dir, args.out, args.title)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for path in written:
+    for path in report(args.runs_dir, args.out, args.title):
         print(path)
     return 0
 

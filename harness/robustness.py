@@ -35,11 +35,11 @@ import optimizers
 
 from . import processes
 from .config import read_yaml
-from .errors import UsageError
+from .errors import UsageError, command
 from .experiments import Experiment, experiment, paper_seeds, train_command
 from .report import label
 from .rundir import FINISHED, SUMMARY, RunDir
-from .signals import EXIT_INTERRUPTED, StopFlag
+from .signals import EXIT_INTERRUPTED, Interrupted, StopFlag
 from .sweep.space import budget_sets, load_space, set_arg
 
 
@@ -83,7 +83,7 @@ def plan(exp: Experiment, optimizers_: Sequence[str], seeds: Sequence[int], mult
 def run_scan(exp: Experiment, runs: list[dict], config: Optional[str], sets: Sequence[str]) -> int:
     """Run every run not finished yet, one subprocess at a time; returns how many crashed.
 
-    Raises UsageError when a run cannot start (bad config, missing data) and SystemExit(75) when
+    Raises UsageError when a run cannot start (bad config, missing data) and Interrupted when
     a signal stopped the scan (the run in flight checkpointed: re-run the command to continue)."""
     from tqdm.auto import tqdm
 
@@ -93,7 +93,7 @@ def run_scan(exp: Experiment, runs: list[dict], config: Optional[str], sets: Seq
                                     dynamic_ncols=True) as progress:
         for r in todo:
             if signals.flag:  # a signal between two runs
-                raise SystemExit(EXIT_INTERRUPTED)
+                raise Interrupted(f"{exp.name} robustness: interrupted between runs")
             cmd = train_command(exp, r["optimizer"], r["seed"], r["dir"], config,
                                 [*sets, set_arg(f"optimizer.{r['hp']}", r["value"])])
             run = RunDir(r["dir"])
@@ -102,8 +102,7 @@ def run_scan(exp: Experiment, runs: list[dict], config: Optional[str], sets: Seq
             rc = proc.wait()
             signals.child = None
             if rc == EXIT_INTERRUPTED or signals.flag:
-                progress.write(f"{r['dir']}: interrupted; run the same command to continue")
-                raise SystemExit(EXIT_INTERRUPTED)
+                raise Interrupted(f"{r['dir']}: interrupted")
             if rc == 2:
                 raise UsageError(f"{r['dir']} could not start: {processes.last_line(run.log_file)}")
             if rc != 0:
@@ -278,6 +277,7 @@ def scan(spec: str, optimizers_: Optional[Iterable[str]] = None, seeds: Optional
     return render(exp.name, root / exp.name, Path(out) if out else root / exp.name, metric)
 
 
+@command
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.robustness", description=__doc__.split("\n\n")[0])
     p.add_argument("experiment", help="experiment folder (nano, vit, ...; bert/sst2 for a task)")
@@ -296,13 +296,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--shard", default=None, help="K/N: run only every N-th run from the K-th (parallel workers)")
     p.add_argument("--plot-only", action="store_true", help="only draw the figure and table from existing runs")
     args = p.parse_args(argv)
-    try:
-        written = scan(args.experiment, args.optimizers, args.seeds, args.multipliers, args.points, args.budget,
-                       args.config, args.sets, args.metric, args.root, args.out, args.shard, args.plot_only)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for path in written:
+    for path in scan(args.experiment, args.optimizers, args.seeds, args.multipliers, args.points, args.budget,
+                     args.config, args.sets, args.metric, args.root, args.out, args.shard, args.plot_only):
         print(path)
     return 0
 

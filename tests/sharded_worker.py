@@ -24,7 +24,6 @@ raises records its error and the others still run; a crash of the process
 """
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import traceback

@@ -15,11 +15,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..errors import UsageError
+from ..errors import UsageError, command
 from ..experiments import experiment
-from ..signals import EXIT_INTERRUPTED
 from .export import best_params, export_best, write_best
-from .objective import TrialCrashed, WorkerInterrupted
+from .objective import TrialCrashed
 from .plots import plot_study
 from .study import load_study, sweep_dir
 from .worker import SweepOptions, run_sweep
@@ -98,6 +97,7 @@ def _export_or_plot(args) -> None:
         print(f"{exp.configs / 'best.yaml'}: {optimizer} replaced by trial {study.best_trial.number}")
 
 
+@command
 def main(argv: Optional[list[str]] = None) -> int:
     """The command line; ``run`` is the default command. Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -110,12 +110,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             _export_or_plot(args)
         return 0
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except WorkerInterrupted as err:
-        print(f"interrupted: {err}; run the same command to continue", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except TrialCrashed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -18,12 +18,13 @@ from .. import processes
 from ..errors import UsageError
 from ..experiments import Experiment, train_command
 from ..rundir import RunDir, finite
-from ..signals import EXIT_INTERRUPTED, StopFlag
+from ..signals import EXIT_INTERRUPTED, Interrupted, StopFlag
 from .space import Range, set_arg
 
 
-class WorkerInterrupted(Exception):
-    """The worker was asked to stop; the trial's run checkpointed and the trial will be retried."""
+class WorkerInterrupted(Interrupted):
+    """The worker was asked to stop; the trial's run checkpointed and the trial will be retried
+    (the command exits with status 75, ``harness.errors.command``)."""
 
 
 class TrialCrashed(Exception):
