@@ -288,6 +288,15 @@ def _local(t: Optional[Tensor]) -> Optional[Tensor]:
 
 _FLAGS = ("foreach", "fused", "maximize")
 
+# The arguments every optimizer shares, said once: ``{common_args}`` in a subclass's docstring.
+COMMON_ARGS = """        lr: multiplier of the position update (>= 0, default 1: the paper's step);
+            what LR schedulers scale (see ``DampedOptimizer``).
+        weight_decay: rate lambda (>= 0) of the decoupled decay q' = -lambda q.
+        maximize: follow ``+grad f`` (maximise the objective).
+        foreach, fused: the code path (``DampedOptimizer``; optimizers/README.md, "Code paths").
+
+    Every hyperparameter may be a Python number or a one-element tensor."""
+
 
 class DampedOptimizer(Optimizer):
     """Base class: validation, lazy state, closure handling and path selection.
@@ -336,6 +345,8 @@ class DampedOptimizer(Optimizer):
         super().__init_subclass__(**kwargs)
         if "_update" in vars(cls) and "native_kernel" not in vars(cls):
             cls.native_kernel = None
+        if cls.__doc__ and "{common_args}" in cls.__doc__:
+            cls.__doc__ = cls.__doc__.replace("{common_args}", COMMON_ARGS.strip("\n"))
 
     def __init__(self, params: Iterable, defaults: dict, lr: Coefficient = 1.0, maximize: bool = False,
                  foreach: Optional[bool] = None, fused: Optional[bool] = None):

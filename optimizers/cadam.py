@@ -37,13 +37,7 @@ class CADAM(DampedOptimizer):
         c: cubic friction coefficient (>= 0).
         alpha: relaxation rate of the squared-gradient average zeta, per unit time (> 0).
         eps: added to sqrt(zeta) in the preconditioner (>= 0).
-        lr: multiplier of the position update (>= 0, default 1: the paper's step);
-            what LR schedulers scale (see ``DampedOptimizer``).
-        weight_decay: rate lambda (>= 0) of the decoupled decay q' = -lambda q.
-        maximize: follow ``+grad f`` (maximise the objective).
-        foreach, fused: the code path (``DampedOptimizer``; optimizers/README.md, "Code paths").
-
-    Every hyperparameter may be a Python number or a one-element tensor.
+{common_args}
     """
 
     state_names = ("momentum", "zeta")

@@ -35,13 +35,7 @@ class iKFAD(DampedOptimizer):
         alpha: relaxation rate of the friction variables, per unit time (> 0).
         mu: thermal mass of the friction variables (> 0); smaller mu, stronger feedback.
         gamma: constant linear friction, per unit time (>= 0).
-        lr: multiplier of the position update (>= 0, default 1: the paper's step);
-            what LR schedulers scale (see ``DampedOptimizer``).
-        weight_decay: rate lambda (>= 0) of the decoupled decay q' = -lambda q.
-        maximize: follow ``+grad f`` (maximise the objective).
-        foreach, fused: the code path (``DampedOptimizer``; optimizers/README.md, "Code paths").
-
-    Every hyperparameter may be a Python number or a one-element tensor.
+{common_args}
     """
 
     state_names = ("momentum", "xi")

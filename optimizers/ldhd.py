@@ -27,13 +27,7 @@ class LDHD(DampedOptimizer):
         params: iterable of parameters or dicts defining parameter groups.
         h: time step (> 0). Not a learning rate: ``h**2`` plays that role.
         gamma: linear friction coefficient, per unit time (>= 0).
-        lr: multiplier of the position update (>= 0, default 1: the paper's step);
-            what LR schedulers scale (see ``DampedOptimizer``).
-        weight_decay: rate lambda (>= 0) of the decoupled decay q' = -lambda q.
-        maximize: follow ``+grad f`` (maximise the objective).
-        foreach, fused: the code path (``DampedOptimizer``; optimizers/README.md, "Code paths").
-
-    Every hyperparameter may be a Python number or a one-element tensor.
+{common_args}
     The authors' release starts the momentum at ``+g0``; here it starts at zero.
     """
 

@@ -386,6 +386,8 @@ def test_registry_states_each_optimizers_facts():
     assert [optimizers.info(n).step_size for n in optimizers.NAMES] == ["lr", "lr"] + ["h"] * 7
     assert [optimizers.info(n).label for n in ("msgd", "ikfad0", "cadam")] == ["mSGD", "iKFAD0", "CADAM"]
     assert sorted(["cadam", "zzz", "adam", "cd0"], key=optimizers.sort_key) == ["adam", "cd0", "cadam", "zzz"]
+    for cls in OURS:  # the shared arguments are written once and filled into every docstring
+        assert "{common_args}" not in cls.__doc__ and "maximize: follow ``+grad f``" in cls.__doc__
     from harness.robustness import step_size_name
 
     assert step_size_name("cd") == "h" and step_size_name("msgd") == "lr"
