@@ -76,3 +76,20 @@ def step_path(request, monkeypatch):
 def fused_backend(request, monkeypatch):
     """Each implementation of the fused path in turn (see StepPath)."""
     return _step_path(request, monkeypatch)
+
+
+def records(run_dir, drop=("time_s",)):
+    """A run's ``metrics.jsonl`` records, without the keys in ``drop`` (wall times differ
+    between otherwise identical runs)."""
+    import json
+
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+@pytest.fixture(scope="session")
+def nano_data(tmp_path_factory):
+    """nano's data prepared from two of the packaged plays, once per test session."""
+    from nano.prepare import prepare
+
+    return prepare(source="packaged", out_dir=tmp_path_factory.mktemp("nano") / "data", plays=2)

@@ -17,6 +17,7 @@ from bert.data import collate_fn, glue_splits, load_tokenizer
 from bert.model import build_model
 from bert.prepare import TINY_CONFIG, prepare_smoke
 from harness.loop import EXIT_INTERRUPTED, STOP_AFTER_ENV
+from conftest import records
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = [("sst2", "adam"), ("sst2", "ikfad"), ("qnli", "cadam"), ("qnli", "msgd")]
@@ -38,11 +39,6 @@ def args(smoke, task, optimizer, out=None, seed=1, *extra):
     if task == "qnli":
         argv += ["--set", f"model.pretrained={smoke['pretrained']}"]
     return argv + (["--out", str(out)] if out else []) + list(extra)
-
-
-def records(run_dir, drop=("time_s",)):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 
 @pytest.fixture(scope="module")

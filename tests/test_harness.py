@@ -15,26 +15,16 @@ import yaml
 
 import optimizers
 from harness.loop import EXIT_INTERRUPTED, STOP_AFTER_ENV
+from conftest import records
 from nano import train as nano_train
-from nano.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "nano" / "configs" / "smoke.yaml")
 
 
-@pytest.fixture(scope="session")
-def nano_data(tmp_path_factory):
-    return prepare(source="packaged", out_dir=tmp_path_factory.mktemp("nano") / "data", plays=2)
-
-
 def nano_args(data, out, optimizer="adam", seed=1, *extra):
     return ["--optimizer", optimizer, "--seed", str(seed), "--config", SMOKE,
             "--set", f"data.dir={data}", "--out", str(out), *extra]
-
-
-def records(run_dir, drop=("time_s",)):
-    rows = [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 
 def test_every_optimizer_writes_the_run_contract(nano_data, tmp_path):

@@ -19,6 +19,7 @@ from harness.config import resolve
 from harness.gpt2_tokenizer import hf_gpt2_tokenizer
 from harness.loop import EXIT_INTERRUPTED, STOP_AFTER_ENV
 from owt import train as owt_train
+from conftest import records
 
 ROOT = Path(__file__).resolve().parents[1]
 OWT_SMOKE = str(ROOT / "owt" / "configs" / "smoke.yaml")
@@ -90,11 +91,6 @@ def owt_args(data, out, optimizer="adam", *extra):
 def gpt2_args(cache, out, optimizer="adam", *extra):
     return ["--optimizer", optimizer, "--seed", "1", "--config", GPT2_SMOKE, "--set", f"data.cache_dir={cache}",
             "--out", str(out), *extra]
-
-
-def records(run_dir, drop=("time_s",)):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 
 def weights(run_dir) -> dict:

@@ -111,13 +111,6 @@ SMOKE = ROOT / "nano" / "configs" / "smoke.yaml"
 STOP_AFTER_ENV, EXIT_INTERRUPTED = "HARNESS_STOP_AFTER_STEPS", 75  # harness.loop's, as a user sees them
 
 
-@pytest.fixture(scope="module")
-def nano_smoke(tmp_path_factory):
-    from nano.prepare import prepare
-
-    return prepare(source="packaged", out_dir=tmp_path_factory.mktemp("nano") / "data", plays=2)
-
-
 def nano_command(data, out, parallel):
     # Gradient accumulation too: FSDP2 has no no_sync(), the harness defers the
     # reduce-scatter instead; the smoke config clips the gradient norm (grad_clip 1.0).
@@ -143,20 +136,20 @@ def run_records(run_dir):
     return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
 
 
-def test_fsdp2_run_matches_ddp_and_resumes_exactly(nano_smoke, tmp_path):
+def test_fsdp2_run_matches_ddp_and_resumes_exactly(nano_data, tmp_path):
     import torch
 
     ddp, whole, parts = tmp_path / "ddp", tmp_path / "fsdp2", tmp_path / "fsdp2-resumed"
     # Three launches at once: most of a launch is start-up, which overlaps.
-    procs = {"ddp": torchrun_async(*nano_command(nano_smoke, ddp, "ddp")),
-             "fsdp2": torchrun_async(*nano_command(nano_smoke, whole, "fsdp2")),
-             "stopped": torchrun_async(*nano_command(nano_smoke, parts, "fsdp2"), env={STOP_AFTER_ENV: "13"})}
+    procs = {"ddp": torchrun_async(*nano_command(nano_data, ddp, "ddp")),
+             "fsdp2": torchrun_async(*nano_command(nano_data, whole, "fsdp2")),
+             "stopped": torchrun_async(*nano_command(nano_data, parts, "fsdp2"), env={STOP_AFTER_ENV: "13"})}
     done = {name: finish(proc) for name, proc in procs.items()}
     for name in ("ddp", "fsdp2"):
         assert done[name][0] == 0, f"{name}: status {done[name][0]}\n{done[name][1][-3000:]}"
     assert done["stopped"][0] != 0  # interrupted as asked (status 75 on both ranks)
     assert json.loads((parts / "summary.json").read_text())["status"] == "interrupted"
-    resumed = finish(torchrun_async(*nano_command(nano_smoke, parts, "fsdp2")))
+    resumed = finish(torchrun_async(*nano_command(nano_data, parts, "fsdp2")))
     assert resumed[0] == 0, resumed[1][-3000:]
 
     # FSDP2 takes the updates DDP takes, to rounding (the gradients are reduced in another order).
@@ -191,10 +184,10 @@ def test_fsdp2_run_matches_ddp_and_resumes_exactly(nano_smoke, tmp_path):
     model.load_state_dict(c_fsdp["model"])  # strict
 
 
-def test_bad_parallel_value_is_a_one_line_error(nano_smoke, tmp_path, capsys):
+def test_bad_parallel_value_is_a_one_line_error(nano_data, tmp_path, capsys):
     from nano import train as nano_train
 
-    assert nano_train.main(["--optimizer", "cadam", "--config", str(SMOKE), "--set", f"data.dir={nano_smoke}",
+    assert nano_train.main(["--optimizer", "cadam", "--config", str(SMOKE), "--set", f"data.dir={nano_data}",
                             "--set", "train.parallel=zero", "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: train.parallel must be ddp or fsdp2, got 'zero'"]
     assert not (tmp_path / "x").exists()

@@ -22,7 +22,6 @@ from harness.errors import UsageError
 from harness.loop import EXIT_INTERRUPTED, STOP_AFTER_ENV
 from harness.rundir import RunDir
 from nano import train as nano_train
-from nano.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "nano" / "configs" / "smoke.yaml")
@@ -36,11 +35,6 @@ def child_env():
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.delenv(STOP_AFTER_ENV, raising=False)
         yield
-
-
-@pytest.fixture(scope="module")
-def nano_data(tmp_path_factory):
-    return prepare(source="packaged", out_dir=tmp_path_factory.mktemp("nano") / "data", plays=2)
 
 
 @pytest.fixture(scope="module")

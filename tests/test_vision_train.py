@@ -30,6 +30,7 @@ from harness.run import Run
 from tests.cifar_fixture import UncheckedCIFAR10, make_fake_cifar10
 from vit import train as vit_train
 from vit.model import build_vit
+from conftest import records
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = {"vit": vit_train.main, "cifar": cifar_train.main}
@@ -59,11 +60,6 @@ def cifar_root(tmp_path_factory):
 def args(exp, root, out, optimizer, seed=0, *extra):
     return ["--optimizer", optimizer, "--seed", str(seed), "--config", str(ROOT / exp / "configs" / "smoke.yaml"),
             "--set", f"data.root={root}", "--out", str(out), *extra]
-
-
-def records(run_dir, drop=("time_s",)):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 
 def split_of(rows, split):

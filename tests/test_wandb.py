@@ -21,16 +21,10 @@ pytest.importorskip("wandb")
 import wandb_offline  # noqa: E402
 from harness import sweep  # noqa: E402
 from harness.loop import EXIT_INTERRUPTED, STOP_AFTER_ENV  # noqa: E402
-from nano.prepare import prepare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "nano" / "configs" / "smoke.yaml")
 WALL_CLOCK = "time_s"  # the one field a redone step does not reproduce
-
-
-@pytest.fixture(scope="module")
-def nano_data(tmp_path_factory):
-    return prepare(source="packaged", out_dir=tmp_path_factory.mktemp("nano") / "data", plays=2)
 
 
 @pytest.fixture
