@@ -14,6 +14,7 @@ groups runs by experiment and optimizer, and writes to ``--out`` (default
 from __future__ import annotations
 
 import argparse
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -162,8 +163,24 @@ def table(by_opt: dict[str, list[dict]]) -> str:
     return "\n".join(rows)
 
 
-def report(root: Path, out: Optional[Path] = None, title: Optional[str] = None) -> list[Path]:
-    """Write figures and ``results.md`` for the runs under ``root``; returns the files written."""
+def copy_records(root: Path, target: Path) -> list[Path]:
+    """Copy each run's small files (config, metrics, summary; never a checkpoint) from under
+    ``root`` to ``target/runs/`` at the same relative paths, e.g. to commit a reproduction."""
+    written = []
+    for run in RunDir.find(root):
+        for path in (run.config_file, run.metrics_file, run.summary_file):
+            if path.exists():
+                copy = Path(target) / "runs" / path.relative_to(root)
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, copy)
+                written.append(copy)
+    return written
+
+
+def report(root: Path, out: Optional[Path] = None, title: Optional[str] = None,
+           with_records: bool = False) -> list[Path]:
+    """Write figures and ``results.md`` for the runs under ``root`` (and, ``with_records``,
+    a copy of every run's records: ``copy_records``); returns the files written."""
     runs = find_runs(root)
     if not runs:
         raise UsageError(f"no run directories (with summary.json) under {root}")
@@ -193,6 +210,8 @@ def report(root: Path, out: Optional[Path] = None, title: Optional[str] = None) 
         md = target / "results.md"
         md.write_text("\n".join(lines) + "\n")
         written.append(md)
+    if with_records:
+        written += copy_records(root, Path(out) if out else Path("results") / next(iter(by_exp)))
     return written
 
 
@@ -202,8 +221,10 @@ def main(argv=None) -> int:
     p.add_argument("runs_dir", type=Path)
     p.add_argument("--out", type=Path, default=None, help="output folder (default results/<experiment>)")
     p.add_argument("--title", default=None)
+    p.add_argument("--with-records", action="store_true",
+                   help="also copy each run's config.yaml, metrics.jsonl and summary.json to <out>/runs/")
     args = p.parse_args(argv)
-    for path in report(args.runs_dir, args.out, args.title):
+    for path in report(args.runs_dir, args.out, args.title, args.with_records):
         print(path)
     return 0
 

@@ -161,7 +161,12 @@ def test_report_draws_figures_and_a_table(nano_data, tmp_path):
             nano_train.main(nano_args(nano_data, runs / name / f"seed{seed}", name, seed))
     from harness.report import main as report_main
 
-    assert report_main([str(runs), "--out", str(tmp_path / "results")]) == 0
+    assert report_main([str(runs), "--out", str(tmp_path / "results"), "--with-records"]) == 0
+    copied = sorted(p.relative_to(tmp_path / "results" / "runs") for p in (tmp_path / "results" / "runs").rglob("*.*"))
+    assert copied == sorted(Path(n) / f"seed{s}" / f for n in ("adam", "cadam") for s in (1, 2)
+                            for f in ("config.yaml", "metrics.jsonl", "summary.json"))
+    assert (tmp_path / "results" / "runs" / "adam" / "seed1" / "metrics.jsonl").read_bytes() == \
+        (runs / "adam" / "seed1" / "metrics.jsonl").read_bytes()
     png = tmp_path / "results" / "val_loss.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     table = (tmp_path / "results" / "results.md").read_text()
