@@ -74,10 +74,11 @@ class RandomTokenBatches:
 #          estimates is biased low, which is why both can be recorded.
 ESTIMATORS = ("fixed", "fresh")
 
-# Tokens per evaluation forward pass: several batches of a small model go through at once
-# (fewer, larger matmuls, the same per-batch losses to rounding; on one CPU core two nano
-# batches at a time were fastest, about 20% faster than one).
-EVAL_TOKENS_PER_FORWARD = 1 << 11
+# Tokens per evaluation forward pass on a GPU: several batches of a small model go through
+# at once (fewer, larger kernels; the same per-batch losses to rounding). On a CPU one batch
+# per pass: timed on one core with nano's model, 2, 4 or 8 batches per pass were no faster
+# (benchmarks/results/nano_cpu.md).
+EVAL_TOKENS_PER_FORWARD = {"cuda": 1 << 14}
 
 
 def check_estimators(value) -> tuple[str, ...]:
@@ -118,7 +119,8 @@ class LMEvaluation:
             x, y = self.bins.get_batch(self.split, self.batch_size, self.block_size, generator)
             if k % run.world_size == run.rank:
                 mine.append((x, y))
-        per_forward = max(1, EVAL_TOKENS_PER_FORWARD // (self.batch_size * self.block_size))
+        tokens = EVAL_TOKENS_PER_FORWARD.get(run.device.type, 0)
+        per_forward = max(1, tokens // (self.batch_size * self.block_size))
         total = 0.0
         for i in range(0, len(mine), per_forward):
             chunk = mine[i: i + per_forward]

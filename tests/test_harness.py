@@ -344,6 +344,26 @@ def test_fresh_batches_change_every_evaluation_and_resume_from_their_state(nano_
     assert again == second
 
 
+
+def test_batched_evaluation_gives_the_per_batch_losses_to_rounding(nano_data, monkeypatch):
+    """Several batches per forward pass (the GPU setting) changes no loss beyond rounding."""
+    import torch
+
+    from harness import data
+    from harness.run import Run
+    from harness.token_bins import TokenBins
+    from nano.model import GPT, GPTConfig
+
+    run = Run(cfg={"seed": 3}, dir=Path("unused"), device=torch.device("cpu"))
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=70)).eval()
+    evaluate = lambda: data.LMEvaluation(run, TokenBins(nano_data, prepare_hint="unused"), 4, 8, 7, ["fixed"])(model, 0)
+    with torch.no_grad():
+        one = evaluate()[0]["loss"]
+        monkeypatch.setitem(data.EVAL_TOKENS_PER_FORWARD, "cpu", 3 * 4 * 8)  # 3 batches a pass, then 1
+        batched = evaluate()[0]["loss"]
+    assert abs(batched - one) <= 1e-6 * one
+
+
 def test_trainer_takes_param_groups_or_an_optimizer(nano_data, tmp_path):
     """An experiment hands the Trainer param groups (the run's optimizer and hyperparameters,
     a group's own keys winning) or a ready optimizer; the run resumes with them exactly."""
