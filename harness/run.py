@@ -130,7 +130,8 @@ class Run:
     def write_config(self) -> None:
         """Create the run directory, take its writer lock (``RunDir.lock``: a second process
         is refused before it writes anything), check again under the lock that the directory
-        holds no other run (``check_resumable``), remove the temp files of killed writers and save the resolved config (rank 0)."""
+        holds no other run (``check_resumable``), remove the temp files of killed writers
+        and save the resolved config (rank 0)."""
         if self.is_main:
             saved = RunDir(self.dir)
             saved.lock()

@@ -6,7 +6,8 @@ A run directory (``runs/<exp>/<optimizer>/seed<S>/``, a sweep's ``trial-<k>/``, 
 - ``metrics.jsonl``: one JSON object per line, appended as the run goes;
 - ``summary.json``: written (atomically) when the run stops, with its ``status``
   (completed | diverged | interrupted);
-- ``checkpoint.pt``: the latest checkpoint (atomic);
+- ``checkpoint.pt``: the latest checkpoint (atomic), and ``checkpoint.prev.pt`` the one before
+  it (the fallback when the latest cannot be read);
 - ``train.log``: the console output, where a sweep or a robustness scan started the run;
 - ``.lock``: the writer's lock (``RunDir.lock``), holding its host and pid.
 

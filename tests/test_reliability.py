@@ -65,6 +65,7 @@ def test_the_checkpoints_config_is_checked_too(nano_data, tmp_path, capsys):
     assert nano_train.main(nano_args(nano_data, out, "adam", 1, "--set", "train.max_iters=2")) == EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "optimizer.lr" in err and "checkpoint.pt" in err
+    assert (out / "config.yaml").read_bytes() == config
     (out / "config.yaml").unlink()  # and without config.yaml: checked before anything is written
     assert nano_train.main(nano_args(nano_data, out, "adam", 1, "--set", "train.max_iters=2")) == EXIT_USAGE
     assert "optimizer.lr" in capsys.readouterr().err and not (out / "config.yaml").exists()
