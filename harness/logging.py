@@ -58,6 +58,10 @@ class MetricsLog:
         if offset == 0 or not self.path.exists():
             self.path.write_text("")
         else:
+            size = self.path.stat().st_size
+            if size < offset:  # truncating would pad with NUL bytes
+                raise UsageError(f"{self.path} is shorter ({size} bytes) than the checkpoint's {offset}: it was "
+                                 "damaged; delete checkpoint.pt and checkpoint.prev.pt to restart the run")
             with open(self.path, "r+b") as f:
                 f.truncate(offset)
         self.count = self._lines()

@@ -35,7 +35,7 @@ from . import parallel as par
 from .cpu import matmul_peak_flops
 from .data import move
 from .logging import MetricsLog, start_wandb, versions, write_summary
-from .run import Run
+from .run import Run, config_mismatch
 from .rundir import RunDir, best_record
 from .signals import EXIT_INTERRUPTED, Interrupted, StopFlag  # noqa: F401 (EXIT_INTERRUPTED: for callers)
 
@@ -68,6 +68,7 @@ class TrainState:
     step: int = 0
     wall_time_s: float = 0.0
     best: Optional[dict] = None
+    first_eval: Optional[float] = None  # the first evaluation's loss (``train.diverge_factor``)
     running: dict = field(default_factory=dict)
     running_n: int = 0
 
@@ -100,11 +101,12 @@ class TrainState:
 
     def state_dict(self, run: Run) -> dict:
         """Checkpoint keys; ``running`` holds every rank's sums (a collective)."""
-        return {"step": self.step, "wall_time_s": self.wall_time_s, "best": self.best,
+        return {"step": self.step, "wall_time_s": self.wall_time_s, "best": self.best, "first_eval": self.first_eval,
                 "running": _gather(run, {k: v.cpu() for k, v in self.running.items()}), "running_n": self.running_n}
 
     def load_state_dict(self, state: dict, run: Run) -> None:
         self.step, self.wall_time_s, self.best = state["step"], state["wall_time_s"], state["best"]
+        self.first_eval = state.get("first_eval")  # older checkpoints: None (the rule restarts)
         # One dict per rank (older checkpoints: rank 0's alone). Resumed on another number of
         # ranks, every rank takes the mean over the saved ones, so the next train record still
         # averages every rank's batches since the previous evaluation.
@@ -214,7 +216,8 @@ class Trainer:
         """Load the checkpoint if there is one (else start the metrics afresh), then wrap the model."""
         run, state = self.run, self.state
         if self.ckpt_path.exists():
-            saved = ckpt.load(self.ckpt_path, run.device)
+            saved = ckpt.load_latest(self.ckpt_path, run.device)
+            config_mismatch(self.ckpt_path, saved.get("config"), run.cfg)
             if self.fsdp:  # the full state dicts, as saved: each rank keeps its shards
                 par.load_full_state_dicts(self.raw, self.optimizer, saved["model"], saved["optimizer"])
             else:
@@ -297,7 +300,7 @@ class Trainer:
         if self.on_best is not None:
             self._call_on_best(improved)
         self.window = (time.time(), state.step)
-        if not _finite(*(float(r["loss"]) for r in records if "loss" in r)):
+        if not _finite(*(float(r["loss"]) for r in records if "loss" in r)) or self._blew_up(records):
             return False
         key = self.select[1]
         self.pbar.set_postfix({f"{r['split']}_{key}": f"{r[key]:.4f}" for r in records if key in r})
@@ -321,7 +324,7 @@ class Trainer:
                 "data": data_states, "rng": rng_states, **train_state, "wall_time_s": self.elapsed(),
                 "metrics_offset": self.log.offset(), "config": run.cfg,
                 "evaluate": self.evaluate.state_dict() if hasattr(self.evaluate, "state_dict") else None,
-            }, self.ckpt_path)
+            }, self.ckpt_path, keep_previous=True)
         if run.distributed:
             dist.barrier()
 
@@ -356,6 +359,19 @@ class Trainer:
             out["tokens"] = step * self.tokens_per_step
         out["time_s"] = self.elapsed()
         return out
+
+    def _blew_up(self, records: list[dict]) -> bool:
+        """``train.diverge_factor`` f > 0: True when the selected split's loss (``select``'s
+        split, key ``loss``) is above f x the first evaluation's (a finite blow-up, which
+        clipping can keep finite). Remembers the first evaluation's loss (it is checkpointed)."""
+        losses = [float(r["loss"]) for r in records if r.get("split") == self.select[0] and "loss" in r]
+        if not losses:
+            return False
+        if self.state.first_eval is None:
+            self.state.first_eval = losses[0]
+            return False
+        factor = self.cfg.diverge_factor
+        return factor > 0 and losses[0] > factor * self.state.first_eval
 
     def _stop_requested(self) -> bool:
         stop_after = int(os.environ.get(STOP_AFTER_ENV, 0) or 0)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import optimizers
 
 from . import config as config_lib
-from .checkpoint import write_text_atomic
+from .checkpoint import remove_stale_temps, write_text_atomic
 from .errors import UsageError
 from .experiments import Experiment, experiment
 from .parallel import PARALLEL
@@ -47,6 +47,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     parallel: str = "ddp"  # with several processes: ddp (replicas) or fsdp2 (sharded)
     precision: str = "fp32"  # on CUDA: fp32, fp16 (autocast + GradScaler) or bf16; the CPU runs fp32
+    diverge_factor: float = 0.0  # an evaluated loss above this x the first evaluation's: diverged; 0 = off
 
     @classmethod
     def from_config(cls, train: dict) -> "TrainConfig":
@@ -56,7 +57,8 @@ class TrainConfig:
                    log_interval=int(train.get("log_interval", 10) or 10),
                    compile=bool(train.get("compile", False)),
                    parallel=train.get("parallel", "ddp"),
-                   precision=train.get("precision", "fp32"))
+                   precision=train.get("precision", "fp32"),
+                   diverge_factor=float(train.get("diverge_factor", 0.0) or 0.0))
 
 
 @dataclass
@@ -126,11 +128,16 @@ class Run:
         return optimizers.build(self.cfg["optimizer"]["name"], params, **hp)
 
     def write_config(self) -> None:
-        """Create the run directory and save the resolved config (rank 0; a resumed
-        run keeps the file, which ``start`` checked to be identical)."""
+        """Create the run directory, take its writer lock (``RunDir.lock``: a second process
+        is refused before it writes anything), check again under the lock that the directory
+        holds no other run (``check_resumable``), remove the temp files of killed writers
+        and save the resolved config (rank 0)."""
         if self.is_main:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(RunDir(self.dir).config_file, config_lib.dump(self.cfg))
+            saved = RunDir(self.dir)
+            saved.lock()
+            remove_stale_temps(saved.path)
+            check_resumable(saved, self.cfg)
+            write_text_atomic(saved.config_file, config_lib.dump(self.cfg))
 
     def print(self, *args, **kwargs):
         if self.is_main:
@@ -192,16 +199,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def config_mismatch(where: Path, old: Optional[dict], cfg: dict) -> None:
+    """A one-line UsageError naming the keys that differ when ``old`` (a config found in
+    ``where``) is not ``cfg``; nothing when ``old`` is None or equal."""
+    if old is None or old == cfg:
+        return
+    a, b = config_lib.flatten(old), config_lib.flatten(cfg)
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    raise UsageError(f"{where} holds a run with a different config ({', '.join(diff)}); "
+                     "resume it with the same arguments or choose another --out")
+
+
 def check_resumable(saved: RunDir, cfg: dict) -> None:
-    """A one-line UsageError when ``saved`` holds a checkpointed run with another config
-    (naming the keys that differ): a resume must use the same arguments."""
-    if saved.config_file.exists() and saved.checkpoint_file.exists():
-        old = saved.config()
-        if old != cfg:
-            diff = sorted(k for k in set(config_lib.flatten(old)) | set(config_lib.flatten(cfg))
-                          if config_lib.flatten(old).get(k) != config_lib.flatten(cfg).get(k))
-            raise UsageError(f"{saved.path} holds a run with a different config ({', '.join(diff)}); "
-                             "resume it with the same arguments or choose another --out")
+    """A one-line UsageError (naming the keys that differ) when ``saved`` holds a run with
+    another config: its ``config.yaml`` in every case (a checkpointed, a completed, a failed
+    run), else the copy in its ``checkpoint.pt``. A resume must use the same arguments."""
+    if saved.config_file.exists():
+        config_mismatch(saved.path, saved.config(), cfg)
+    elif saved.checkpoint_file.exists():
+        from .checkpoint import load_latest
+
+        config_mismatch(saved.checkpoint_file, load_latest(saved.checkpoint_file).get("config"), cfg)
 
 
 def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Optional[Run]:

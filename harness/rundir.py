@@ -6,8 +6,10 @@ A run directory (``runs/<exp>/<optimizer>/seed<S>/``, a sweep's ``trial-<k>/``, 
 - ``metrics.jsonl``: one JSON object per line, appended as the run goes;
 - ``summary.json``: written (atomically) when the run stops, with its ``status``
   (completed | diverged | interrupted);
-- ``checkpoint.pt``: the latest checkpoint (atomic);
-- ``train.log``: the console output, where a sweep or a robustness scan started the run.
+- ``checkpoint.pt``: the latest checkpoint (atomic), and ``checkpoint.prev.pt`` the one before
+  it (the fallback when the latest cannot be read);
+- ``train.log``: the console output, where a sweep or a robustness scan started the run;
+- ``.lock``: the writer's lock (``RunDir.lock``), holding its host and pid.
 
 Reading ``metrics.jsonl``. A line that parses as a JSON object is a record (blank lines
 are not). The last line may lack its newline: a record still being written, or torn by a
@@ -19,8 +21,11 @@ progress) goes through this module, so all of them agree.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -32,6 +37,8 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 LOG = "train.log"
+LOCK = ".lock"
+_HELD: dict[str, int] = {}  # run directory -> the open lock file this process holds (until it exits)
 FINISHED = ("completed", "diverged")  # statuses of a run that is not redone
 TAIL_BYTES = 4096  # what ``progress`` reads of metrics.jsonl: a few records
 
@@ -105,6 +112,34 @@ class RunDir:
     @property
     def log_file(self) -> Path:
         return self.path / LOG
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK
+
+    def lock(self) -> None:
+        """Take this directory's exclusive writer lock (creating the directory), held until the
+        process exits; a no-op if this process holds it already.
+
+        ``fcntl.flock`` on ``.lock``, which then holds ``<host> <pid>``. The kernel releases the
+        lock when its holder dies, so a stale ``.lock`` of a dead process never blocks (it is
+        simply taken over). Held by another process: a one-line ``UsageError`` naming it.
+        """
+        key = str(self.path.resolve())
+        if key in _HELD:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").split() or ["?", "?"]
+            os.close(fd)
+            raise UsageError(f"{self.path} is in use by another run (host {holder[0]}, pid {holder[-1]}); "
+                             "wait for it to finish or stop it, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
+        _HELD[key] = fd
 
     def summary(self) -> Optional[dict]:
         """``summary.json`` as a dict; None while the run has not stopped (or if it is unreadable)."""

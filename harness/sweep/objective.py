@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .. import processes
+from ..checkpoint import previous
 from ..errors import UsageError
 from ..experiments import Experiment, train_command
 from ..rundir import RunDir, finite
@@ -134,3 +135,4 @@ class Objective:
         """A finished trial's checkpoint is never needed again (the summary says it is done)."""
         if not self.keep_checkpoints:
             run.checkpoint_file.unlink(missing_ok=True)
+            previous(run.checkpoint_file).unlink(missing_ok=True)

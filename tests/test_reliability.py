@@ -1,0 +1,161 @@
+"""Run-directory reliability: one writer per directory, configs checked against everything
+the directory holds (see harness/README.md, "Reliability")."""
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import records
+from harness.errors import EXIT_USAGE
+from harness.loop import EXIT_INTERRUPTED, STOP_AFTER_ENV
+from nano import train as nano_train
+from test_harness import nano_args
+
+ROOT = Path(__file__).resolve().parents[1]
+HOLD = ("import sys, time; from harness.rundir import RunDir; RunDir(sys.argv[1]).lock(); "
+        "print('held', flush=True); time.sleep(600)")
+
+
+def test_a_second_process_on_a_run_directory_is_refused_naming_the_holder(nano_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert nano_train.main(nano_args(nano_data, out)) == EXIT_USAGE
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"pid {holder.pid}" in err and socket.gethostname() in err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The holder died: its stale .lock does not block, and the run writes its contract.
+    assert nano_train.main(nano_args(nano_data, out)) == 0
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    assert (out / ".lock").read_text().split() == [socket.gethostname(), str(os.getpid())]
+
+
+def test_a_completed_run_without_checkpoint_refuses_another_config(nano_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert nano_train.main(nano_args(nano_data, out, "adam", 1, "--set", "train.max_iters=2")) == 0
+    (out / "checkpoint.pt").unlink()  # as a sweep does after a trial
+    config = (out / "config.yaml").read_bytes()
+    capsys.readouterr()
+    assert nano_train.main(nano_args(nano_data, out, "adam", 1, "--set", "train.max_iters=3")) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.max_iters" in err
+    assert (out / "config.yaml").read_bytes() == config
+
+
+def test_the_checkpoints_config_is_checked_too(nano_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert nano_train.main(nano_args(nano_data, out, "adam", 1, "--set", "train.max_iters=2")) == 0
+    (out / "summary.json").unlink()  # a checkpointed run, not finished
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    saved["config"]["optimizer"]["lr"] = 123.0  # a checkpoint of another config
+    torch.save(saved, out / "checkpoint.pt")
+    config = (out / "config.yaml").read_bytes()
+    capsys.readouterr()
+    assert nano_train.main(nano_args(nano_data, out, "adam", 1, "--set", "train.max_iters=2")) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "optimizer.lr" in err and "checkpoint.pt" in err
+    assert (out / "config.yaml").read_bytes() == config
+    (out / "config.yaml").unlink()  # and without config.yaml: checked before anything is written
+    assert nano_train.main(nano_args(nano_data, out, "adam", 1, "--set", "train.max_iters=2")) == EXIT_USAGE
+    assert "optimizer.lr" in capsys.readouterr().err and not (out / "config.yaml").exists()
+
+
+@pytest.fixture(scope="module")
+def whole(nano_data, tmp_path_factory):
+    """The records of an uninterrupted smoke run, to compare recovered runs with."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    assert nano_train.main(nano_args(nano_data, out, "ikfad")) == 0
+    return records(out)
+
+
+def _interrupted(nano_data, out, monkeypatch):
+    """A run stopped at step 13: checkpoint.pt at step 13, checkpoint.prev.pt at step 10."""
+    monkeypatch.setenv(STOP_AFTER_ENV, "13")
+    assert nano_train.main(nano_args(nano_data, out, "ikfad")) == EXIT_INTERRUPTED
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    assert (out / "checkpoint.prev.pt").exists()
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one(nano_data, whole, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _interrupted(nano_data, out, monkeypatch)
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert nano_train.main(nano_args(nano_data, out, "ikfad")) == 0
+    assert "previous checkpoint" in capsys.readouterr().err
+    assert records(out) == whole
+
+
+def test_unreadable_checkpoints_are_a_one_line_error(nano_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _interrupted(nano_data, out, monkeypatch)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (out / name).write_bytes(b"PK\x03\x04 torn")
+    capsys.readouterr()
+    assert nano_train.main(nano_args(nano_data, out, "ikfad")) == EXIT_USAGE
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "checkpoint.pt" in last and "delete" in last
+
+
+def test_metrics_shorter_than_the_checkpoint_says_are_refused_without_nul_bytes(nano_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    _interrupted(nano_data, out, monkeypatch)
+    (out / "metrics.jsonl").write_bytes(b"")
+    capsys.readouterr()
+    assert nano_train.main(nano_args(nano_data, out, "ikfad")) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "metrics.jsonl" in err
+    assert b"\0" not in (out / "metrics.jsonl").read_bytes()
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_resumable(nano_data, whole, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_save, calls = torch.save, []
+
+    def full_disk_at_the_second(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk_at_the_second)
+    assert nano_train.main(nano_args(nano_data, out, "ikfad")) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint.pt" in err and "disk is full" in err
+    assert not list(out.glob(".*.tmp*"))  # the temp file is removed
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 0  # the last good one
+    monkeypatch.setattr(torch, "save", real_save)  # space freed
+    assert nano_train.main(nano_args(nano_data, out, "ikfad")) == 0
+    assert records(out) == whole
+
+
+def test_stale_temp_files_are_removed_when_a_run_starts(nano_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".checkpoint.pt.tmp999999").write_bytes(b"torn")
+    assert nano_train.main(nano_args(nano_data, out, "adam", 1, "--set", "train.max_iters=2")) == 0
+    assert not list(out.glob(".*.tmp*"))
+
+
+def test_diverge_factor_ends_a_finite_blow_up_as_diverged_across_a_resume(nano_data, tmp_path, monkeypatch):
+    # A factor below 1 makes any loss that is not halved a "blow-up": the rule, cheaply.
+    out, rule = tmp_path / "run", ("--set", "train.diverge_factor=0.5")
+    monkeypatch.setenv(STOP_AFTER_ENV, "5")  # the first evaluation's loss must survive the resume
+    assert nano_train.main(nano_args(nano_data, out, "adam", 1, *rule)) == EXIT_INTERRUPTED
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    assert nano_train.main(nano_args(nano_data, out, "adam", 1, *rule)) == 0
+    assert json.loads((out / "summary.json").read_text())["status"] == "diverged"
+    assert [r["step"] for r in records(out) if r["split"] == "val"] == [0, 10]
