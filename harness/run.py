@@ -27,7 +27,7 @@ import optimizers
 
 from . import config as config_lib
 from .checkpoint import remove_stale_temps, write_text_atomic
-from .errors import UsageError
+from .errors import OtherRankFailed, UsageError
 from .experiments import Experiment, experiment
 from .parallel import PARALLEL
 from .rundir import RunDir
@@ -132,12 +132,19 @@ class Run:
         is refused before it writes anything), check again under the lock that the directory
         holds no other run (``check_resumable``), remove the temp files of killed writers
         and save the resolved config (rank 0)."""
+        error = None
         if self.is_main:
-            saved = RunDir(self.dir)
-            saved.lock()
-            remove_stale_temps(saved.path)
-            check_resumable(saved, self.cfg)
-            write_text_atomic(saved.config_file, config_lib.dump(self.cfg))
+            try:
+                saved = RunDir(self.dir)
+                saved.lock()
+                remove_stale_temps(saved.path)
+                check_resumable(saved, self.cfg)
+                write_text_atomic(saved.config_file, config_lib.dump(self.cfg))
+            except UsageError as e:
+                error = e
+        # Every rank stops when rank 0 is refused (the others would wait at its next collective).
+        if self.any_rank(error is not None):
+            raise error or OtherRankFailed(f"rank 0 could not start {self.dir}")
 
     def print(self, *args, **kwargs):
         if self.is_main:
@@ -199,13 +206,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Keys added to the configs after runs were started, with the value that does what those
+# runs did: a saved config without the key matches a config holding that value.
+BEHAVIOUR_OF_OLDER_RUNS = {"train.diverge_factor": 0.0, "train.parallel": "ddp", "train.eval_batches": ["fixed"]}
+
+
 def config_mismatch(where: Path, old: Optional[dict], cfg: dict) -> None:
     """A one-line UsageError naming the keys that differ when ``old`` (a config found in
     ``where``) is not ``cfg``; nothing when ``old`` is None or equal."""
     if old is None or old == cfg:
         return
     a, b = config_lib.flatten(old), config_lib.flatten(cfg)
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    missing = object()
+    diff = sorted(k for k in set(a) | set(b) if a.get(k, missing) != b.get(k, missing)
+                  and not (k not in a and b[k] == BEHAVIOUR_OF_OLDER_RUNS.get(k, missing)))
+    if not diff:
+        return
     raise UsageError(f"{where} holds a run with a different config ({', '.join(diff)}); "
                      "resume it with the same arguments or choose another --out")
 

@@ -159,3 +159,13 @@ def test_diverge_factor_ends_a_finite_blow_up_as_diverged_across_a_resume(nano_d
     assert nano_train.main(nano_args(nano_data, out, "adam", 1, *rule)) == 0
     assert json.loads((out / "summary.json").read_text())["status"] == "diverged"
     assert [r["step"] for r in records(out) if r["split"] == "val"] == [0, 10]
+
+
+def test_a_key_added_later_at_its_old_behaviour_is_no_difference(tmp_path):
+    from harness.errors import UsageError
+    from harness.run import config_mismatch
+
+    new = {"train": {"max_iters": 5, "diverge_factor": 0.0, "eval_batches": ["fresh", "fixed"]}}
+    config_mismatch(tmp_path, {"train": {"max_iters": 5, "eval_batches": ["fresh", "fixed"]}}, new)  # no error
+    with pytest.raises(UsageError, match=r"different config \(train.eval_batches\)"):
+        config_mismatch(tmp_path, {"train": {"max_iters": 5, "diverge_factor": 0.0}}, new)
