@@ -265,3 +265,20 @@ def test_from_adam_and_from_sgd_validate():
         CD.from_sgd(p, lr=0.1, momentum=0.0)
     with pytest.raises(ValueError, match=r"Invalid lr: 0; expected a finite number > 0"):
         LDHD.from_sgd(p, lr=0, momentum=0.9)
+
+
+@pytest.mark.parametrize("cls", OURS, ids=lambda c: c.__name__)
+def test_lr_scales_the_decoupled_weight_decay_too(cls, step_path):
+    """lr = 0 stops the parameters even with weight decay on (as AdamW's lr scales its
+    decay); lr = 0.5 decays q by exp(-lambda 0.5 h) where the gradient is zero."""
+    q = torch.ones(6, dtype=torch.float64, requires_grad=True)
+    opt = cls([q], lr=0.0, weight_decay=0.3, **HP[cls], **step_path.kwargs)
+    q.grad = torch.randn(6, dtype=torch.float64)
+    opt.step()
+    assert torch.equal(q.detach(), torch.ones(6, dtype=torch.float64))
+    opt.param_groups[0]["lr"] = 0.5
+    q.grad = torch.zeros(6, dtype=torch.float64)
+    opt.state.clear()
+    opt.step()
+    torch.testing.assert_close(q.detach(), torch.full((6,), math.exp(-0.3 * 0.5 * HP[cls]["h"]), dtype=torch.float64),
+                               rtol=1e-12, atol=0)
