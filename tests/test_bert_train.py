@@ -58,7 +58,9 @@ def runs(smoke, tmp_path_factory):
 @pytest.mark.parametrize("task, optimizer", RUNS)
 def test_smoke_runs_write_the_run_contract(runs, task, optimizer):
     out = runs[(task, optimizer)]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.jsonl", "summary.json"]
+    # .lock: the writer lock; checkpoint.prev.pt: the one before the last, kept as a fallback
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.prev.pt", "checkpoint.pt", "config.yaml",
+                                                     "metrics.jsonl", "summary.json"]
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     best = yaml.safe_load((ROOT / "bert" / "configs" / task / "best.yaml").read_text())
     assert cfg["experiment"] == f"bert-{task}" and cfg["optimizer"] == {"name": optimizer, **best[optimizer]}

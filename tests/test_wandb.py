@@ -151,11 +151,11 @@ CRASH_AT_SECOND_CHECKPOINT = """
 import runpy, sys
 import harness.checkpoint as checkpoint
 real, calls = checkpoint.save_atomic, []
-def save_atomic(obj, path):
+def save_atomic(obj, path, **kwargs):
     calls.append(path)
     if len(calls) == 2:
         raise OSError(28, "No space left on device")
-    real(obj, path)
+    real(obj, path, **kwargs)
 checkpoint.save_atomic = save_atomic
 sys.argv[0] = "nano.train"
 runpy.run_module("nano.train", run_name="__main__")
