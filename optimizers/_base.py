@@ -200,12 +200,17 @@ def preconditioned_drift(q: Tensors, p: Tensors, zeta: Tensors, drift_step: Coef
     _addcdiv_(q, p, denom, drift_step)
 
 
+def check_positive_lr(lr: float) -> None:
+    """A tuned SGD's or Adam's ``lr``: a finite Python number > 0, else ValueError."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
+        raise ValueError(f"Invalid lr: {lr!r}; expected a finite number > 0")
+
+
 def sgd_time_step(lr: float, momentum: float, h_squared_factor: float) -> tuple[float, float]:
     """``(h, gamma)`` of the momentum dynamics that reproduce momentum SGD's steps:
     ``exp(-gamma h) = momentum`` and ``h^2 * h_squared_factor = lr`` (LDHD's SGD
     learning rate is ``h^2 exp(-gamma h)``, CD's and CADAM's ``h^2``)."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
-        raise ValueError(f"Invalid lr: {lr!r}; expected a finite number > 0")
+    check_positive_lr(lr)
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (0 < momentum <= 1):
         raise ValueError(f"Invalid momentum: {momentum!r}; expected a number in (0, 1]")
     h = math.sqrt(lr / h_squared_factor)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from ._base import DampedOptimizer, cubic_damping, decay_factor, kick, preconditioned_drift, relax, relax_weight, scale
+from ._base import DampedOptimizer, check_positive_lr, cubic_damping, decay_factor, kick, preconditioned_drift, relax, relax_weight, scale
 
 __all__ = ["CADAM"]
 
@@ -66,8 +66,7 @@ class CADAM(DampedOptimizer):
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
             if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < 1:
                 raise ValueError(f"Invalid {name}: {beta!r}; expected a number in (0, 1)")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-            raise ValueError(f"Invalid lr: {lr!r}; expected a finite number > 0")
+        check_positive_lr(lr)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
             raise ValueError(f"Invalid eps: {eps!r}; expected a finite number >= 0")
         h = (lr * (1 - beta1) / math.sqrt(-math.log(beta2))) ** (2 / 3)
