@@ -70,14 +70,16 @@ def remove_stale_temps(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load(path: Path, device="cpu") -> dict:
+def load(path: Path, device="cpu", mmap: bool = False) -> dict:
+    """The checkpoint at ``path``; with ``mmap``, its tensors stay on disk until used (cheap
+    when only the config or the step is wanted)."""
     import torch
 
     # Checkpoints hold numpy RNG states and plain containers: not weights-only.
-    return torch.load(path, map_location=device, weights_only=False)
+    return torch.load(path, map_location=device, weights_only=False, mmap=mmap)
 
 
-def load_latest(path: Path, device="cpu") -> dict:
+def load_latest(path: Path, device="cpu", mmap: bool = False) -> dict:
     """``load(path)``; when it cannot be read (truncated, damaged), the previous checkpoint
     (``previous(path)``) with a one-line warning; when neither can, a one-line ``UsageError``."""
     path = Path(path)
@@ -85,7 +87,7 @@ def load_latest(path: Path, device="cpu") -> dict:
         if not candidate.exists():
             continue
         try:
-            saved = load(candidate, device)
+            saved = load(candidate, device, mmap)
         except Exception:  # torch's zip reader, unpickling: a torn or damaged file
             print(f"warning: {candidate} cannot be read", file=sys.stderr, flush=True)
             continue

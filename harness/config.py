@@ -196,7 +196,47 @@ def resolve(
     except ValueError as e:
         raise UsageError(str(e)) from None
     cfg["optimizer"] = {"name": name, **hyper}
+    check_values(cfg)
     return cfg
+
+
+# Values that make no sense whatever the experiment (the keys an experiment's paper.yaml holds):
+# counts of at least 1, amounts of at least 0, and probabilities.
+AT_LEAST_1 = ("train.batch_size", "train.eval_interval", "train.eval_iters", "train.eval_batch_size",
+              "train.log_interval", "train.gradient_accumulation_steps", "train.epochs", "train.evals_per_epoch",
+              "data.block_size", "data.max_length", "model.block_size", "model.vocab_size", "model.n_layer",
+              "model.n_head", "model.n_embd", "model.n_layers", "model.n_heads", "model.dim", "model.hidden_dim",
+              "model.img_size", "model.patch_size", "model.embed_dim", "model.depth", "model.num_heads",
+              "model.width", "model.max_position_embeddings")
+AT_LEAST_0 = ("train.max_iters", "train.grad_clip", "data.subset")
+PROBABILITIES = ("model.dropout", "model.drop_rate", "model.attention_dropout", "model.seq_classif_dropout")
+# (width, heads): attention splits the width evenly over the heads.
+DIVISIBLE = (("model.n_embd", "model.n_head"), ("model.dim", "model.n_heads"), ("model.embed_dim", "model.num_heads"),
+             ("model.img_size", "model.patch_size"))
+
+
+def check_values(cfg: dict) -> None:
+    """A one-line UsageError for a value no run can use: a count below 1 (an evaluation
+    interval of 0, say), a negative amount, a dropout outside [0, 1), a width its heads do not
+    divide, a ``train.diverge_factor`` other than 0 (off) or above 1. Null means "the
+    model's default" where a key allows it, and is not checked."""
+    flat = flatten(cfg)
+    for keys, low, what in ((AT_LEAST_1, 1, "an integer >= 1"), (AT_LEAST_0, 0, "a number >= 0")):
+        for key in keys:
+            value = flat.get(key)
+            if value is not None and not (value >= low and (low == 0 or isinstance(value, int))):
+                raise UsageError(f"{key} must be {what}, got {value!r}")
+    for key in PROBABILITIES:
+        value = flat.get(key)
+        if value is not None and not 0 <= value < 1:
+            raise UsageError(f"{key} must be in [0, 1), got {value!r}")
+    for width, heads in DIVISIBLE:
+        if flat.get(width) and flat.get(heads) and flat[width] % flat[heads]:
+            raise UsageError(f"{width} = {flat[width]} must be a multiple of {heads} = {flat[heads]}")
+    factor = flat.get("train.diverge_factor")
+    if factor is not None and not (factor == 0 or factor > 1):
+        raise UsageError(f"train.diverge_factor must be 0 (off) or above 1 (x the first evaluated loss), "
+                         f"got {factor!r}")
 
 
 def dump(cfg: dict) -> str:

@@ -38,7 +38,7 @@ from . import processes
 from .config import read_yaml, resolve
 from .errors import UsageError, command
 from .experiments import Experiment, experiment, paper_seeds, train_command
-from .rundir import FINISHED, RunDir
+from .rundir import FINISHED, RunDir, check_folder
 from .signals import EXIT_INTERRUPTED, StopFlag
 
 
@@ -199,6 +199,9 @@ def main(argv=None) -> int:
     slots, threads = plan_slots(_gpus(args.gpus), args.runs_per_gpu, args.parallel)
 
     runs_dir = args.runs_dir or Path("runs") / exp.runs_subdir
+    check_folder(runs_dir, "--runs-dir")
+    if args.report and not args.no_report:
+        check_folder(args.report, "--report")
     (runs_dir / "logs").mkdir(parents=True, exist_ok=True)
     jobs = [(n, s) for n, s in everything if not RunDir(runs_dir / n / f"seed{s}").finished()]
     gpus = list(dict.fromkeys(g for g in slots if g is not None))

@@ -2,19 +2,25 @@
 
     python -m harness.report RUNS_DIR [--out DIR] [--title TEXT]
 
-Finds every run directory under RUNS_DIR (a folder with ``summary.json``),
-groups runs by experiment and optimizer, and writes to ``--out`` (default
-``results/<experiment>``):
+Finds every run directory under RUNS_DIR (a folder with ``summary.json`` or
+``config.yaml``), groups runs by experiment and optimizer, and writes to ``--out``
+(default ``results/<experiment>``):
 
 - ``<split>_<metric>.png``: the metric against training step, one curve per
   optimizer: the mean over seeds with a +-1 std band when there are several;
 - ``results.md``: a table per experiment with best and final validation metrics
-  (mean +- std over seeds), test metrics when logged, wall time and run status.
+  (mean +- std over seeds), test metrics when logged, wall time, and how many runs
+  completed, diverged, were interrupted or have no summary (killed before writing
+  one, or still going).
+
+Means, stds and curves are over completed runs only: a diverged run's best loss or
+an interrupted run's partial curve would mix a different quantity into the mean.
 """
 from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -24,7 +30,7 @@ import numpy as np
 import optimizers
 
 from .errors import UsageError, command
-from .rundir import RunDir, best_record, finite_values
+from .rundir import RunDir, best_record, check_folder, finite_values
 
 
 
@@ -36,11 +42,40 @@ def label(name: str) -> str:
         return name
 
 
+NO_SUMMARY = "no summary"  # the status of a run that never wrote one: still going, or killed first
+
+
 def find_runs(root: Path) -> list[dict]:
-    """Every run under ``root`` with a readable summary: its summary, records and directory."""
-    found = [(run, run.summary()) for run in RunDir.find(root)]
-    return [{"dir": run.path, "summary": summary, "metrics": run.records()} for run, summary in found
-            if summary is not None]
+    """Every run under ``root``: its summary, records and directory. A run without a readable
+    summary (killed before it wrote one, or still going) is there too, with status
+    ``NO_SUMMARY`` and its experiment and optimizer from ``config.yaml``."""
+    runs = []
+    for run in RunDir.find(root, unfinished=True):
+        summary = run.summary()
+        if summary is None:
+            try:
+                config = run.config() or {}
+            except UsageError as error:
+                print(f"skipped {run.path}: no summary, and {error}", file=sys.stderr)
+                continue
+            summary = {"status": NO_SUMMARY, "experiment": config.get("experiment", "?"),
+                       "optimizer": (config.get("optimizer") or {}).get("name", "?"), "seed": config.get("seed")}
+        runs.append({"dir": run.path, "summary": summary, "metrics": run.records()})
+    return runs
+
+
+def completed(runs: list[dict]) -> list[dict]:
+    """The runs whose status is ``completed``: the only ones the means and curves use."""
+    return [r for r in runs if r["summary"].get("status") == "completed"]
+
+
+def status_counts(runs: list[dict]) -> str:
+    """E.g. ``completed 2, diverged 1``: how many runs stopped in each way."""
+    counts = defaultdict(int)
+    for r in runs:
+        counts[r["summary"].get("status", "?")] += 1
+    order = ["completed", "diverged", "interrupted", NO_SUMMARY]
+    return ", ".join(f"{k} {counts[k]}" for k in sorted(counts, key=lambda k: (order.index(k) if k in order else 9, k)))
 
 
 def _curves(runs: list[dict], split: str, key: str):
@@ -140,8 +175,9 @@ def table(by_opt: dict[str, list[dict]]) -> str:
     head += ["wall time (s)", "status"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in sorted(by_opt, key=optimizers.sort_key):
-        runs = by_opt[name]
-        cells = [label(name), str(len(runs)),
+        everyone = by_opt[name]
+        runs = completed(everyone)
+        cells = [label(name), str(len(everyone)),
                  *(_mean_std([_metric(r, "val", k, "min") for r in runs]) for k in losses),
                  *(_mean_std([_metric(r, "val", k, "final") for r in runs]) for k in losses)]
         if has_acc:
@@ -154,11 +190,9 @@ def table(by_opt: dict[str, list[dict]]) -> str:
         if "test_at_best_val" in splits:
             cells.append(_mean_std([_metric(r, "test_at_best_val", "acc", "final") for r in runs]))
         walls = [r["summary"].get("wall_time_s") for r in runs]
-        cells.append(_mean_std([w for w in walls if isinstance(w, (int, float))]).split(".")[0] if any(walls) else "–")
-        statuses = defaultdict(int)
-        for r in runs:
-            statuses[r["summary"].get("status", "?")] += 1
-        cells.append(", ".join(f"{k} {v}" if len(runs) > 1 else k for k, v in sorted(statuses.items())))
+        walls = [w for w in walls if isinstance(w, (int, float))]
+        cells.append(_mean_std(walls).split(".")[0] if walls else "–")
+        cells.append(status_counts(everyone))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -183,7 +217,7 @@ def report(root: Path, out: Optional[Path] = None, title: Optional[str] = None,
     a copy of every run's records: ``copy_records``); returns the files written."""
     runs = find_runs(root)
     if not runs:
-        raise UsageError(f"no run directories (with summary.json) under {root}")
+        raise UsageError(f"no run directories (with config.yaml or summary.json) under {root}")
     by_exp: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         s = run["summary"]
@@ -192,17 +226,20 @@ def report(root: Path, out: Optional[Path] = None, title: Optional[str] = None,
     for exp, by_opt in sorted(by_exp.items()):
         target = (Path(out) / exp if len(by_exp) > 1 else Path(out)) if out else Path("results") / exp
         target.mkdir(parents=True, exist_ok=True)
-        lines = [f"# {title or exp}", "", f"Runs under `{root}`; mean ± std over seeds where there are several.", ""]
+        lines = [f"# {title or exp}", "", f"Runs under `{root}`. Means ± std over seeds and the curves use "
+                 "completed runs only; `status` counts every run (diverged, interrupted, or with no summary: "
+                 "still going or killed before it wrote one).", ""]
         estimators = estimator_keys(by_opt)
         if estimators:
             lines += ["Validation loss estimators: " + "; ".join(
                 f"{k[5:]}: {ESTIMATORS.get(k[5:], k[5:])}" for k in estimators)
                 + f". `val_loss.png` shows the first ({estimators[0][5:]}).", ""]
         figures = []
+        done = {name: completed(runs) for name, runs in by_opt.items() if completed(runs)}
         for split, key in (("val", "loss"), *(("val", k) for k in estimators[1:]), ("val", "acc"), ("test", "acc"),
                            ("train", "loss")):
             path = target / f"{split}_{key}.png"
-            if plot(by_opt, split, key, path, f"{title or exp}: {split} {key}"):
+            if plot(done, split, key, path, f"{title or exp}: {split} {key}"):
                 figures.append(path)
                 written.append(path)
         lines += [table(by_opt), ""]
@@ -224,6 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--with-records", action="store_true",
                    help="also copy each run's config.yaml, metrics.jsonl and summary.json to <out>/runs/")
     args = p.parse_args(argv)
+    if args.out:
+        check_folder(args.out, "--out")
     for path in report(args.runs_dir, args.out, args.title, args.with_records):
         print(path)
     return 0

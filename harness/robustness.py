@@ -38,7 +38,7 @@ from .config import read_yaml
 from .errors import UsageError, command
 from .experiments import Experiment, experiment, paper_seeds, train_command
 from .report import label
-from .rundir import FINISHED, SUMMARY, RunDir
+from .rundir import FINISHED, SUMMARY, RunDir, check_folder
 from .signals import EXIT_INTERRUPTED, Interrupted, StopFlag
 from .sweep.space import budget_sets, load_space, set_arg
 
@@ -253,6 +253,9 @@ def scan(spec: str, optimizers_: Optional[Iterable[str]] = None, seeds: Optional
 
     exp = experiment(spec)
     root = Path(root)
+    check_folder(root, "--root")
+    if out:
+        check_folder(out, "--out")
     if metric not in ("loss", "acc"):
         raise UsageError(f"--metric must be loss or acc, got {metric!r}")
     if not plot_only:

@@ -26,11 +26,11 @@ import torch.distributed as dist
 import optimizers
 
 from . import config as config_lib
-from .checkpoint import remove_stale_temps, write_text_atomic
+from .checkpoint import previous, remove_stale_temps, write_text_atomic
 from .errors import OtherRankFailed, UsageError
 from .experiments import Experiment, experiment
 from .parallel import PARALLEL
-from .rundir import RunDir
+from .rundir import RunDir, check_folder
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -228,14 +228,21 @@ def config_mismatch(where: Path, old: Optional[dict], cfg: dict) -> None:
 
 def check_resumable(saved: RunDir, cfg: dict) -> None:
     """A one-line UsageError (naming the keys that differ) when ``saved`` holds a run with
-    another config: its ``config.yaml`` in every case (a checkpointed, a completed, a failed
-    run), else the copy in its ``checkpoint.pt``. A resume must use the same arguments."""
+    another config, by any of its files: ``config.yaml``, the copy in its checkpoint (or the
+    previous one), and what its ``summary.json`` records (experiment, optimizer, seed,
+    hyperparameters: all a completed sweep trial keeps once its checkpoint is deleted).
+    A resume must use the same arguments."""
     if saved.config_file.exists():
         config_mismatch(saved.path, saved.config(), cfg)
-    elif saved.checkpoint_file.exists():
+    if saved.checkpoint_file.exists() or previous(saved.checkpoint_file).exists():
         from .checkpoint import load_latest
 
-        config_mismatch(saved.checkpoint_file, load_latest(saved.checkpoint_file).get("config"), cfg)
+        config_mismatch(saved.checkpoint_file, load_latest(saved.checkpoint_file, mmap=True).get("config"), cfg)
+    summary = saved.summary()
+    if summary is not None:
+        recorded = {"experiment": summary.get("experiment"), "seed": summary.get("seed"),
+                    "optimizer": {"name": summary.get("optimizer"), **(summary.get("hyperparameters") or {})}}
+        config_mismatch(saved.summary_file, recorded, {k: cfg.get(k) for k in recorded})
 
 
 def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Optional[Run]:
@@ -268,6 +275,7 @@ def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Opti
                          f"got {train['precision']!r}")
     if cfg.get("wandb") and importlib.util.find_spec("wandb") is None:
         raise UsageError("wandb=true but wandb is not installed: pip install wandb (or --set wandb=false)")
+    check_folder(run_dir, "--out")
     saved = RunDir(run_dir)
     check_resumable(saved, cfg)
 

@@ -217,6 +217,18 @@ class RunDir:
         return min(1.0, last.get("step", 0) / max(1, train_cfg.get("max_iters", 1)))
 
     @staticmethod
-    def find(root: Path) -> list["RunDir"]:
-        """Every run directory below ``root`` that holds a ``summary.json``, sorted by path."""
-        return [RunDir(p.parent) for p in sorted(Path(root).rglob(SUMMARY))]
+    def find(root: Path, unfinished: bool = False) -> list["RunDir"]:
+        """Every run directory below ``root`` that holds a ``summary.json``, sorted by path;
+        with ``unfinished``, also those with a ``config.yaml`` but no summary yet (a run still
+        going, or killed before it could write one)."""
+        names = (SUMMARY, CONFIG) if unfinished else (SUMMARY,)
+        found = {p.parent for name in names for p in Path(root).rglob(name)}
+        return [RunDir(d) for d in sorted(found)]
+
+
+def check_folder(path: Path, option: str) -> None:
+    """A one-line UsageError when ``path`` (a folder this command would create or write into)
+    or the nearest of its parents that exists is not a folder."""
+    existing = next((p for p in (Path(path), *Path(path).absolute().parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UsageError(f"{option} {path}: {existing} is a file, not a folder; choose another {option}")

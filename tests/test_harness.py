@@ -109,6 +109,8 @@ def digest(folder):
     (["--set", "optimizer.lr=-1"], r"Invalid learning rate"),
     (["--set", "optimizer.momentum=0.9"], "unknown key optimizer.momentum for optimizer adam; valid: optimizer.lr"),
     (["--set", "model.bias=yes please"], "bad type for model.bias"),
+    (["--set", "train.eval_interval=0"], r"train.eval_interval must be an integer >= 1, got 0"),
+    (["--set", "model.n_head=3"], r"model.n_embd = 32 must be a multiple of model.n_head = 3"),
 ])
 def test_config_errors_are_one_line_and_leave_the_run_untouched(nano_data, tmp_path, extra, message):
     out = tmp_path / "run"
@@ -123,6 +125,45 @@ def test_config_errors_are_one_line_and_leave_the_run_untouched(nano_data, tmp_p
 
     assert re.search(message, lines[0]), lines[0]
     assert digest(out) == before
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.batch_size", 0, "train.batch_size must be an integer >= 1, got 0"),
+    ("train.eval_iters", -1, "train.eval_iters must be an integer >= 1, got -1"),
+    ("train.log_interval", 0, "train.log_interval must be an integer >= 1, got 0"),
+    ("train.gradient_accumulation_steps", 0, "train.gradient_accumulation_steps must be an integer >= 1"),
+    ("train.max_iters", -5, "train.max_iters must be a number >= 0, got -5"),
+    ("train.grad_clip", -1.0, "train.grad_clip must be a number >= 0, got -1.0"),
+    ("model.dropout", 1.0, r"model.dropout must be in \[0, 1\), got 1.0"),
+    ("model.block_size", 0, "model.block_size must be an integer >= 1, got 0"),
+    ("train.diverge_factor", 0.5, r"train.diverge_factor must be 0 \(off\) or above 1"),
+])
+def test_values_no_run_can_use_are_refused_when_the_config_is_resolved(key, value, message):
+    from harness.config import resolve
+    from harness.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        resolve("nano", "adam", 1, None, [f"{key}={value}"], ROOT / "nano" / "configs")
+    assert resolve("nano", "adam", 1, None, ["train.diverge_factor=3", "train.max_iters=0"],
+                   ROOT / "nano" / "configs")["train"]["diverge_factor"] == 3.0
+
+
+def test_an_output_folder_that_is_a_file_is_a_one_line_error(nano_data, tmp_path, capsys):
+    from harness import launch, report, robustness
+
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    for main, args in ((nano_train.main, nano_args(nano_data, taken, "adam")),
+                       (nano_train.main, nano_args(nano_data, taken / "run", "adam")),
+                       (launch.main, ["nano", "--config", SMOKE, "--set", f"data.dir={nano_data}",
+                                      "--optimizers", "adam", "--seeds", "1", "--runs-dir", str(taken)]),
+                       (report.main, [str(tmp_path), "--out", str(taken)]),
+                       (robustness.main, ["nano", "--optimizers", "adam", "--seeds", "1", "--points", "1",
+                                          "--root", str(taken / "scan")])):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{taken} is a file, not a folder" in err[0], err
+    assert taken.read_text() == "mine" and sorted(tmp_path.iterdir()) == [taken]
 
 
 def test_unknown_optimizer_and_missing_data_are_one_line_errors(tmp_path):

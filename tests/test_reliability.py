@@ -71,6 +71,24 @@ def test_the_checkpoints_config_is_checked_too(nano_data, tmp_path, capsys):
     assert "optimizer.lr" in capsys.readouterr().err and not (out / "config.yaml").exists()
 
 
+def test_a_summary_alone_is_checked_too(nano_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert nano_train.main(nano_args(nano_data, out, "adam", 1, "--set", "train.max_iters=2")) == 0
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "config.yaml"):
+        (out / name).unlink(missing_ok=True)  # all a pruned sweep trial may keep is its records
+    summary = (out / "summary.json").read_bytes()
+    capsys.readouterr()
+    for other in (["--set", "optimizer.lr=0.5"], ["--seed", "2"]):
+        args = nano_args(nano_data, out, "adam", 1, "--set", "train.max_iters=2") + other
+        assert nano_train.main(args) == EXIT_USAGE
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "summary.json" in err and ("optimizer.lr" in err or "seed" in err), err
+    assert (out / "summary.json").read_bytes() == summary and not (out / "config.yaml").exists()
+    # The same arguments: already completed, nothing to do.
+    assert nano_train.main(nano_args(nano_data, out, "adam", 1, "--set", "train.max_iters=2")) == 0
+    assert "already completed" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def whole(nano_data, tmp_path_factory):
     """The records of an uninterrupted smoke run, to compare recovered runs with."""
@@ -151,14 +169,20 @@ def test_stale_temp_files_are_removed_when_a_run_starts(nano_data, tmp_path):
 
 
 def test_diverge_factor_ends_a_finite_blow_up_as_diverged_across_a_resume(nano_data, tmp_path, monkeypatch):
-    # A factor below 1 makes any loss that is not halved a "blow-up": the rule, cheaply.
-    out, rule = tmp_path / "run", ("--set", "train.diverge_factor=0.5")
+    # Momentum SGD at 3,000x its tuned step with clipping: the loss climbs from 4.1 to about 500
+    # by the second evaluation and stays finite. Without the rule that run is "completed".
+    out, blow_up = tmp_path / "run", ("--set", "optimizer.lr=30", "--set", "train.grad_clip=1.0")
+    rule = (*blow_up, "--set", "train.diverge_factor=10")
     monkeypatch.setenv(STOP_AFTER_ENV, "5")  # the first evaluation's loss must survive the resume
-    assert nano_train.main(nano_args(nano_data, out, "adam", 1, *rule)) == EXIT_INTERRUPTED
+    assert nano_train.main(nano_args(nano_data, out, "msgd", 1, *rule)) == EXIT_INTERRUPTED
     monkeypatch.delenv(STOP_AFTER_ENV)
-    assert nano_train.main(nano_args(nano_data, out, "adam", 1, *rule)) == 0
+    assert nano_train.main(nano_args(nano_data, out, "msgd", 1, *rule)) == 0
     assert json.loads((out / "summary.json").read_text())["status"] == "diverged"
-    assert [r["step"] for r in records(out) if r["split"] == "val"] == [0, 10]
+    val = [r for r in records(out) if r["split"] == "val"]
+    assert [r["step"] for r in val] == [0, 10] and 10 * val[0]["loss"] < val[1]["loss"] < float("inf")
+    off = tmp_path / "off"
+    assert nano_train.main(nano_args(nano_data, off, "msgd", 1, *blow_up)) == 0
+    assert json.loads((off / "summary.json").read_text())["status"] == "completed"
 
 
 def test_a_key_added_later_at_its_old_behaviour_is_no_difference(tmp_path):

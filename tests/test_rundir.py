@@ -105,10 +105,34 @@ def test_records_after_leaves_an_unfinished_line_for_the_next_look(tmp_path):
 def test_report_draws_a_run_whose_last_line_is_torn(tmp_path):
     runs = tmp_path / "runs"
     for seed in (1, 2):
-        make_run(runs / "adam" / f"seed{seed}", lines(*VAL) + '{"step": 30, "split": "val", "lo', "interrupted")
+        make_run(runs / "adam" / f"seed{seed}", lines(*VAL) + '{"step": 30, "split": "val", "lo')
     proc = subprocess.run([sys.executable, "-m", "harness.report", str(runs), "--out", str(tmp_path / "results")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = (tmp_path / "results" / "results.md").read_text()
     assert "| Adam | 2 | 3.0000 ± 0.0000 | 3.5000 ± 0.0000 |" in table
     assert (tmp_path / "results" / "val_loss.png").stat().st_size > 0
+
+
+def test_report_counts_each_status_and_averages_completed_runs_only(tmp_path):
+    runs = tmp_path / "runs"
+    make_run(runs / "adam" / "seed1", lines(*VAL))
+    make_run(runs / "adam" / "seed2", lines(*VAL[:2], {"step": 20, "split": "val", "loss": 2.0}))
+    # A finite blow-up, an interrupted run and a run killed before its summary: none of them is
+    # averaged with the completed runs, all of them are counted.
+    make_run(runs / "adam" / "seed3", lines(VAL[0], {"step": 10, "split": "val", "loss": 0.5}), "diverged")
+    make_run(runs / "adam" / "seed4", lines(VAL[0], {"step": 10, "split": "val", "loss": 0.1}), "interrupted")
+    killed = runs / "adam" / "seed5"
+    killed.mkdir(parents=True)
+    (killed / "config.yaml").write_text("experiment: nano\nseed: 5\noptimizer: {name: adam}\n")
+    (killed / "metrics.jsonl").write_text(lines(VAL[0], {"step": 10, "split": "val", "loss": 0.01}))
+    make_run(runs / "cd" / "seed1", lines(VAL[0]), "diverged", optimizer="cd")
+    proc = subprocess.run([sys.executable, "-m", "harness.report", str(runs), "--out", str(tmp_path / "results")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "results" / "results.md").read_text()
+    # Best val loss 3.0 and 2.0, final 3.5 and 2.0: the two completed runs only.
+    assert "| Adam | 5 | 2.5000 ± 0.7071 | 2.7500 ± 1.0607 | 1 | completed 2, diverged 1, interrupted 1, no summary 1 |" \
+        in table, table
+    assert "| CD | 1 | – | – | – | diverged 1 |" in table, table
+    assert "completed runs only" in table

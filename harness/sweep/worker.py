@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from ..errors import UsageError
 from ..experiments import experiment, paper_seeds
+from ..rundir import check_folder
 from ..signals import StopFlag
 from .objective import Objective, TrialCrashed, WorkerInterrupted
 from .plots import plot_study
@@ -83,6 +84,7 @@ def run_sweep(options: SweepOptions, pruner_obj=None):
     config_lib.resolve(exp.name, optimizer, seed, options.config, run_sets, exp.configs)
 
     out = sweep_dir(exp, optimizer, options.out_root)
+    check_folder(out, "--out-root")
     url = options.storage_url or default_storage(exp, optimizer, options.out_root)
     store = storage(url, options.heartbeat_s, options.grace_s)
     worker = options.worker if options.worker is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0) or 0)
