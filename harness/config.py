@@ -37,9 +37,11 @@ def read_yaml(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
-    with open(path) as f:
+    with open(path, "rb") as f:
         try:
-            data = yaml.safe_load(f)
+            data = yaml.safe_load(f.read().decode())
+        except UnicodeDecodeError:
+            raise UsageError(f"{path} is not valid YAML: not UTF-8 text") from None
         except yaml.YAMLError as e:
             raise UsageError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:

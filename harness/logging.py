@@ -55,15 +55,20 @@ class MetricsLog:
         then send wandb the kept records it lacks."""
         if not self.enabled:
             return
-        if offset == 0 or not self.path.exists():
+        restart = "delete checkpoint.pt and checkpoint.prev.pt to restart the run"
+        if offset == 0:
             self.path.write_text("")
         else:
-            size = self.path.stat().st_size
-            if size < offset:  # truncating would pad with NUL bytes
-                raise UsageError(f"{self.path} is shorter ({size} bytes) than the checkpoint's {offset}: it was "
-                                 "damaged; delete checkpoint.pt and checkpoint.prev.pt to restart the run")
+            size = self.path.stat().st_size if self.path.exists() else None
+            if size is None or size < offset:  # the records up to the checkpoint are gone (never pad with NULs)
+                raise UsageError(f"{self.path} is " + ("missing" if size is None else f"shorter ({size} bytes)")
+                                 + f" but the checkpoint holds {offset} bytes of records: it was damaged; {restart}")
             with open(self.path, "r+b") as f:
                 f.truncate(offset)
+            try:  # damage inside the kept records would outlive the resume
+                RunDir(self.path.parent).records()
+            except UsageError as error:
+                raise UsageError(f"{error}: it was damaged; {restart}") from None
         self.count = self._lines()
         if self.wandb is not None and self.wandb.logged < self.count:
             for index, record in enumerate(RunDir(self.path.parent).records()):

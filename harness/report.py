@@ -43,12 +43,14 @@ def label(name: str) -> str:
 
 
 NO_SUMMARY = "no summary"  # the status of a run that never wrote one: still going, or killed first
+DAMAGED = "damaged records"  # a run whose metrics.jsonl cannot be read
 
 
 def find_runs(root: Path) -> list[dict]:
     """Every run under ``root``: its summary, records and directory. A run without a readable
     summary (killed before it wrote one, or still going) is there too, with status
-    ``NO_SUMMARY`` and its experiment and optimizer from ``config.yaml``."""
+    ``NO_SUMMARY`` and its experiment and optimizer from ``config.yaml``; a run whose records
+    cannot be read, with status ``DAMAGED`` and a one-line warning."""
     runs = []
     for run in RunDir.find(root, unfinished=True):
         summary = run.summary()
@@ -60,7 +62,12 @@ def find_runs(root: Path) -> list[dict]:
                 continue
             summary = {"status": NO_SUMMARY, "experiment": config.get("experiment", "?"),
                        "optimizer": (config.get("optimizer") or {}).get("name", "?"), "seed": config.get("seed")}
-        runs.append({"dir": run.path, "summary": summary, "metrics": run.records()})
+        try:
+            records = run.records()
+        except UsageError as error:  # counted, never averaged: the table says how many
+            print(f"warning: {error}", file=sys.stderr)
+            summary, records = {**summary, "status": DAMAGED}, []
+        runs.append({"dir": run.path, "summary": summary, "metrics": records})
     return runs
 
 
@@ -74,7 +81,7 @@ def status_counts(runs: list[dict]) -> str:
     counts = defaultdict(int)
     for r in runs:
         counts[r["summary"].get("status", "?")] += 1
-    order = ["completed", "diverged", "interrupted", NO_SUMMARY]
+    order = ["completed", "diverged", "interrupted", NO_SUMMARY, DAMAGED]
     return ", ".join(f"{k} {counts[k]}" for k in sorted(counts, key=lambda k: (order.index(k) if k in order else 9, k)))
 
 

@@ -138,7 +138,7 @@ class Run:
                 saved = RunDir(self.dir)
                 saved.lock()
                 remove_stale_temps(saved.path)
-                check_resumable(saved, self.cfg)
+                check_resumable(saved, self.cfg, warn=False)  # start() warned
                 write_text_atomic(saved.config_file, config_lib.dump(self.cfg))
             except UsageError as e:
                 error = e
@@ -226,14 +226,34 @@ def config_mismatch(where: Path, old: Optional[dict], cfg: dict) -> None:
                      "resume it with the same arguments or choose another --out")
 
 
-def check_resumable(saved: RunDir, cfg: dict) -> None:
+def saved_config(saved: RunDir, warn: bool = True) -> Optional[dict]:
+    """The directory's ``config.yaml``; None when it is missing or damaged (not YAML, not
+    UTF-8, empty, or cut short: the resolved config is written with ``optimizer`` last, so a
+    file without ``optimizer.name`` is a torn one), with a one-line warning for the latter:
+    the other files are checked instead, and it is rewritten."""
+    if not saved.config_file.exists():
+        return None
+    try:
+        config = saved.config()
+    except UsageError as error:
+        problem = str(error)
+    else:
+        if isinstance((config or {}).get("optimizer"), dict) and "name" in config["optimizer"]:
+            return config
+        problem = f"{saved.config_file} is incomplete (no optimizer.name)"
+    if warn:
+        print(f"warning: {problem}; checking the checkpoint and summary instead, and rewriting it",
+              file=sys.stderr, flush=True)
+    return None
+
+
+def check_resumable(saved: RunDir, cfg: dict, warn: bool = True) -> None:
     """A one-line UsageError (naming the keys that differ) when ``saved`` holds a run with
-    another config, by any of its files: ``config.yaml``, the copy in its checkpoint (or the
-    previous one), and what its ``summary.json`` records (experiment, optimizer, seed,
-    hyperparameters: all a completed sweep trial keeps once its checkpoint is deleted).
-    A resume must use the same arguments."""
-    if saved.config_file.exists():
-        config_mismatch(saved.path, saved.config(), cfg)
+    another config, by any of its files: ``config.yaml`` (unless damaged: ``saved_config``),
+    the copy in its checkpoint (or the previous one), and what its ``summary.json`` records
+    (experiment, optimizer, seed, hyperparameters: all a completed sweep trial keeps once its
+    checkpoint is deleted). A resume must use the same arguments."""
+    config_mismatch(saved.path, saved_config(saved, warn), cfg)
     if saved.checkpoint_file.exists() or previous(saved.checkpoint_file).exists():
         from .checkpoint import load_latest
 
@@ -243,6 +263,26 @@ def check_resumable(saved: RunDir, cfg: dict) -> None:
         recorded = {"experiment": summary.get("experiment"), "seed": summary.get("seed"),
                     "optimizer": {"name": summary.get("optimizer"), **(summary.get("hyperparameters") or {})}}
         config_mismatch(saved.summary_file, recorded, {k: cfg.get(k) for k in recorded})
+
+
+def check_finished(saved: RunDir, cfg: dict) -> None:
+    """A finished run's records must be there: a one-line UsageError when ``metrics.jsonl`` is
+    missing, empty or damaged (nothing can rebuild it: the run must be redone). A damaged
+    ``config.yaml`` is rewritten (it was checked against the checkpoint and summary)."""
+    status, redo = saved.status(), f"delete {saved.path} to redo the run"
+    try:
+        records = saved.records()
+    except UsageError as error:
+        raise UsageError(f"{error}; the run is {status} but its records are damaged: {redo}") from None
+    if not records:
+        raise UsageError(f"{saved.metrics_file} holds no record but the run is {status}: {redo}")
+    with open(saved.metrics_file, "rb") as f:  # a finished run wrote whole lines: a torn end is damage
+        f.seek(-1, 2)
+        if f.read(1) != b"\n":
+            raise UsageError(f"{saved.metrics_file} ends in a torn line but the run is {status}: {redo}")
+    if saved_config(saved, warn=False) is None and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        saved.lock()
+        write_text_atomic(saved.config_file, config_lib.dump(cfg))
 
 
 def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Optional[Run]:
@@ -280,6 +320,7 @@ def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Opti
     check_resumable(saved, cfg)
 
     if saved.finished():
+        check_finished(saved, cfg)
         print(f"{run_dir}: already {saved.status()}; nothing to do", flush=True)
         return None
 

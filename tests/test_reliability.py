@@ -138,6 +138,61 @@ def test_metrics_shorter_than_the_checkpoint_says_are_refused_without_nul_bytes(
     assert b"\0" not in (out / "metrics.jsonl").read_bytes()
 
 
+@pytest.mark.parametrize("damage", ["missing", "garbage in the kept records"])
+def test_metrics_lost_or_damaged_before_the_checkpoint_are_refused(nano_data, tmp_path, monkeypatch, capsys, damage):
+    out = tmp_path / "run"
+    _interrupted(nano_data, out, monkeypatch)
+    metrics = out / "metrics.jsonl"
+    if damage == "missing":  # resuming would silently lose the first records
+        metrics.unlink()
+    else:  # same length, a line in the middle destroyed
+        data = bytearray(metrics.read_bytes())
+        data[5:25] = b"#" * 20
+        metrics.write_bytes(bytes(data))
+    capsys.readouterr()
+    for _ in range(2):  # and again: the directory is not changed by the refusal
+        assert nano_train.main(nano_args(nano_data, out, "ikfad")) == EXIT_USAGE
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "metrics.jsonl" in err and "delete checkpoint.pt" in err, err
+
+
+@pytest.mark.parametrize("damage", [b"", b"\xff\xfe not yaml {[", b"seeds: [1, 2\n"])
+def test_a_damaged_config_yaml_is_rebuilt_after_checking_the_checkpoint(nano_data, whole, tmp_path, monkeypatch,
+                                                                         capsys, damage):
+    out = tmp_path / "run"
+    _interrupted(nano_data, out, monkeypatch)
+    good = (out / "config.yaml").read_bytes()
+    (out / "config.yaml").write_bytes(damage)
+    capsys.readouterr()
+    # Another config is still refused: the checkpoint's copy is checked instead.
+    assert nano_train.main(nano_args(nano_data, out, "ikfad", 1, "--set", "optimizer.h=0.1")) == EXIT_USAGE
+    assert "optimizer.h" in capsys.readouterr().err
+    assert nano_train.main(nano_args(nano_data, out, "ikfad")) == 0
+    assert "config.yaml" in capsys.readouterr().err  # the one-line warning
+    assert records(out) == whole and (out / "config.yaml").read_bytes() == good
+    # Damaged once the run is completed: rewritten too, nothing redone.
+    (out / "config.yaml").write_bytes(damage)
+    assert nano_train.main(nano_args(nano_data, out, "ikfad")) == 0
+    assert "already completed" in capsys.readouterr().out and (out / "config.yaml").read_bytes() == good
+
+
+@pytest.mark.parametrize("damage", ["missing", "torn end", "garbage"])
+def test_a_completed_run_with_damaged_records_is_a_one_line_error(nano_data, tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    assert nano_train.main(nano_args(nano_data, out, "adam", 1, "--set", "train.max_iters=2")) == 0
+    metrics = out / "metrics.jsonl"
+    if damage == "missing":
+        metrics.unlink()
+    elif damage == "torn end":
+        metrics.write_bytes(metrics.read_bytes()[:-30])
+    else:
+        metrics.write_bytes(b"\xff\xfe" * 50)
+    capsys.readouterr()
+    assert nano_train.main(nano_args(nano_data, out, "adam", 1, "--set", "train.max_iters=2")) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "metrics.jsonl" in err and f"delete {out}" in err, err
+
+
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_resumable(nano_data, whole, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     real_save, calls = torch.save, []

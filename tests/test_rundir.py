@@ -127,6 +127,7 @@ def test_report_counts_each_status_and_averages_completed_runs_only(tmp_path):
     (killed / "config.yaml").write_text("experiment: nano\nseed: 5\noptimizer: {name: adam}\n")
     (killed / "metrics.jsonl").write_text(lines(VAL[0], {"step": 10, "split": "val", "loss": 0.01}))
     make_run(runs / "cd" / "seed1", lines(VAL[0]), "diverged", optimizer="cd")
+    make_run(runs / "cd" / "seed2", "not a record\n" + lines(VAL[0]), optimizer="cd")  # damaged: counted, warned
     proc = subprocess.run([sys.executable, "-m", "harness.report", str(runs), "--out", str(tmp_path / "results")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -134,5 +135,6 @@ def test_report_counts_each_status_and_averages_completed_runs_only(tmp_path):
     # Best val loss 3.0 and 2.0, final 3.5 and 2.0: the two completed runs only.
     assert "| Adam | 5 | 2.5000 ± 0.7071 | 2.7500 ± 1.0607 | 1 | completed 2, diverged 1, interrupted 1, no summary 1 |" \
         in table, table
-    assert "| CD | 1 | – | – | – | diverged 1 |" in table, table
+    assert "| CD | 2 | – | – | – | diverged 1, damaged records 1 |" in table, table
+    assert "cd/seed2/metrics.jsonl: line 1 is not a JSON record" in proc.stderr
     assert "completed runs only" in table
