@@ -32,8 +32,11 @@ PACKAGE_FLOOR, KIT_FLOOR = "3.10", "3.11"
 # Every experiment can be launched, reported, swept and scanned.
 TOOLS = ["harness.launch", "harness.report", "harness.sweep", "harness.robustness"]
 # Packages an environment holds that its code never imports: transformers' Trainer needs
-# accelerate (the Trainer recipe of optimizers/README.md), in the transformers experiments.
-NOT_IMPORTED = {"gpt2": {"accelerate"}, "bert": {"accelerate"}}
+# accelerate (the Trainer recipe of optimizers/README.md), in the transformers experiments;
+# SQLAlchemy imports the PostgreSQL driver for a sweep's --storage postgresql:// URL, in all
+# (test_the_postgresql_driver_is_the_one_sqlalchemy_is_asked_for).
+DRIVER = "psycopg2-binary"
+NOT_IMPORTED = {exp: {DRIVER} | ({"accelerate"} if exp in ("gpt2", "bert") else set()) for exp in EXPERIMENTS}
 TEST_ONLY = {"pytest", "packaging"}  # pinned in test.txt for the tests themselves
 LOCAL = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").exists())
 
@@ -278,6 +281,19 @@ def test_each_environment_holds_exactly_what_its_code_imports(exp):
     assert not missing, f"{exp}/environment.yml lacks packages its code imports: {missing}"
     extra = named - set(needed) - NOT_IMPORTED.get(exp, set())
     assert not extra, f"{exp}/environment.yml names packages its code never imports: {sorted(extra)}"
+
+
+def test_the_postgresql_driver_is_the_one_sqlalchemy_is_asked_for():
+    """The driver every environment holds but no code imports is the module that SQLAlchemy
+    imports for the URL the sweep harness hands it for ``--storage postgresql://...``."""
+    from sqlalchemy.engine import make_url
+
+    from harness.sweep import study
+
+    dialect = make_url(study.engine_url("postgresql://user:pw@dbhost/optuna")).get_dialect()
+    assert distribution(dialect.import_dbapi().__name__) == DRIVER
+    assert study.DRIVERS[dialect.driver] == DRIVER
+    assert DRIVER in read_file(ENVS / "common.txt").named
 
 
 def test_import_closure_sees_through_the_harness():

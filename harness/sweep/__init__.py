@@ -24,10 +24,11 @@ paper tuned with one seed); it is recorded as the trial's ``seed`` user attribut
 Workers. The study lives in Optuna storage (default a SQLite file
 ``runs/sweeps/<exp>/<optimizer>/study.db``; a PostgreSQL/MySQL URL for
 workers on several nodes) under the name ``<exp>-<optimizer>``. Any number of
-workers may run the same command: this is Optuna's standard distributed mode,
-each worker stops once the study holds ``trials`` finished trials (a worker
-that is mid-trial then finishes that trial, so a study of W workers may end
-with up to W - 1 extra trials).
+workers may run the same command, also all at once on an empty database (the
+tables and the study are created under a lock): this is Optuna's standard
+distributed mode, each worker stops once the study holds ``trials`` finished
+trials (a worker that is mid-trial then finishes that trial, so a study of W
+workers may end with up to W - 1 extra trials).
 
 Kill safety. Finished trials are never repeated: a new trial always gets a new
 trial number and run directory. A trial that was interrupted (SIGTERM/SIGUSR1

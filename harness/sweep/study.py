@@ -8,9 +8,12 @@ hyperparameters (at most ``MAX_RETRY`` times), and the retry resumes its run dir
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import socket
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +25,15 @@ from ..experiments import Experiment
 from .space import Range
 
 MAX_RETRY = 10  # re-enqueues of one interrupted trial before it is given up
+# The pip package of each SQLAlchemy driver a --storage URL may name; the environments install
+# psycopg2-binary (environments/common.txt), which every SQLAlchemy that optuna accepts can use.
+DRIVERS = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "pg8000": "pg8000",
+           "mysqldb": "mysqlclient (or use mysql+pymysql:// and pip install PyMySQL)", "pymysql": "PyMySQL",
+           "mysqlconnector": "mysql-connector-python"}
+# Workers take this PostgreSQL advisory lock (or MySQL named lock) while they create Optuna's
+# tables and the study: any constant, the same in every worker.
+SCHEMA_LOCK = 0x6E6F6E6C
+CONNECT_TIMEOUT_S = 30  # an unreachable server is an error after this long, not after minutes
 
 
 def quiet_optuna():
@@ -58,24 +70,116 @@ def study_name(exp: Experiment, optimizer: str) -> str:
     return f"{exp.name}-{optimizer}"
 
 
+def masked(url: str) -> str:
+    """``url`` with its password (if any) as ``***``, for messages."""
+    return re.sub(r"^([^:/]+://[^:@/]*):[^@]*@", r"\1:***@", url)
+
+
+def engine_url(url: str) -> str:
+    """The URL given to SQLAlchemy: a plain ``postgresql://`` names psycopg2. SQLAlchemy 2.1
+    made psycopg (3) the default driver and older ones psycopg2; naming it makes the URL work
+    with the driver the environments install whatever SQLAlchemy the environment resolved."""
+    return re.sub(r"^postgresql://", "postgresql+psycopg2://", url)
+
+
+def check_driver(url: str) -> None:
+    """A one-line UsageError naming the package to install when the URL's driver is missing."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        dialect = make_url(engine_url(url)).get_dialect()
+    except ArgumentError as e:  # an unknown driver (postgresql+nope://) or a malformed URL
+        raise UsageError(f"--storage {masked(url)}: {str(e).splitlines()[0]}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as e:
+        raise UsageError(f"--storage {masked(url)} needs the database driver {dialect.driver} (Python module "
+                         f"{e.name or '?'}), which is not installed: pip install "
+                         f"{DRIVERS.get(dialect.driver, dialect.driver)}") from None
+
+
+def _unreachable(url: str, err) -> UsageError:
+    reason = str(getattr(err, "orig", None) or err).strip().splitlines()
+    return UsageError(f"cannot connect to --storage {masked(url)}: {reason[0] if reason else type(err).__name__}")
+
+
+def _engine_kwargs(url: str) -> dict:
+    if url.startswith("sqlite"):
+        # SQLite serialises writers: wait for the lock instead of failing when workers collide.
+        return {"connect_args": {"timeout": 120}}
+    if url.startswith("postgresql") and "connect_timeout" not in url:
+        return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
+    return {}
+
+
+@contextmanager
+def creation_lock(url: str):
+    """Held while a worker creates Optuna's tables or the study. Workers that start at the same
+    moment on an empty database would otherwise all run CREATE TABLE/TYPE and all but one die
+    of a duplicate key. A PostgreSQL advisory lock or MySQL named lock (released by the server
+    when the connection closes, so a worker that dies holding it blocks no one), or a file lock
+    next to a SQLite file (released by the kernel likewise)."""
+    import sqlalchemy
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.pool import NullPool
+
+    if url.startswith("sqlite"):
+        db = re.sub(r"^sqlite(\+\w+)?://(/|$)", "", url)
+        if not db or db == ":memory:":
+            yield
+            return
+        fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+        return
+    if url.startswith("postgresql"):
+        take, key = "SELECT pg_advisory_lock(:key)", SCHEMA_LOCK
+    else:
+        take, key = "SELECT GET_LOCK(:key, -1)", f"nonlinear-damping-{SCHEMA_LOCK}"
+    engine = sqlalchemy.create_engine(engine_url(url), poolclass=NullPool, **_engine_kwargs(url))
+    try:
+        try:
+            connection = engine.connect()
+            connection.execute(sqlalchemy.text(take), {"key": key})
+            connection.commit()  # a session-level lock: it outlives the transaction
+        except OperationalError as e:
+            raise _unreachable(url, e) from None
+        try:
+            yield
+        finally:
+            connection.close()  # ends the session, which releases the lock
+    finally:
+        engine.dispose()
+
+
 def storage(url: str, heartbeat_s: Optional[int] = None, grace_s: Optional[int] = None, create: bool = True):
-    """An ``RDBStorage`` (SQLite, PostgreSQL, MySQL) with the heartbeat and the retry callback."""
+    """An ``RDBStorage`` (SQLite, PostgreSQL, MySQL) with the heartbeat and the retry callback.
+    A missing driver or an unreachable server is a one-line UsageError."""
+    from sqlalchemy.exc import OperationalError
+
     optuna = quiet_optuna()
     if not re.match(r"^(sqlite|postgresql|mysql)(\+\w+)?://", url):
-        raise UsageError(f"--storage must be an sqlite:///, postgresql:// or mysql:// URL, got {url!r}")
+        raise UsageError(f"--storage must be an sqlite:///, postgresql:// or mysql:// URL, got {masked(url)!r}")
     if url.startswith("sqlite:///"):
         db = Path(url[len("sqlite:///"):])
         if not create and not db.is_file():
             raise UsageError(f"no study at {db}; run `bash scripts/sweep.sh <exp> <optimizer>` first or pass --storage")
         db.parent.mkdir(parents=True, exist_ok=True)
+    check_driver(url)
     retry, keyword = _retry_callback()
     kwargs = {}
     if heartbeat_s:
         kwargs = {"heartbeat_interval": int(heartbeat_s), "grace_period": int(grace_s or 3 * heartbeat_s),
                   keyword: retry}
-    # SQLite serialises writers: wait for the lock instead of failing when workers collide.
-    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+    with creation_lock(url):
+        try:
+            return optuna.storages.RDBStorage(engine_url(url), engine_kwargs=_engine_kwargs(url), **kwargs)
+        except OperationalError as e:
+            raise _unreachable(url, e) from None
 
 
 def load_study(exp: Experiment, optimizer: str, url: Optional[str] = None, out_root: str | Path = "runs/sweeps"):
@@ -86,22 +190,26 @@ def load_study(exp: Experiment, optimizer: str, url: Optional[str] = None, out_r
     try:
         return optuna.load_study(study_name=name, storage=storage(url, create=False))
     except KeyError:
-        raise UsageError(f"no study named {name} in {url}; run `bash scripts/sweep.sh {exp.name} {optimizer}`") from None
+        raise UsageError(f"no study named {name} in {masked(url)}; "
+                         f"run `bash scripts/sweep.sh {exp.name} {optimizer}`") from None
 
 
 def open_study(exp: Experiment, optimizer: str, space: dict[str, Range], seed: int, store, url: str, pruner):
     """Create (or load) the study of ``exp`` x ``optimizer`` in ``store``: refused when it was made
     with another search space; records the space, experiment, optimizer and trial seed."""
     optuna = quiet_optuna()
-    study = optuna.create_study(study_name=study_name(exp, optimizer), storage=store, direction="minimize",
-                                load_if_exists=True, pruner=pruner)
     recorded = {hp: [r.low, r.high, "log" if r.log else "uniform"] for hp, r in space.items()}
-    if study.user_attrs.get("space", recorded) != recorded:
-        raise UsageError(f"study {study.study_name} in {url} was made with the search space "
-                         f"{study.user_attrs['space']}, not {recorded}; use another --storage")
-    for key, value in {"space": recorded, "experiment": exp.name, "optimizer": optimizer, "seed": seed}.items():
-        if key not in study.user_attrs:
-            study.set_user_attr(key, value)
+    # Under the lock, so that of workers started together one creates the study and records its
+    # space, and every other one finds it and checks its own space against it.
+    with creation_lock(url):
+        study = optuna.create_study(study_name=study_name(exp, optimizer), storage=store, direction="minimize",
+                                    load_if_exists=True, pruner=pruner)
+        if study.user_attrs.get("space", recorded) != recorded:
+            raise UsageError(f"study {study.study_name} in {masked(url)} was made with the search space "
+                             f"{study.user_attrs['space']}, not {recorded}; use another --storage")
+        for key, value in {"space": recorded, "experiment": exp.name, "optimizer": optimizer, "seed": seed}.items():
+            if key not in study.user_attrs:
+                study.set_user_attr(key, value)
     return study
 
 

@@ -19,7 +19,7 @@ from ..signals import StopFlag
 from .objective import Objective, TrialCrashed, WorkerInterrupted
 from .plots import plot_study
 from .space import budget_sets, load_space, optimizer_space
-from .study import (default_storage, finished, open_study, recover_dead_trials, retry, seed_sampler, storage,
+from .study import (default_storage, finished, masked, open_study, recover_dead_trials, retry, seed_sampler, storage,
                     sweep_dir, quiet_optuna)
 
 MAX_CONSECUTIVE_CRASHES = 3  # a worker whose trials keep crashing stops (something is broken)
@@ -94,8 +94,8 @@ def run_sweep(options: SweepOptions, pruner_obj=None):
     tpe_seed = seed_sampler(study, options.sampler_seed, worker)
 
     done = finished(study)
-    print(f"study {study.study_name} in {url}: {done}/{n_trials} finished, worker {worker}, TPE seed {tpe_seed}, "
-          f"trial seed {seed}, runs in {out}"
+    print(f"study {study.study_name} in {masked(url)}: {done}/{n_trials} finished, worker {worker}, "
+          f"TPE seed {tpe_seed}, trial seed {seed}, runs in {out}"
           + (f"; retrying interrupted trial(s) {recovered}" if recovered else ""), flush=True)
     if done < n_trials:
         _optimize(study, n_trials, out, lambda signals: Objective(
