@@ -51,7 +51,9 @@ install_missing() {
   # /etc/slurm and the default ports; ours run from $DIR).
   local policy=/usr/sbin/policy-rc.d made_policy=0
   if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; made_policy=1; fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${PACKAGES[@]}" >"$DIR/apt.log" 2>&1 \
+  # A fresh machine has no package lists yet.
+  apt-get update -q >"$DIR/apt.log" 2>&1 || { [ "$made_policy" -eq 1 ] && rm -f "$policy"; die "apt-get update failed: see $DIR/apt.log"; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${PACKAGES[@]}" >>"$DIR/apt.log" 2>&1 \
     || { [ "$made_policy" -eq 1 ] && rm -f "$policy"; die "apt-get install failed: see $DIR/apt.log"; }
   [ "$made_policy" -eq 1 ] && rm -f "$policy"
   return 0
