@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import DISK_FULL, UsageError
 
 # torch is imported inside the functions that use it: the report and sweep tools read
 # run directories (write_text_atomic) without paying for a torch import.
@@ -46,8 +46,7 @@ def _write_atomic(path: Path, write: Callable, keep_previous: bool = False) -> N
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise UsageError(f"{path}: the disk is full; the last good copy is kept: "
-                             "free space and re-run the same command to resume") from None
+            raise UsageError(f"{path}: {DISK_FULL}") from None
         raise
 
 

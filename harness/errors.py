@@ -2,6 +2,7 @@
 command's exceptions into exit statuses."""
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from typing import Callable
@@ -9,6 +10,7 @@ from typing import Callable
 from .signals import EXIT_INTERRUPTED, Interrupted
 
 EXIT_USAGE = 2  # bad input: the message says what to fix
+DISK_FULL = "the disk is full; the last good copy is kept: free space and re-run the same command to resume"
 
 
 class UsageError(Exception):
@@ -28,8 +30,9 @@ class OtherRankFailed(UsageError):
 
 def command(main: Callable[..., int]) -> Callable[..., int]:
     """Wrap a command's ``main``: a ``UsageError`` becomes ``error: <message>`` on stderr and
-    status 2, an ``Interrupted`` run status 75 (``EXIT_INTERRUPTED``: rerun to resume). So
-    library code raises, and never exits the process itself."""
+    status 2, an ``Interrupted`` run status 75 (``EXIT_INTERRUPTED``: rerun to resume), a full
+    disk a one-line error and status 2. So library code raises, and never exits the process
+    itself."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs) -> int:
@@ -42,5 +45,10 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
         except Interrupted as e:
             print(f"{e}; re-run the same command to resume", file=sys.stderr, flush=True)
             return EXIT_INTERRUPTED
+        except OSError as e:  # any other write on a full disk (a log, a figure, wandb's files)
+            if e.errno != errno.ENOSPC:
+                raise
+            print(f"error: {e.filename or 'writing'}: {DISK_FULL}", file=sys.stderr, flush=True)
+            return EXIT_USAGE
 
     return wrapped

@@ -3,6 +3,7 @@
 is ``harness.rundir``'s."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -14,7 +15,7 @@ from typing import Optional
 
 from .checkpoint import write_text_atomic
 from .config import REPO
-from .errors import UsageError
+from .errors import DISK_FULL, UsageError
 from .rundir import RunDir
 
 
@@ -79,8 +80,13 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {k: _clean(v) for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a torn line it leaves is dropped by the resume (it truncates to the checkpoint)
+            if e.errno == errno.ENOSPC:
+                raise UsageError(f"{self.path}: {DISK_FULL}") from None
+            raise
         index, self.count = self.count, self.count + 1
         if self.wandb is not None:
             self.wandb.log(index, record)

@@ -215,6 +215,46 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_resumable(nano_data, whole,
     assert records(out) == whole
 
 
+def test_a_full_disk_at_a_record_is_one_line_and_resumable(nano_data, whole, tmp_path, monkeypatch, capsys):
+    import builtins
+
+    from harness import logging as run_logging
+
+    out, real_open, appends = tmp_path / "run", builtins.open, []
+
+    class FullDisk:  # the file as a full disk leaves it: part of the line written, then ENOSPC
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:7])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_full_at_the_fifth_append(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if mode == "a":
+            appends.append(1)
+            if len(appends) == 5:
+                return FullDisk(f)
+        return f
+
+    monkeypatch.setattr(run_logging, "open", open_full_at_the_fifth_append, raising=False)
+    assert nano_train.main(nano_args(nano_data, out, "ikfad")) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "metrics.jsonl" in err and "disk is full" in err, err
+    assert not (out / "metrics.jsonl").read_bytes().endswith(b"\n")  # a torn line was left
+    monkeypatch.setattr(run_logging, "open", real_open, raising=False)  # space freed
+    assert nano_train.main(nano_args(nano_data, out, "ikfad")) == 0
+    assert records(out) == whole
+
+
 def test_stale_temp_files_are_removed_when_a_run_starts(nano_data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -248,3 +288,21 @@ def test_a_key_added_later_at_its_old_behaviour_is_no_difference(tmp_path):
     config_mismatch(tmp_path, {"train": {"max_iters": 5, "eval_batches": ["fresh", "fixed"]}}, new)  # no error
     with pytest.raises(UsageError, match=r"different config \(train.eval_batches\)"):
         config_mismatch(tmp_path, {"train": {"max_iters": 5, "diverge_factor": 0.0}}, new)
+
+
+def test_any_other_write_on_a_full_disk_is_one_line(tmp_path, capsys):
+    from harness.errors import command
+
+    @command
+    def writes_a_figure() -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "val_loss.png"))
+
+    @command
+    def other_error() -> int:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    assert writes_a_figure() == EXIT_USAGE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "val_loss.png" in err[0] and "disk is full" in err[0]
+    with pytest.raises(PermissionError):  # only a full disk: other faults keep their traceback
+        other_error()
