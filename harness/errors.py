@@ -48,7 +48,7 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
         except OSError as e:  # any other write on a full disk (a log, a figure, wandb's files)
             if e.errno != errno.ENOSPC:
                 raise
-            print(f"error: {e.filename or 'writing'}: {DISK_FULL}", file=sys.stderr, flush=True)
+            print(f"error: {f'{e.filename}: ' if e.filename else ''}{DISK_FULL}", file=sys.stderr, flush=True)
             return EXIT_USAGE
 
     return wrapped

@@ -165,7 +165,7 @@ runpy.run_module("nano.train", run_name="__main__")
 def test_records_sent_before_a_crash_are_not_sent_again(nano_data, tmp_path, wandb_env):
     out = tmp_path / "run"
     crashed = train(nano_data, out, wandb_env, wrapper=CRASH_AT_SECOND_CHECKPOINT)
-    assert crashed.returncode == 1 and "No space left on device" in crashed.stderr, crashed.stderr[-2000:]
+    assert crashed.returncode == 2 and "error: the disk is full" in crashed.stderr, crashed.stderr[-2000:]
     assert [r["step"] for r in metrics(out)] == [0, 10, 10]  # the step-10 records, not checkpointed
     assert json.loads((out / "wandb.json").read_text())["logged"] == 3
     resumed = train(nano_data, out, wandb_env)
