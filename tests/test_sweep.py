@@ -275,3 +275,20 @@ def test_figures_sh_renders_everything_and_indexes_it(cd_study, cd_scan, nano_da
                      "sweeps/nano/cd/history.png", "sweeps/nano/cd/study.md"):
         assert expected in links, expected
     assert "| Adam | 1 |" in (results / "nano" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--trials", "0", "--trials must be at least 1, got 0"),
+    ("--heartbeat", "-1", "--heartbeat must be at least 1, got -1"),
+    ("--grace", "30", r"--grace \(30 s\) must be longer than --heartbeat \(60 s\)"),
+    ("--poll", "0", "--poll must be a positive number of seconds, got 0.0"),
+    ("--nproc", "0", "--nproc must be at least 1, got 0"),
+    ("--prune-startup", "-1", "--prune-startup must be at least 0, got -1"),
+])
+def test_sweep_numbers_no_worker_can_use_are_one_line_errors(tmp_path, capsys, option, value, message):
+    from harness.sweep.cli import main
+
+    assert main(["run", "nano", "adam", "--out-root", str(tmp_path / "sweeps"), option, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+    assert not (tmp_path / "sweeps").exists()  # nothing created

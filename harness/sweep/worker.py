@@ -55,6 +55,19 @@ class SweepOptions:
         """From an argparse namespace whose names are the fields'."""
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
+    def check(self) -> None:
+        """A one-line UsageError for a number no sweep can use (named by its option)."""
+        minimum = {"--trials": (self.trials, 1), "--heartbeat": (self.heartbeat_s, 1), "--grace": (self.grace_s, 1),
+                   "--nproc": (self.nproc, 1), "--prune-startup": (self.prune_startup, 0),
+                   "--prune-warmup": (self.prune_warmup, 0)}
+        for option, (value, low) in minimum.items():
+            if value is not None and value < low:
+                raise UsageError(f"{option} must be at least {low}, got {value}")
+        if not self.poll_s > 0:
+            raise UsageError(f"--poll must be a positive number of seconds, got {self.poll_s}")
+        if self.grace_s is not None and self.grace_s <= self.heartbeat_s:
+            raise UsageError(f"--grace ({self.grace_s} s) must be longer than --heartbeat ({self.heartbeat_s} s)")
+
 
 def _pruner(options: SweepOptions):
     optuna = quiet_optuna()
@@ -72,6 +85,8 @@ def run_sweep(options: SweepOptions, pruner_obj=None):
     Raises UsageError on bad input (before any trial), ``WorkerInterrupted`` when a signal stopped
     it (the trial in flight will be retried) and ``TrialCrashed`` after too many crashes in a row."""
     from .. import config as config_lib
+
+    options.check()
 
     exp = experiment(options.experiment)
     optimizer = str(options.optimizer).lower()
