@@ -33,6 +33,7 @@ from .parallel import PARALLEL
 from .rundir import RunDir, check_folder
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+CPU_PRECISIONS = ("fp32", "bf16")  # CPU autocast in fp16 is emulated: slow, and not what the paper's GPUs did
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class TrainConfig:
     log_interval: int = 10  # steps between divergence checks and progress updates
     compile: bool = False  # torch.compile the model
     parallel: str = "ddp"  # with several processes: ddp (replicas) or fsdp2 (sharded)
-    precision: str = "fp32"  # on CUDA: fp32, fp16 (autocast + GradScaler) or bf16; the CPU runs fp32
+    precision: str = "fp32"  # on CUDA: fp32, fp16 (autocast + GradScaler) or bf16
+    cpu_precision: str = "fp32"  # on the CPU: fp32, or bf16 (autocast; to measure what low precision changes)
     diverge_factor: float = 0.0  # an evaluated loss above this x the first evaluation's: diverged; 0 = off
 
     @classmethod
@@ -58,6 +60,7 @@ class TrainConfig:
                    compile=bool(train.get("compile", False)),
                    parallel=train.get("parallel", "ddp"),
                    precision=train.get("precision", "fp32"),
+                   cpu_precision=train.get("cpu_precision", "fp32"),
                    diverge_factor=float(train.get("diverge_factor", 0.0) or 0.0))
 
 
@@ -85,10 +88,11 @@ class Run:
         return int(self.cfg["seed"])
 
     def autocast(self):
-        """The forward-pass precision context: fp16/bf16 autocast on CUDA, else a no-op."""
-        if self.device.type == "cuda" and self.precision in ("fp16", "bf16"):
+        """The forward-pass precision context: fp16/bf16 autocast (CUDA; bf16 on the CPU too),
+        else a no-op."""
+        if self.precision in ("fp16", "bf16"):
             dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
-            return torch.autocast("cuda", dtype=dtype)
+            return torch.autocast(self.device.type, dtype=dtype)
         return contextlib.nullcontext()
 
     @property
@@ -208,7 +212,8 @@ def seed_everything(seed: int) -> None:
 
 # Keys added to the configs after runs were started, with the value that does what those
 # runs did: a saved config without the key matches a config holding that value.
-BEHAVIOUR_OF_OLDER_RUNS = {"train.diverge_factor": 0.0, "train.parallel": "ddp", "train.eval_batches": ["fixed"]}
+BEHAVIOUR_OF_OLDER_RUNS = {"train.diverge_factor": 0.0, "train.parallel": "ddp", "train.eval_batches": ["fixed"],
+                           "train.cpu_precision": "fp32"}
 
 
 def config_mismatch(where: Path, old: Optional[dict], cfg: dict) -> None:
@@ -313,6 +318,8 @@ def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Opti
     if train.get("precision", "fp32") not in PRECISIONS:
         raise UsageError(f"train.precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
                          f"got {train['precision']!r}")
+    if train.get("cpu_precision", "fp32") not in CPU_PRECISIONS:
+        raise UsageError(f"train.cpu_precision must be fp32 or bf16, got {train['cpu_precision']!r}")
     if cfg.get("wandb") and importlib.util.find_spec("wandb") is None:
         raise UsageError("wandb=true but wandb is not installed: pip install wandb (or --set wandb=false)")
     check_folder(run_dir, "--out")
@@ -337,7 +344,7 @@ def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Opti
         # Tear the group down before the interpreter does: a rank that exits with its
         # connections still open can make its peers abort (SIGABRT in gloo/NCCL).
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    precision = cfg.get("train", {}).get("precision", "fp32") if device.type == "cuda" else "fp32"
+    precision = train.get("precision", "fp32") if device.type == "cuda" else train.get("cpu_precision", "fp32")
     seed_everything(args.seed)
     return Run(cfg=cfg, dir=run_dir, device=device, rank=rank, local_rank=local_rank,
                world_size=world_size, precision=precision, experiment=exp)

@@ -445,3 +445,19 @@ def test_trainer_takes_param_groups_or_an_optimizer(nano_data, tmp_path):
     assert records(tmp_path / "parts") == records(tmp_path / "groups")
     ready = trainer(tmp_path / "ready", lambda model: torch.optim.SGD(model.parameters(), lr=0.1))
     assert isinstance(ready.optimizer, torch.optim.SGD) and ready.fit()["status"] == "completed"
+
+
+def test_cpu_precision_bf16_autocasts_on_the_cpu_and_says_so(nano_data, tmp_path):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert nano_train.main(nano_args(nano_data, out, "adam", 1, "--set", f"train.cpu_precision={precision}")) == 0
+        assert json.loads((out / "summary.json").read_text())["precision"] == precision
+        runs[precision] = [r["loss"] for r in records(out) if r["split"] == "val"]
+    # bf16 rounds the forward pass (8 significant bits): close to fp32, not the same numbers.
+    assert runs["bf16"] != runs["fp32"]
+    assert all(abs(a - b) < 0.05 for a, b in zip(runs["bf16"], runs["fp32"]))
+    with pytest.raises(Exception, match="train.cpu_precision must be fp32 or bf16, got 'fp16'"):
+        from harness.run import start
+
+        start("nano", nano_args(nano_data, tmp_path / "fp16", "adam", 1, "--set", "train.cpu_precision=fp16"))
