@@ -11,12 +11,14 @@ FLOP/s (nanoGPT's count, ``GPT.estimate_flops_per_iter``) is set against this
 core's measured fp32 matmul throughput (``harness.cpu.matmul_peak_flops``), the
 CPU analogue of a GPU's MFU. Then the same step with the candidate speed-ups
 (``torch.compile`` of the model, including its compile time; evaluation batched
-several batches per forward pass), with the number each gives for a full run.
+several batches per forward pass; bf16 autocast, ``train.cpu_precision: bf16``, which
+changes the numbers by rounding), with the number each gives for a full run.
 Writes ``nano_cpu.md`` and ``nano_cpu.json`` to ``--out``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -42,14 +44,19 @@ def build(cfg: dict, vocab: int) -> GPT:
     return GPT(GPTConfig(**{**cfg["model"], "vocab_size": vocab}))
 
 
-def time_steps(model, opt, bins, steps: int, batch: int, block: int, gen) -> dict:
+def bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def time_steps(model, opt, bins, steps: int, batch: int, block: int, gen, autocast=contextlib.nullcontext) -> dict:
     """Seconds per step of each piece (median over ``steps`` after 10 warm-up steps)."""
     times = {k: [] for k in PIECES}
     for i in range(steps + 10):
         t0 = time.perf_counter()
         x, y = bins.get_batch("train", batch, block, gen)
         t1 = time.perf_counter()
-        _, loss = model(x, y)
+        with autocast():
+            _, loss = model(x, y)
         t2 = time.perf_counter()
         loss.backward()
         t3 = time.perf_counter()
@@ -64,12 +71,13 @@ def time_steps(model, opt, bins, steps: int, batch: int, block: int, gen) -> dic
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def time_eval(model, bins, batch: int, block: int, iters: int, per_forward: int, repeats: int = 3) -> float:
+def time_eval(model, bins, batch: int, block: int, iters: int, per_forward: int, repeats: int = 3,
+              autocast=contextlib.nullcontext) -> float:
     """Seconds for one estimator's evaluation (``iters`` batches, ``per_forward`` per forward pass)."""
     best = float("inf")
     gen = torch.Generator().manual_seed(1)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         for _ in range(repeats):
             t0 = time.perf_counter()
             chunk = []
@@ -91,6 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--optimizers", nargs="+", default=["adam", "cd", "ikfad", "cadam"])
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement (~1 min)")
+    p.add_argument("--no-bf16", action="store_true", help="skip the bf16-autocast measurement")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -141,6 +150,15 @@ def main(argv=None) -> int:
         print(f"compiled model: step {1e3 * sum(pieces.values()):.1f} ms after {compile_s:.0f} s of compiling",
               flush=True)
 
+    if not args.no_bf16:
+        model = build(base, bins.vocab_size or 65)
+        opt = optimizers.build("adam", model.parameters(), lr=1e-3)
+        pieces = time_steps(model, opt, bins, args.steps, batch, block, torch.Generator().manual_seed(0), bf16)
+        results["bf16"] = {**pieces, "step": sum(pieces.values()),
+                           "eval": time_eval(model, bins, batch, block, iters, 1, autocast=bf16)}
+        print(f"bf16 autocast: step {1e3 * results['bf16']['step']:.1f} ms, evaluation {results['bf16']['eval']:.2f} s",
+              flush=True)
+
     adam = results["steps"]["adam"]["step"] if "adam" in results["steps"] else None
     best_eval = min(results["eval"], key=results["eval"].get)
     for name, r in results["steps"].items():
@@ -148,6 +166,8 @@ def main(argv=None) -> int:
             "as_configured": total * r["step"] + evals * estimators * results["eval"][2],
             "eval_one_batch_per_forward": total * r["step"] + evals * estimators * results["eval"][1],
         }
+    if "bf16" in results:
+        results["full_run_s"]["adam_bf16"] = total * results["bf16"]["step"] + evals * estimators * results["bf16"]["eval"]
     if "compiled" in results and adam:
         results["full_run_s"]["adam_compiled"] = (results["compiled"]["compile_s"] + total * (
             results["compiled"]["step"]) + evals * estimators * results["eval"][best_eval])
@@ -172,6 +192,14 @@ def main(argv=None) -> int:
                   f"(eager {1e3 * adam:.1f} ms), after {c['compile_s']:.0f} s of compiling; a full run "
                   f"{results['full_run_s']['adam_compiled'] / 60:.1f} min against "
                   f"{results['full_run_s']['adam']['as_configured'] / 60:.1f} min eager."]
+    if "bf16" in results and adam:
+        b = results["bf16"]
+        lines += ["", f"bf16 autocast (`train.cpu_precision: bf16`; Adam): step {1e3 * b['step']:.1f} ms "
+                  f"(fp32 {1e3 * adam:.1f} ms), one evaluation {b['eval']:.2f} s (fp32 {results['eval'][1]:.2f} s); "
+                  f"a full run {results['full_run_s']['adam_bf16'] / 60:.1f} min against "
+                  f"{results['full_run_s']['adam']['eval_one_batch_per_forward'] / 60:.1f} min in fp32. It changes the "
+                  "numbers by bf16 rounding (not the paper's fp16): see results/nano/README.md for what that does "
+                  "to a full run."]
     (args.out / "nano_cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
