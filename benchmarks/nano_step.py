@@ -48,6 +48,10 @@ def bf16():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
 def time_steps(model, opt, bins, steps: int, batch: int, block: int, gen, autocast=contextlib.nullcontext) -> dict:
     """Seconds per step of each piece (median over ``steps`` after 10 warm-up steps)."""
     times = {k: [] for k in PIECES}
@@ -68,7 +72,7 @@ def time_steps(model, opt, bins, steps: int, batch: int, block: int, gen, autoca
         if i >= 10:
             for k, a, b in zip(PIECES, (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5)):
                 times[k].append(b - a)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {k: median(v) for k, v in times.items()}
 
 
 def time_eval(model, bins, batch: int, block: int, iters: int, per_forward: int, repeats: int = 3,
@@ -153,22 +157,20 @@ def main(argv=None) -> int:
     if not args.no_bf16:
         # fp32 and bf16 in alternating rounds, so that the machine's drift (a shared VM's speed moves by
         # 10-30% over minutes) falls on both alike: the ratio is the measurement.
-        rounds, pair = 5, {"fp32": ([], [], contextlib.nullcontext), "bf16": ([], [], bf16)}
-        models = {}
-        for key in pair:
-            models[key] = build(base, bins.vocab_size or 65)
-            models[key] = (models[key], optimizers.build("adam", models[key].parameters(), lr=1e-3))
+        rounds, timed = 5, {}
+        for key, ctx in (("fp32", contextlib.nullcontext), ("bf16", bf16)):
+            model = build(base, bins.vocab_size or 65)
+            timed[key] = (model, optimizers.build("adam", model.parameters(), lr=1e-3), ctx, [], [])
         for r in range(rounds):
-            for key, (steps_, evals_, ctx) in pair.items():
-                model, opt = models[key]
+            for model, opt, ctx, steps_, evals_ in timed.values():
                 steps_.append(sum(time_steps(model, opt, bins, max(args.steps // rounds, 10), batch, block,
                                              torch.Generator().manual_seed(r), ctx).values()))
                 evals_.append(time_eval(model, bins, batch, block, iters, 1, repeats=1, autocast=ctx))
-        med = lambda v: sorted(v)[len(v) // 2]
-        step_ratio = med([b / a for a, b in zip(pair["fp32"][0], pair["bf16"][0])])
-        eval_ratio = med([b / a for a, b in zip(pair["fp32"][1], pair["bf16"][1])])
-        results["bf16"] = {"rounds": rounds, "step_fp32": pair["fp32"][0], "step_bf16": pair["bf16"][0],
-                           "eval_fp32": pair["fp32"][1], "eval_bf16": pair["bf16"][1],
+        (*_, step32, eval32), (*_, step16, eval16) = timed["fp32"], timed["bf16"]
+        step_ratio = median([b / a for a, b in zip(step32, step16)])
+        eval_ratio = median([b / a for a, b in zip(eval32, eval16)])
+        results["bf16"] = {"rounds": rounds, "step_fp32": step32, "step_bf16": step16,
+                           "eval_fp32": eval32, "eval_bf16": eval16,
                            "step_ratio": step_ratio, "eval_ratio": eval_ratio}
         print(f"bf16 autocast against fp32, {rounds} alternating rounds: step x{step_ratio:.2f}, "
               f"evaluation x{eval_ratio:.2f}", flush=True)
