@@ -107,7 +107,7 @@ class Objective:
         root = int(trial.user_attrs.get("root", trial.number))  # a retry inherits its original's attrs
         run = RunDir(self.out / f"trial-{root}")
         seed = self.trial_seed(root)
-        for key, value in {"root": root, "seed": seed, "run_dir": str(run.path), "host": socket.gethostname(),
+        for key, value in {"root": root, "seed": seed, "objective": self.objective, "run_dir": str(run.path), "host": socket.gethostname(),
                            "pid": os.getpid(), "pid_start": processes.start_time(os.getpid())}.items():
             trial.set_user_attr(key, value)
         cmd = train_command(self.exp, self.optimizer, seed, run.path, self.config,
