@@ -153,7 +153,7 @@ class _AfterTrial:
 
     def __call__(self, study, frozen) -> None:
         state = frozen.state.name.lower()
-        value = f" best val loss {frozen.value:.4f}" if frozen.value is not None else ""
+        value = f" objective {frozen.value:.4f}" if frozen.value is not None else ""
         if state == "fail":
             value = f" ({frozen.user_attrs.get('error', '?')})"
         elif state == "pruned":
