@@ -177,8 +177,8 @@ def table(by_opt: dict[str, list[dict]]) -> str:
         head += ["best val acc", "final val acc"]
     if "test" in splits:
         head += ["final test loss"] + (["final test acc"] if has_acc else [])
-    if "test_at_best_val" in splits:  # cifar: the best-validation weights, evaluated on test
-        head += ["test acc at best val"]
+    if "test_at_best_val" in splits:  # cifar's second number: the best-validation weights, evaluated on test
+        head += ["test acc of the best-val weights"]
     head += ["wall time (s)", "status"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in sorted(by_opt, key=optimizers.sort_key):
