@@ -213,8 +213,8 @@ AT_LEAST_1 = ("train.batch_size", "train.eval_interval", "train.eval_iters", "tr
 AT_LEAST_0 = ("train.max_iters", "train.grad_clip", "data.subset")
 PROBABILITIES = ("model.dropout", "model.drop_rate", "model.attention_dropout", "model.seq_classif_dropout")
 # Keys with a fixed set of values (nano/model.py SCALED_INIT: which residual projections get
-# GPT-2's scaled init).
-CHOICES = {"model.scaled_init": ("all", "mlp")}
+# GPT-2's scaled init; harness/cifar10.py NORMALIZE: the images' per-channel statistics).
+CHOICES = {"model.scaled_init": ("all", "mlp"), "data.normalize": ("fixed", "computed")}
 # (width, heads): attention splits the width evenly over the heads.
 DIVISIBLE = (("model.n_embd", "model.n_head"), ("model.dim", "model.n_heads"), ("model.embed_dim", "model.num_heads"),
              ("model.img_size", "model.patch_size"))

@@ -71,7 +71,8 @@ def load_cifar10(run: Run) -> dict:
     for rank0_turn in ((True, False) if run.distributed else (True,)):
         if run.is_main == rank0_turn:
             try:
-                splits = cifar10_splits(d["root"], download=d["download"] and run.is_main)
+                splits = cifar10_splits(d["root"], download=d["download"] and run.is_main,
+                                            normalize=d.get("normalize", "fixed"))
             except UsageError as e:
                 error = e
         if run.any_rank(error is not None):

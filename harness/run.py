@@ -226,7 +226,8 @@ def seed_everything(seed: int) -> None:
 # Keys added to the configs after runs were started, with the value that does what those
 # runs did: a saved config without the key matches a config holding that value.
 BEHAVIOUR_OF_OLDER_RUNS = {"train.diverge_factor": 0.0, "train.parallel": "ddp", "train.eval_batches": ["fixed"],
-                           "train.cpu_precision": "fp32", "train.tf32": True, "model.scaled_init": "all"}
+                           "train.cpu_precision": "fp32", "train.tf32": True, "model.scaled_init": "all",
+                           "data.normalize": "fixed"}
 
 
 def config_mismatch(where: Path, old: Optional[dict], cfg: dict) -> None:
