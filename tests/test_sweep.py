@@ -292,3 +292,77 @@ def test_sweep_numbers_no_worker_can_use_are_one_line_errors(tmp_path, capsys, o
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
     assert not (tmp_path / "sweeps").exists()  # nothing created
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("form", ["userinfo", "query", "at-inside"])
+def test_storage_passwords_are_never_printed(tmp_path, capsys, monkeypatch, form):
+    """A password in the URL's userinfo, in ``?password=``, or holding an ``@`` (which SQLAlchemy
+    alone reads as the end of the password: the rest would be printed as the host): refused as an
+    argument (every user reads command lines), and masked in every message when the URL comes from
+    $SWEEP_STORAGE, also in the error of a server that cannot be reached."""
+    from harness.sweep.cli import main
+
+    port = closed_port()
+    url, pieces = {
+        "userinfo": (f"postgresql://optuna:hunter2x@127.0.0.1:{port}/optuna", ["hunter2x"]),
+        "query": (f"postgresql://optuna@127.0.0.1:{port}/optuna?password=hunter2y", ["hunter2y"]),
+        "at-inside": (f"postgresql://optuna:hun@ter2z@127.0.0.1:{port}/optuna", ["hun", "ter2z"]),
+    }[form]
+    shown = {"userinfo": f"postgresql://optuna:***@127.0.0.1:{port}/optuna",
+             "query": f"postgresql://optuna@127.0.0.1:{port}/optuna?password=***",
+             "at-inside": f"postgresql://optuna:***@127.0.0.1:{port}/optuna"}[form]
+    monkeypatch.delenv("SWEEP_STORAGE", raising=False)
+    assert main(["run", "nano", "cd", "--storage", url, "--out-root", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: --storage {shown} holds a password, which every user of this machine can read on a " \
+                  "command line; pass the URL in $SWEEP_STORAGE instead, or the password in a PGPASSFILE (mode 0600)\n"
+    assert not any(p in out + err for p in pieces)
+
+    monkeypatch.setenv("SWEEP_STORAGE", url)
+    for command in (["run", "nano", "cd"], ["plot", "nano", "cd"], ["export", "nano", "cd", "--out", "x.yaml"]):
+        assert main([*command, "--out-root", str(tmp_path)]) == 2
+        out, err = capsys.readouterr()
+        assert err.startswith(f"error: cannot connect to --storage {shown}: ") and err.count("\n") == 1, err
+        assert "Connection refused" in err and not any(p in out + err for p in pieces), err
+
+
+def test_a_planted_running_trial_never_gets_an_unrelated_process_killed(tmp_path):
+    """Anyone who can write to a study can add a RUNNING trial naming this host, a dead worker and,
+    as its run, any live process (here a `sleep` of this user, with its true start time, which
+    /proc shows to all). A worker's start recovers such trials: it must not signal the process."""
+    import socket
+
+    from harness import processes
+    from harness.sweep import study as study_lib
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    store = study_lib.storage(url)
+    study = optuna.create_study(study_name="nano-cd", storage=store)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    victim = subprocess.Popen(["sleep", "300"])
+    try:
+        wait_for(lambda: processes.start_time(victim.pid) is not None)
+        planted = [{},  # no start time recorded
+                   {"child_start": processes.start_time(victim.pid)},  # its true start time, no run folder
+                   {"child_start": processes.start_time(victim.pid), "run_dir": str(tmp_path / "trial-0")},
+                   {"child_start": "1"}]  # a wrong start time
+        for attrs in planted:
+            trial = study.ask()
+            for key, value in {"host": socket.gethostname(), "pid": gone.pid, "pid_start": "1",
+                               "child_pid": victim.pid, **attrs}.items():
+                trial.set_user_attr(key, value)
+        assert len(study_lib.recover_dead_trials(study, store)) == len(planted)  # the trials are failed...
+        time.sleep(0.5)
+        assert victim.poll() is None  # ...and the process lives
+    finally:
+        victim.kill()
+        victim.wait()
