@@ -366,3 +366,30 @@ def test_a_planted_running_trial_never_gets_an_unrelated_process_killed(tmp_path
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_study_md_and_export_force_replace_a_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails before it is complete (here: at its fsync) leaves the previous study.md
+    or exported file as it was; before, both were rewritten in place, so a kill or a full disk
+    left them torn."""
+    study = optuna.create_study(study_name="nano-cd")
+    study.add_trial(optuna.trial.create_trial(
+        params={"h": 0.1}, distributions={"h": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)},
+        value=2.5, user_attrs={"run_dir": str(tmp_path / "trial-0")}))
+    out, md = tmp_path / "tuned.yaml", tmp_path / "study.md"
+    out.write_text("cd: {h: 0.3}\n")
+    md.write_text("# the previous summary\n")
+
+    def broken_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        sweep.export_best(study, sweep.experiment("nano"), "cd", out, force=True)
+    with pytest.raises(OSError):
+        sweep.plot_study(study, tmp_path)
+    assert out.read_text() == "cd: {h: 0.3}\n" and md.read_text() == "# the previous summary\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.png", "study.md", "tuned.yaml"]  # no temp left
+    monkeypatch.undo()
+    sweep.export_best(study, sweep.experiment("nano"), "cd", out, force=True)
+    assert yaml.safe_load(out.read_text()) == {"cd": {"h": 0.1}}
