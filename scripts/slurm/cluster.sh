@@ -94,16 +94,19 @@ install_missing() {
   echo "installing ${PACKAGES[*]} (apt-get)"
   # policy-rc.d 101: the packages must not start the system's own daemons (they would take
   # /etc/slurm and the default ports; ours run from $DIR).
-  # Removed on any exit, also when this script is killed (SIGTERM, SIGINT, SIGHUP).
-  if [ ! -e "$POLICY" ]; then
+  # Ours is removed on any exit, also when this script is killed (SIGTERM, SIGINT, SIGHUP).
+  local made_policy=0
+  if [ ! -e "$POLICY" ] && [ ! -L "$POLICY" ]; then
     trap 'rm -f "$POLICY"' EXIT
     trap 'exit 129' HUP; trap 'exit 130' INT; trap 'exit 143' TERM
     printf '#!/bin/sh\nexit 101\n' >"$POLICY"; chmod +x "$POLICY"
+    made_policy=1
   fi
   # A fresh machine has no package lists yet.
   apt-get update -q >"$DIR/apt.log" 2>&1 || die "apt-get update failed: see $DIR/apt.log"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${PACKAGES[@]}" >>"$DIR/apt.log" 2>&1 \
     || die "apt-get install failed: see $DIR/apt.log"
+  if [ "$made_policy" -eq 1 ]; then rm -f "$POLICY"; trap - EXIT HUP INT TERM; fi
   return 0
 }
 
