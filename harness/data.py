@@ -130,10 +130,11 @@ class LMEvaluation:
         another (``eval_iters`` not a multiple of the ranks) makes one more forward on
         batch 0 and drops its loss."""
         run = self.run
-        drawn, mine = [], []
+        first, mine = [], []  # batch 0 (the padding), this rank's batches
         for k in range(self.eval_iters):  # every rank draws every batch: the generators stay in step
             x, y = self.bins.get_batch(self.split, self.batch_size, self.block_size, generator)
-            drawn = drawn or [(x, y)]
+            if k == 0:
+                first = [(x, y)]
             if k % run.world_size == run.rank:
                 mine.append((x, y))
         tokens = EVAL_TOKENS_PER_FORWARD.get(run.device.type, 0)
@@ -141,7 +142,7 @@ class LMEvaluation:
         chunks = [mine[i: i + per_forward] for i in range(0, len(mine), per_forward)]
         forwards = math.ceil(math.ceil(self.eval_iters / run.world_size) / per_forward)  # the most any rank makes
         total = 0.0
-        for i, chunk in enumerate(chunks + [drawn] * (forwards - len(chunks))):
+        for i, chunk in enumerate(chunks + [first] * (forwards - len(chunks))):
             x, y = (move(torch.cat(t), run.device) for t in zip(*chunk))
             _, loss = model(x, y)  # the mean over equal-sized batches: the mean of their means
             if i < len(chunks):  # else padding
