@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10
 
+from .cpu import available_cpus
 from .errors import UsageError
 
 # Per-channel statistics of the CIFAR-10 training images (RGB, pixels in [0, 1]): the
@@ -190,7 +191,7 @@ def loader_kwargs(device):
     """
     if torch.device(device).type != "cuda":
         return {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = available_cpus()
     procs_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     workers = min(4, max(1, cpus // procs_per_node))
     return {"num_workers": workers, "pin_memory": True, "persistent_workers": True}

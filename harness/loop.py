@@ -12,6 +12,7 @@ the last step, where the interval does not reach them), each evaluation is prece
 training-batch loss since the previous evaluation) and followed by a
 checkpoint. A NaN/inf loss ends the run as ``diverged``; SIGTERM, SIGUSR1 or
 Ctrl-C end it as ``interrupted`` after checkpointing at the next step boundary
+(with several processes, the next multiple of ``log_interval``: ``Trainer._interrupted``)
 (``Interrupted``; the entry point exits with status 75, "try again":
 re-running the same command resumes). A resumed
 run logs exactly what the uninterrupted run would have (bit for bit on CPU).
@@ -202,7 +203,7 @@ class Trainer:
                     self.checkpoint()
                 if state.step >= self.total_steps:
                     break
-                if self.run.any_rank(interrupt.flag or self._stop_requested()):
+                if self._stop_requested() or self._interrupted(interrupt.flag):
                     self.checkpoint()
                     status = "interrupted"
                     break
@@ -246,7 +247,7 @@ class Trainer:
             self.model = torch.compile(self.model)
         if run.distributed and not self.fsdp:
             self.model = DistributedDataParallel(
-                self.model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
+                self.model, device_ids=[run.device] if run.device.type == "cuda" else None)
 
     def train_step(self, batches) -> bool:
         """One optimizer update over ``gradient_accumulation_steps`` micro-batches; False if the
@@ -380,8 +381,18 @@ class Trainer:
         return factor > 0 and losses[0] > factor * self.state.first_eval
 
     def _stop_requested(self) -> bool:
+        """``STOP_AFTER_ENV`` steps done in this process (the same on every rank: no collective)."""
         stop_after = int(os.environ.get(STOP_AFTER_ENV, 0) or 0)
         return bool(stop_after) and self.state.step - self.start_step >= stop_after
+
+    def _interrupted(self, flag: bool) -> bool:
+        """Whether any rank was asked to stop (``flag``: this rank's signal). Across ranks this
+        is an all-reduce whose result the host must read, waiting for the GPU to finish every
+        step queued so far; so a distributed run asks only every ``log_interval`` steps (where
+        the loss is read anyway), and stops there: the host runs ahead between them, as in nanoGPT."""
+        if self.run.distributed and self.state.step % self.cfg.log_interval:
+            return False
+        return self.run.any_rank(flag)
 
     @contextlib.contextmanager
     def _progress(self):

@@ -5,6 +5,8 @@ and gets back a :class:`Run` holding the resolved config, the run directory and
 the execution context (device, autocast, ranks). The same command works under
 ``torchrun`` (it reads RANK/WORLD_SIZE/LOCAL_RANK) and under ``srun`` without
 torchrun (it maps SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID when MASTER_ADDR is set).
+A rank's GPU is ``cuda:<local rank % visible GPUs>``: torchrun's ranks each see the
+node's GPUs, while srun binding one GPU per task leaves each rank ``cuda:0``.
 """
 from __future__ import annotations
 
@@ -347,7 +349,7 @@ def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Opti
 
     rank, local_rank, world_size = _distributed_env()
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())  # srun binding 1 GPU per task: cuda:0
         torch.cuda.set_device(device)
         set_tf32(TrainConfig.from_config(train).tf32)
     else:

@@ -83,10 +83,3 @@ class TokenBins:
         windows = torch.from_numpy(windows)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
-
-def to_device(x, y, device):
-    """Move a batch to ``device``; on CUDA through pinned memory with ``non_blocking`` (overlaps the copy)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
