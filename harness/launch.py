@@ -218,10 +218,14 @@ def main(argv=None) -> int:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     if not args.no_report and any(RunDir(runs_dir / n / f"seed{s}").status() for n, s in everything):
+        from .outputs import Kept
         from .report import report
 
-        written = report(runs_dir, args.report or Path("results") / exp.runs_subdir, title=exp.name)
-        print("Results: " + ", ".join(str(p) for p in written), flush=True)
+        try:
+            written = report(runs_dir, args.report or Path("results") / exp.runs_subdir, title=exp.name)
+            print("Results: " + ", ".join(str(p) for p in written), flush=True)
+        except Kept as kept:  # the runs are done; only their report waits for another folder or --force
+            print(f"report not written: {kept} (python -m harness.report {runs_dir} --out DIR)", file=sys.stderr)
     return 1 if failed else 0
 
 
