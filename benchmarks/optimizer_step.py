@@ -1,7 +1,7 @@
 """Time one optimizer step: CD, iKFAD, CADAM and LDHD in each code path against torch.optim.
 
     python benchmarks/optimizer_step.py                      # 1M, 10M, 124M params; fp32 and bf16
-    python benchmarks/optimizer_step.py --quick              # 1M and 10M, 3 repeats: about 30 s on 2 cores
+    python benchmarks/optimizer_step.py --quick              # 1M and 10M, 3 repeats, to cpu-quick.*: ~1 min
     python benchmarks/optimizer_step.py --sizes 124m --dtypes fp32 --repeats 7
 
 Parameters have GPT-2 shapes (token and position embeddings, per block two
