@@ -99,8 +99,18 @@ class Progress:
         self.bar.close()
 
 
+# Shown by --help; each runs as written (tests/test_newuser.py checks them with --list).
+EXAMPLES = """examples:
+  python -m harness.launch nano --list
+  python -m harness.launch nano --optimizers adam cadam --seeds 1337 1338 --gpus 0,1
+  python -m harness.launch nano --runs-per-gpu 4
+  python -m harness.launch cifar --seeds 1 2 --set train.epochs=2
+  python -m harness.launch bert/sst2 --set train.epochs=1"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness.launch", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m harness.launch", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     p.add_argument("experiment", help="nano, owt, gpt2, vit, cifar, bert/sst2, bert/qnli")
     p.add_argument("--optimizers", nargs="+", default=None, help="default: those in the experiment's best.yaml")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the seeds of paper.yaml")
