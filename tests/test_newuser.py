@@ -347,7 +347,15 @@ def test_nano_readme_numbers_rederive():
     assert (f"on average {-np.mean(gaps):.3f} below the best fixed one (from {max(gaps):.3f} above to "
             f"{-min(gaps):.3f} below)") in flat
     assert f"(ours {fresh['adam'] - fresh['ikfad']:.3f} and {fresh['adam'] - fresh['ikfad0']:.3f};" in flat
-    assert f"the largest gap (iKFAD0, {fresh['ikfad0'] - AUTHORS['ikfad0']:.3f})" in flat
+    gap = fresh["ikfad0"] - AUTHORS["ikfad0"]
+    assert f"the largest gap (iKFAD0, {gap:.3f})" in flat
+    assert max(abs(fresh[n] - AUTHORS[n]) for n in AUTHORS) == abs(gap)
+    # the standard error of a difference of two 3-seed means: the authors' std 0.010, ours iKFAD0's
+    se = math.sqrt(0.010 ** 2 / 3 + np.std([runs["ikfad0"][s]["fresh"] for s in runs["ikfad0"]], ddof=1) ** 2 / 3)
+    assert f"a difference of means is about {se:.3f}" in flat and abs(gap) / se < 1.5
+    assert f"theirs {AUTHORS['adam'] - AUTHORS['ikfad']:.3f} and {AUTHORS['adam'] - AUTHORS['ikfad0']:.3f})" in flat
+    statuses = [json.loads(p.read_text())["status"] for p in (REPO / "results/nano/runs").glob("*/*/summary.json")]
+    assert statuses == ["completed"] * 24 and "24 runs, all completed" in flat
     others = [abs(fresh[n] - fresh["adam"]) for n in runs if n not in ("adam", "msgd", "cadam0")]
     assert f"{fresh['cadam0'] - fresh['adam']:.2f} above Adam on average" in flat and max(others) < 0.02
     assert f"mSGD {fresh['msgd'] - fresh['adam']:.2f} above" in flat
