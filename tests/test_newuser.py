@@ -342,6 +342,9 @@ def test_nano_readme_numbers_rederive():
         assert [c.strip() for c in top_row.group(1).rstrip("|").split("|")] == [
             f"{fm:.3f} ± {fs:.3f}", f"{xm:.3f} ± {xs:.3f}"], label
     fresh = {n: np.mean([runs[n][s]["fresh"] for s in runs[n]]) for n in runs}
+    flat_top = " ".join(top.split())
+    assert "Adam, iKFAD and iKFAD0 match the authors' means to within one seed std" in flat_top
+    assert all(abs(fresh[n] - AUTHORS[n]) < 0.010 for n in AUTHORS)
     gaps = [runs[n][s]["fresh"] - runs[n][s]["fixed"] for n in runs for s in runs[n]]
     assert len(gaps) == 24
     assert (f"on average {-np.mean(gaps):.3f} below the best fixed one (from {max(gaps):.3f} above to "
