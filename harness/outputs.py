@@ -93,8 +93,9 @@ def check(report: Path, new: Basis, force: bool = False, also: Sequence[Path] = 
         return
     if new.runs > old.runs:
         return
-    how = "fewer" if new.runs < old.runs else "other"
-    raise Kept(f"{report} was built from {old.runs} runs, this one from {new.runs} {how} ones: kept it; "
+    runs = lambda n, other="": f"{n}{other} run{'' if n == 1 else 's'}"  # noqa: E731
+    raise Kept(f"{report} was built from {runs(old.runs)} and this one from "
+               f"{runs(new.runs, ' other' if new.runs == old.runs else '')}: kept it; "
                "write elsewhere (--out) or pass --force to replace it")
 
 
