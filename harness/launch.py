@@ -122,8 +122,18 @@ class Progress:
         self.bar.close()
 
 
+# Shown by --help; each runs as written (tests/test_newuser.py checks them with --list).
+EXAMPLES = """examples:
+  python -m harness.launch nano --list
+  python -m harness.launch nano --optimizers adam cadam --seeds 1337 1338 --gpus 0,1
+  python -m harness.launch nano --runs-per-gpu 4
+  python -m harness.launch cifar --seeds 1 2 --set train.epochs=2
+  python -m harness.launch bert/sst2 --set train.epochs=1"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness.launch", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m harness.launch", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     p.add_argument("experiment", help="nano, owt, gpt2, vit, cifar, bert/sst2, bert/qnli")
     p.add_argument("--optimizers", nargs="+", default=None, help="default: those in the experiment's best.yaml")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the seeds of paper.yaml")
@@ -241,10 +251,14 @@ def main(argv=None) -> int:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     if not args.no_report and any(RunDir(runs_dir / n / f"seed{s}").status() for n, s in everything):
+        from .outputs import Kept
         from .report import report
 
-        written = report(runs_dir, args.report or Path("results") / exp.runs_subdir, title=exp.name)
-        print("Results: " + ", ".join(str(p) for p in written), flush=True)
+        try:
+            written = report(runs_dir, args.report or Path("results") / exp.runs_subdir, title=exp.name)
+            print("Results: " + ", ".join(str(p) for p in written), flush=True)
+        except Kept as kept:  # the runs are done; only their report waits for another folder or --force
+            print(f"report not written: {kept} (python -m harness.report {runs_dir} --out DIR)", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -159,6 +159,15 @@ class Run:
             print(*args, **kwargs, flush=True)
 
 
+def set_example(exp: Experiment) -> str:
+    """A ``--set`` the experiment accepts, for its help: its length, ``train.max_iters`` for the
+    experiments that count iterations and ``train.epochs`` for those that count epochs (vit,
+    cifar, bert), read from its (first task's) ``paper.yaml``."""
+    configs = exp.configs / exp.tasks[0] if exp.tasks and exp.task is None else exp.configs
+    train = config_lib.read_yaml(configs / "paper.yaml").get("train") or {}
+    return "train.max_iters=200" if "max_iters" in train else "train.epochs=1"
+
+
 def parser(exp: Experiment) -> argparse.ArgumentParser:
     """The command line of ``python -m <exp>.train`` (with ``--task`` for a folder of tasks)."""
     p = argparse.ArgumentParser(
@@ -171,7 +180,7 @@ def parser(exp: Experiment) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="run seed (default: the first of configs/paper.yaml's seeds)")
     p.add_argument("--config", default=None, help="YAML overriding paper.yaml sections and/or best.yaml entries")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value, dotted keys (repeatable): --set train.max_iters=200")
+                   help=f"override one config value, dotted keys (repeatable): --set {set_example(exp)}")
     default = exp.default_out.replace(f"runs/{exp.folder}/", f"runs/{exp.folder}/<task>/") \
         if exp.tasks and exp.task is None else exp.default_out
     p.add_argument("--out", default=None, help=f"run directory (default {default})")
