@@ -10,9 +10,8 @@ together in its order (its class docstring), once, in its ``_update``.
 Each sub-step takes either single tensors or lists of tensors. On tensors it
 runs plain in-place tensor ops (the single-tensor loop, and the compiled kernel
 of the fused path); on lists, the same operations in the same order as
-``torch._foreach_*`` ops (the foreach path). The one difference: friction's
-factor is ``exp2`` of a pre-scaled exponent on a tensor and ``exp`` on a list,
-for want of a foreach exp2. So the paths of every optimizer agree to rounding.
+``torch._foreach_*`` ops (the foreach path). So the paths of every optimizer
+agree to rounding.
 
 Coefficients (``h``, decay factors, ...) are Python floats or 0-d tensors. A
 float takes the in-place ATen form with a scalar argument (one pass, no
@@ -43,8 +42,6 @@ __all__ = ["DampedOptimizer", "PATHS"]
 Coefficient = Union[float, Tensor]
 # What a sub-step updates: one tensor, or a list of them (the foreach path).
 Tensors = Union[Tensor, list]
-
-LOG2E = 1.0 / math.log(2.0)  # log2(e): exp(x) = 2 ** (x log2 e)
 
 
 def decay_factor(rate: Coefficient, h: Coefficient) -> Coefficient:
@@ -95,6 +92,10 @@ def _div_(x: Tensors, y) -> None:
 
 def _add_(x: Tensors, scalar: Coefficient) -> None:
     torch._foreach_add_(x, scalar) if _many(x) else x.add_(scalar)
+
+
+def _exp_(x: Tensors) -> None:
+    torch._foreach_exp_(x) if _many(x) else x.exp_()
 
 
 def _sqrt(x: Tensors) -> Tensors:
@@ -176,19 +177,14 @@ def relax(x: Tensors, source: Tensors, decay: Coefficient, weight: Coefficient) 
 def friction(p: Tensors, xi: Tensors, h: Coefficient) -> None:
     """Exact flow of p' = -xi p over time h with xi frozen: ``p <- exp(-h xi) p``.
 
-    On a tensor the factor is computed as ``2 ** (xi * (-h log2 e))``: the
-    exponent gets one rounding either way, so this is as accurate as
-    ``exp(xi * -h)``, and exp2 vectorises to fewer instructions, which makes
-    iKFAD's compiled CPU step (two factors per element, compute-bound) about 15%
-    faster. On a list (no foreach exp2) it is ``exp(xi * -h)``, exponentiated in
-    place: one whole-list temporary, the foreach path's budget.
+    The factor is computed in place, one whole-list temporary on the foreach
+    path. (The native kernels compute it as ``2 ** (xi * (-h log2 e))``, which
+    vectorises to fewer instructions; for want of a foreach exp2, and so that the
+    eager paths round alike, these use ``exp``.)
     """
-    if _many(p):
-        factor = torch._foreach_mul(xi, -h)
-        torch._foreach_exp_(factor)
-        torch._foreach_mul_(p, factor)
-    else:
-        p.mul_(torch.exp2(xi * (-h * LOG2E)))
+    factor = _mul(xi, -h)
+    _exp_(factor)
+    _mul_(p, factor)
 
 
 def preconditioned_drift(q: Tensors, p: Tensors, zeta: Tensors, drift_step: Coefficient,
