@@ -22,8 +22,10 @@ Measured per candidate, all in the same process as the reference:
 - step time: the median of ``--repeats`` steps, each timed alone, after two
   untimed steps (the first creates the state and, for fused paths, may compile);
 - ratio to fused Adam: the candidate's steps alternate with steps of
-  ``torch.optim.Adam(fused=True)`` on the same parameters, and the ratio is of
-  the two medians, so load from other processes hits both alike;
+  ``torch.optim.Adam(fused=True)`` on the same parameters, and the ratio is the
+  median over the pairs (a step of fused Adam, then one of the candidate) of
+  their ratio, so load from other processes, which drifts from minute to
+  minute, hits both steps of a pair alike;
 - state bytes per parameter element: the optimizer state's tensors over the
   number of parameter elements;
 - peak extra memory: the most memory the step holds at once beyond what
@@ -214,7 +216,8 @@ def default_path(name: str, params) -> str:
 
 
 def time_against(opt, reference, device: torch.device, repeats: int, max_other_load: float) -> dict:
-    """Median step times of ``opt`` and of ``reference`` (fused Adam), alternated."""
+    """Median step times of ``opt`` and of ``reference`` (fused Adam), alternated, and the
+    median of the ratios of the interleaved pairs."""
     # Other processes on a small machine can stall multithreaded kernels for
     # long stretches: re-measure a window in which they used more than
     # max_other_load of the CPUs (up to three tries; the least disturbed window
@@ -233,7 +236,8 @@ def time_against(opt, reference, device: torch.device, repeats: int, max_other_l
             break
     ours_t, ref_t, load = best
     step_ms, adam_ms = 1e3 * statistics.median(ours_t), 1e3 * statistics.median(ref_t)
-    return dict(other_load=load, step_ms=step_ms, adam_fused_ms=adam_ms, ratio=step_ms / adam_ms)
+    ratio = statistics.median(ours / ref for ours, ref in zip(ours_t, ref_t))
+    return dict(other_load=load, step_ms=step_ms, adam_fused_ms=adam_ms, ratio=ratio)
 
 
 def measure(size: str, dtype_name: str, device: torch.device, repeats: int, max_other_load: float,
@@ -350,8 +354,8 @@ def markdown(results: dict) -> str:
         f"load average (1, 5, 15 min) before: {results['load_before']}, after: {results['load_after']} "
         "(other processes on the machine slow every candidate; ratios are measured interleaved with fused Adam)",
         "",
-        "Step time is the median of the timed steps; **x fused Adam** is that over the median of "
-        "`torch.optim.Adam(fused=True)` steps alternated with it; state is optimizer-state bytes per "
+        "Step time is the median of the timed steps; **x fused Adam** is the median, over pairs of "
+        "interleaved steps, of its step time over that of `torch.optim.Adam(fused=True)`; state is optimizer-state bytes per "
         "parameter element; peak extra is the most memory one step holds beyond what existed before it "
         "(CPU: PyTorch CPU-allocator bytes, via torch.profiler), also as a share of the parameters' memory; "
         "first step includes creating the state (and compiling, the first time a fused kernel is needed "
