@@ -213,7 +213,7 @@ def seed_everything(seed: int) -> None:
 # Keys added to the configs after runs were started, with the value that does what those
 # runs did: a saved config without the key matches a config holding that value.
 BEHAVIOUR_OF_OLDER_RUNS = {"train.diverge_factor": 0.0, "train.parallel": "ddp", "train.eval_batches": ["fixed"],
-                           "train.cpu_precision": "fp32"}
+                           "train.cpu_precision": "fp32", "data.check_source": True}
 
 
 def config_mismatch(where: Path, old: Optional[dict], cfg: dict) -> None:
@@ -324,6 +324,7 @@ def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Opti
         raise UsageError("wandb=true but wandb is not installed: pip install wandb (or --set wandb=false)")
     check_folder(run_dir, "--out")
     saved = RunDir(run_dir)
+    saved.check_own("--out")
     check_resumable(saved, cfg)
 
     if saved.finished():
