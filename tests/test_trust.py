@@ -139,7 +139,7 @@ def test_prepare_without_input_file_never_writes_the_papers_folder(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert prep.main(["--plays", "1"]) == 0
     assert not (tmp_path / "data" / "nano").exists()
-    meta = json.loads((tmp_path / "data" / "nano-plays" / "meta.json").read_text())
+    meta = json.loads((tmp_path / "data" / "nano-packaged" / "meta.json").read_text())
     assert (meta["source"], meta["plays"]) == ("packaged", 1) and meta["vocab_size"] == len(meta["itos"])
     with pytest.raises(UsageError, match="paper's data folder"):
         prep.prepare(source="packaged", out_dir="data/nano", plays=1)
