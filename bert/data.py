@@ -5,7 +5,9 @@ The pipeline follows the released code except for padding:
 1. ``load_raw``: GLUE's train and validation splits merged into one labelled pool
    (GLUE's test split has no labels: every label there is -1).
 2. ``split``: 70/15/15 by sklearn's ``train_test_split(random_state=42)`` applied
-   twice, as the release did: 70/30 first, then the 30 halved into val/test.
+   twice, as the release's ``sst2/dataloader.py`` and ``qnli/dataloader.py`` (lines
+   38-39) do: 70/30 first, then the 30 halved, the first half being the test split
+   and the second the validation split (``test_df, valid_df = ...``).
 3. ``tokenize``: the distilbert-base-uncased WordPiece tokenizer; single sentences
    for SST-2, (question, sentence) pairs for QNLI; truncated to 512 tokens and NOT
    padded.
@@ -38,6 +40,9 @@ TEXT_COLUMNS = {"sst2": ("sentence",), "qnli": ("question", "sentence")}
 GLUE_NAME = "nyu-mll/glue"  # the Hub id of GLUE (the old alias "glue" redirects here)
 DEFAULT_TOKENIZER = "distilbert-base-uncased"
 SPLIT_SEED = 42
+# In the cache key: caches written before the validation and test halves followed the
+# release (key without it) held them swapped, and are not read.
+SPLIT_LAYOUT = "testfirst"
 SPLITS = ("train", "val", "test")
 MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")
 
@@ -108,20 +113,27 @@ def load_raw(task, raw=None):
 
 
 def split(dataset, seed=SPLIT_SEED):
-    """Split ``dataset`` 70/15/15 into ``{"train", "val", "test"}``, as the release did.
+    """Split ``dataset`` 70/15/15 into ``{"train", "val", "test"}``, as the release does.
 
-    Two calls of sklearn's ``train_test_split(random_state=seed)``: the first keeps
-    ``floor(0.7 n)`` rows for training and holds out ``ceil(0.3 n)``; the second
-    halves the held-out rows (``ceil(half)`` to test). Each call shuffles by
-    ``np.random.RandomState(seed).permutation``, so the split depends only on the
-    number of rows, their order and ``seed``: deterministic, disjoint and complete.
-    Rows keep sklearn's shuffled order.
+    The release (``sst2/dataloader.py``, ``qnli/dataloader.py``, lines 38-39)::
+
+        train_df, temp_df = train_test_split(merged_df, test_size=0.3, random_state=42)
+        test_df, valid_df = train_test_split(temp_df, test_size=0.5, random_state=42)
+
+    sklearn returns ``(train part, test part)``; each call draws
+    ``p = np.random.RandomState(seed).permutation(n)``, its test part being the rows
+    ``p[:ceil(test_size n)]`` and its train part the rest, ``p[ceil(test_size n):]``.
+    So with ``h`` the ``ceil(0.3 n)`` held-out rows, the test split is the second
+    call's *first* output (``floor(h / 2)`` rows) and validation its second
+    (``ceil(h / 2)`` rows). The split depends only on the number of rows, their order
+    and ``seed``: deterministic, disjoint and complete. Rows keep sklearn's shuffled
+    order.
     """
     n = len(dataset)
     if n < 4:
         raise UsageError(f"the 70/15/15 split needs at least 4 rows, the dataset has {n}")
     train_rows, held_out = train_test_split(np.arange(n), test_size=0.3, random_state=seed)
-    val_rows, test_rows = train_test_split(held_out, test_size=0.5, random_state=seed)
+    test_rows, val_rows = train_test_split(held_out, test_size=0.5, random_state=seed)
     return {
         "train": dataset.select(train_rows),
         "val": dataset.select(val_rows),
@@ -199,8 +211,8 @@ def raw_id(raw, task):
 
 
 def cache_key(task, tokenizer, seed=SPLIT_SEED, max_length=512, raw=None):
-    """The cache directory name: task, data source, tokenizer, split seed, max length."""
-    return f"{task}-{raw_id(raw, task)}-{tokenizer_id(tokenizer)}-seed{seed}-len{max_length}"
+    """The cache directory name: task, data source, tokenizer, split seed and layout, max length."""
+    return f"{task}-{raw_id(raw, task)}-{tokenizer_id(tokenizer)}-seed{seed}-{SPLIT_LAYOUT}-len{max_length}"
 
 
 def glue_splits(task, tokenizer, cache_dir="data/bert", raw=None, seed=SPLIT_SEED, max_length=512):

@@ -9,9 +9,16 @@
   fine-tuned on QNLI ((question, sentence) pairs).
 
 Both: GLUE's train+validation merged and split 70/15/15 (``bert/data.py``), batch
-16, 2 epochs, fp32, no clipping, constant step size; validation and test loss and
-accuracy 10 times per epoch. The protocol is ``bert/configs/<task>/paper.yaml``,
-the optimizer's hyperparameters default to ``bert/configs/<task>/best.yaml`` and the
+16, 2 epochs, fp32, no clipping, constant step size. Validation and test loss and
+accuracy at step 0, every ``steps_per_epoch // evals_per_epoch`` steps counted from
+the start (10 times per epoch: the release's qnli cadence, qnli/train.py:139,166) and
+at each epoch's end (the release's validation in qnli/train.py:185 and
+sst2/train.py:152; sst2 has no other), so the last evaluation follows the last step
+and the final test accuracy is the trained model's, like the release's single test
+after training (qnli/train.py:215, sst2/train.py:184).
+
+The protocol is ``bert/configs/<task>/paper.yaml``, the optimizer's
+hyperparameters default to ``bert/configs/<task>/best.yaml`` and the
 run directory (default ``runs/bert/<task>/<optimizer>/seed<S>``) gets
 ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and ``checkpoint.pt``;
 re-running the command resumes it. The run's ``experiment`` is ``bert-<task>``, so
@@ -133,17 +140,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     train = EpochBatches(splits["train"], micro, run.seed, run.rank, run.world_size, collate_fn=collate)
     accumulation = run.train.gradient_accumulation_steps
     steps_per_epoch = math.ceil(train.steps_per_epoch / accumulation)
-    # evals_per_epoch evaluations per epoch (the last one within a few steps of the epoch's end
-    # when they do not divide it), plus the untrained model's at step 0.
+    # Every steps_per_epoch // evals_per_epoch steps (counted from the start of training, as the
+    # release's global_step % log_interval), plus the untrained model's at step 0 and each epoch's
+    # end: the interval need not divide an epoch, and the last evaluation must follow the last step.
     eval_interval = max(1, steps_per_epoch // int(t["evals_per_epoch"]))
+    total_steps = int(t["epochs"]) * steps_per_epoch
     loaders = {name: eval_loader(run, by_length(splits[name]), int(t["eval_batch_size"]), collate_fn=collate)
                for name in ("val", "test")}
     fit(
         run, model, train,
         loss_fn=loss_fn,
         evaluate=lambda model, step: classification_evaluate(run, model, loaders, forward),
-        total_steps=int(t["epochs"]) * steps_per_epoch,
+        total_steps=total_steps,
         eval_interval=eval_interval,
+        also_evaluate_at=range(steps_per_epoch, total_steps + 1, steps_per_epoch),
         steps_per_epoch=steps_per_epoch,
         select=("val", "loss", "min"),  # the sweeps' objective: best validation loss
     )

@@ -5,11 +5,14 @@
 
 The CIFAR-10 recipe vit shares (``harness/image_classification.py``: CIFAR-10
 loading, the epoch loop, per-epoch train and validation loss/accuracy) with cifar's
-configs (``cifar/configs/paper.yaml``: 40 epochs, batch 64, fp32, no clipping), the
-ResNet-18 of ``cifar/model.py`` and the paper's checkpoint rule (``train.keep_best:
-true``): the weights with the best validation accuracy are kept in ``best_model.pt``
-and are the ones evaluated on the test set when training ends (a ``test_at_best_val``
-record in ``metrics.jsonl`` and ``summary.json``).
+configs (``cifar/configs/paper.yaml``: 40 epochs, batch 64, fp32, no clipping) and
+the ResNet-18 of ``cifar/model.py``. As the release's ``cifar/train.py`` (line 171),
+the test set is evaluated once, on the final weights after the last epoch: the
+``test`` record and the headline ``final.test.acc`` (``test_acc`` in
+``summary.json``). ``train.keep_best: true`` also keeps the weights with the best
+validation accuracy in ``best_model.pt`` (the release's ``best.pth``, lines 160-168)
+and evaluates them on the test set at the end: a second number, the
+``test_at_best_val`` record (``test_acc_best_val`` in ``summary.json``).
 """
 from __future__ import annotations
 

@@ -7,15 +7,23 @@ of protocol is configuration, ``train.keep_best`` (cifar's paper.yaml: true):
 - every ``train.evals_per_epoch``-th of an epoch: a ``train`` record (mean loss and
   accuracy of the training batches since the previous evaluation, measured on the
   augmented images, dropout on), then ``val`` and, without keep_best, ``test``
-  records (mean cross entropy and accuracy over the whole split, eval mode);
-- with keep_best: in the last evaluation, a ``test_at_best_val`` record: the test loss
-  and accuracy of the weights with the best validation accuracy (kept in
-  ``best_model.pt``), with their ``best_step``, ``best_epoch`` and ``val_acc``;
+  records (mean cross entropy and accuracy over the whole split, eval mode); the
+  evaluations per epoch must divide its steps, so the last evaluation is at the
+  last step;
+- with keep_best, the test set is evaluated in the last evaluation only: a ``test``
+  record (the final weights, as the release's ``cifar/train.py:171`` tests them after
+  the last epoch), then a ``test_at_best_val`` record: the test loss and accuracy of
+  the weights with the best validation accuracy (kept in ``best_model.pt``, as the
+  release's ``best.pth``, ``cifar/train.py:160-168``), with their ``best_step``,
+  ``best_epoch`` and ``val_acc``, a second number beside the release's;
 - ``summary.json``: ``best`` is the lowest validation loss without keep_best (what the
   paper's Optuna sweeps minimise for vit) and the highest validation accuracy with it
   (cifar's checkpoint criterion); both get ``best_val_loss`` and ``best_val_acc``, and
-  ``final`` holds the last record of each split (vit's headline: ``final.test.acc``;
-  cifar's: ``final.test_at_best_val.acc``, also at ``test_at_best_val``).
+  ``final`` holds the last record of each split. The headline of both is
+  ``final.test.acc``, the final weights' test accuracy (also ``test_acc`` in a
+  completed run's summary); cifar's
+  best-validation weights' is ``final.test_at_best_val.acc`` (also
+  ``test_acc_best_val``, and the whole record at ``test_at_best_val``).
 
 ``train.batch_size`` is the global batch: the images in one optimizer step, summed over
 the ranks and the micro-batches of gradient accumulation, so that a run on K GPUs takes
@@ -63,7 +71,8 @@ def load_cifar10(run: Run) -> dict:
     for rank0_turn in ((True, False) if run.distributed else (True,)):
         if run.is_main == rank0_turn:
             try:
-                splits = cifar10_splits(d["root"], download=d["download"] and run.is_main)
+                splits = cifar10_splits(d["root"], download=d["download"] and run.is_main,
+                                            normalize=d.get("normalize", "fixed"))
             except UsageError as e:
                 error = e
         if run.any_rank(error is not None):
@@ -144,10 +153,11 @@ def train(experiment: str, argv, build_model: Callable[[dict], torch.nn.Module])
     """Train ``build_model(cfg["model"])`` on CIFAR-10 as ``experiment`` (its configs, its runs).
 
     ``train.keep_best`` selects the protocol. true (cifar's): only validation is
-    evaluated during training; the weights with the best validation accuracy are kept
-    (``best_model.pt`` in the run directory) and evaluated on the test set in the last
-    evaluation (a ``test_at_best_val`` record). false (vit's): validation and test are
-    evaluated at every evaluation point and ``best`` is the lowest validation loss.
+    evaluated during training; at the last step the final weights are evaluated on the
+    test set (a ``test`` record, the headline) and so are the weights with the best
+    validation accuracy (kept in ``best_model.pt``; a ``test_at_best_val`` record).
+    false (vit's): validation and test are evaluated at every evaluation point and
+    ``best`` is the lowest validation loss.
     """
     run = start(experiment, argv)
     if run is None:
@@ -162,14 +172,14 @@ def train(experiment: str, argv, build_model: Callable[[dict], torch.nn.Module])
     train = EpochBatches(splits["train"], micro_batch, run.seed, run.rank, run.world_size, loader_kwargs=kwargs)
     steps_per_epoch, evals = _schedule(run, train)
     total_steps = t["epochs"] * steps_per_epoch
-    eval_splits = ("val",) if keep_best else ("val", "test")
-    loaders = {name: eval_loader(run, splits[name], micro_batch, loader_kwargs=kwargs) for name in eval_splits}
-    test_loader = eval_loader(run, splits["test"], micro_batch, loader_kwargs=kwargs)
+    loaders = {name: eval_loader(run, splits[name], micro_batch, loader_kwargs=kwargs) for name in ("val", "test")}
 
     def evaluate(net, step):
-        records = classification_evaluate(run, net, loaders, forward)
-        if keep_best and step == total_steps:
-            records.append(best_weights_on_test(run, model, net, step, records[0], test_loader, steps_per_epoch))
+        last = step == total_steps
+        names = ("val", "test") if last or not keep_best else ("val",)
+        records = classification_evaluate(run, net, {name: loaders[name] for name in names}, forward)
+        if keep_best and last:
+            records.append(best_weights_on_test(run, model, net, step, records[0], loaders["test"], steps_per_epoch))
         return records
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -186,10 +196,14 @@ def train(experiment: str, argv, build_model: Callable[[dict], torch.nn.Module])
         select=("val", "acc", "max") if keep_best else ("val", "loss", "min"),
         on_best=(lambda state, record: save_best(run, state, record)) if keep_best else None,
     )
-    if run.is_main and "test_at_best_val" in summary["final"]:
-        summary["test_at_best_val"] = result = summary["final"]["test_at_best_val"]
-        run.print(f"test at the best validation accuracy (step {result['best_step']}): "
-                  f"acc {result['acc']:.4f}, loss {result['loss']:.4f}")
+    if run.is_main and summary["status"] == "completed":
+        # The headline numbers at the top of summary.json, plainly named.
+        summary["test_acc"] = summary["final"]["test"]["acc"]
+        run.print(f"test of the final weights: acc {summary['test_acc']:.4f}, loss {summary['final']['test']['loss']:.4f}")
+        if "test_at_best_val" in summary["final"]:
+            summary["test_at_best_val"] = result = summary["final"]["test_at_best_val"]
+            summary["test_acc_best_val"] = result["acc"]
+            run.print(f"test of the weights with the best validation accuracy (step {result['best_step']}): "
+                      f"acc {result['acc']:.4f}, loss {result['loss']:.4f}")
         write_summary(run.dir, summary)
     return 0
-

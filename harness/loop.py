@@ -7,7 +7,8 @@
 ``step`` counts finished optimizer updates. Evaluation happens whenever
 ``step % eval_interval == 0`` for ``0 <= step <= total_steps`` (nanoGPT's
 cadence: with 5,001 iterations and an interval of 100 the last evaluation is at
-step 5,000), each evaluation is preceded by a ``train`` record (the mean
+step 5,000), and at the steps of ``also_evaluate_at`` (e.g. each epoch's end and
+the last step, where the interval does not reach them), each evaluation is preceded by a ``train`` record (the mean
 training-batch loss since the previous evaluation) and followed by a
 checkpoint. A NaN/inf loss ends the run as ``diverged``; SIGTERM, SIGUSR1 or
 Ctrl-C end it as ``interrupted`` after checkpointing at the next step boundary
@@ -23,7 +24,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -133,6 +134,8 @@ class Trainer:
             If it has ``state_dict``/``load_state_dict`` (e.g. the generator of fresh validation
             batches), that state is checkpointed with the rest.
         total_steps, eval_interval: optimizer updates in all; evaluate when ``step % eval_interval == 0``.
+        also_evaluate_at: further steps at which to evaluate (e.g. the epochs' ends, so that the
+            last evaluation comes after the last step whatever the interval).
         steps_per_epoch: adds ``epoch`` to records; ``tokens_per_step`` adds ``tokens``;
             ``flops_per_step`` (model FLOPs of one optimizer step on one rank) adds ``mfu``
             on GPUs with a known peak (on the CPU, the summary's ``cpu_flops_utilization``).
@@ -148,13 +151,15 @@ class Trainer:
     """
 
     def __init__(self, run: Run, model: nn.Module, data, loss_fn: Callable, evaluate: Callable, *,
-                 total_steps: int, eval_interval: int, steps_per_epoch: Optional[int] = None,
+                 total_steps: int, eval_interval: int, also_evaluate_at: Iterable[int] = (),
+                 steps_per_epoch: Optional[int] = None,
                  tokens_per_step: Optional[int] = None, flops_per_step: Optional[float] = None,
                  select: tuple[str, str, str] = ("val", "loss", "min"),
                  on_best: Optional[Callable[[dict, dict], None]] = None,
                  optimizer: Optional[Callable[[nn.Module], Any]] = None):
         self.run, self.data, self.loss_fn, self.evaluate = run, data, loss_fn, evaluate
         self.total_steps, self.eval_interval, self.select, self.on_best = total_steps, eval_interval, select, on_best
+        self.also_evaluate_at = frozenset(also_evaluate_at)
         self.steps_per_epoch, self.tokens_per_step, self.flops_per_step = steps_per_epoch, tokens_per_step, flops_per_step
         self.cfg = run.train
         # FSDP2 shards the parameters (DTensors) before the optimizer sees them; a single
@@ -191,7 +196,8 @@ class Trainer:
         with StopFlag() as interrupt, self._progress():
             self.model.train()
             while True:
-                if state.step % self.eval_interval == 0 and state.step != self.resumed_at:
+                evaluates = state.step % self.eval_interval == 0 or state.step in self.also_evaluate_at
+                if evaluates and state.step != self.resumed_at:
                     if not self.evaluate_and_log():
                         status = "diverged"
                         break

@@ -11,7 +11,8 @@ Finds every run directory under RUNS_DIR (a folder with ``summary.json`` or
 - ``results.md``: a table per experiment with best and final validation metrics
   (mean +- std over seeds), test metrics when logged, wall time, and how many runs
   completed, diverged, were interrupted or have no summary (killed before writing
-  one, or still going).
+  one, or still going), the diverged seeds with the step each stopped at, and the
+  averaging rule in a sentence (``AVERAGING_RULE``).
 
 Means, stds and curves are over completed runs only: a diverged run's best loss or
 an interrupted run's partial curve would mix a different quantity into the mean.
@@ -83,6 +84,26 @@ def status_counts(runs: list[dict]) -> str:
         counts[r["summary"].get("status", "?")] += 1
     order = ["completed", "diverged", "interrupted", NO_SUMMARY, DAMAGED]
     return ", ".join(f"{k} {counts[k]}" for k in sorted(counts, key=lambda k: (order.index(k) if k in order else 9, k)))
+
+
+def diverged_seeds(runs: list[dict]) -> str:
+    """E.g. ``seed 3 (step 1200), seed 7 (step 40)``: the diverged runs and the step each stopped at."""
+    marks = []
+    for r in runs:
+        s = r["summary"]
+        if s.get("status") == "diverged":
+            name = f"seed {s['seed']}" if s.get("seed") is not None else Path(r["dir"]).name
+            step = s.get("steps", max((rec.get("step", 0) for rec in r["metrics"]), default=None))
+            marks.append(name + (f" (step {step})" if step is not None else ""))
+    return ", ".join(marks) or "–"
+
+
+# Stated under every table: how the means treat diverged seeds, and what the release's would do.
+AVERAGING_RULE = ("Averaging rule: every mean ± std and curve is over the completed seeds only, so a diverged "
+                  "seed (its run stopped at a non-finite loss, or at a loss above `train.diverge_factor` x its "
+                  "first evaluated one) is counted in `status`, named in `diverged seeds` with the step it "
+                  "stopped at, and left out of the means. The authors' release keeps training through a NaN, "
+                  "so its means would include such a seed (a NaN loss, chance-level accuracy).")
 
 
 def _curves(runs: list[dict], split: str, key: str):
@@ -177,9 +198,9 @@ def table(by_opt: dict[str, list[dict]]) -> str:
         head += ["best val acc", "final val acc"]
     if "test" in splits:
         head += ["final test loss"] + (["final test acc"] if has_acc else [])
-    if "test_at_best_val" in splits:  # cifar: the best-validation weights, evaluated on test
-        head += ["test acc at best val"]
-    head += ["wall time (s)", "status"]
+    if "test_at_best_val" in splits:  # cifar's second number: the best-validation weights, evaluated on test
+        head += ["test acc of the best-val weights"]
+    head += ["wall time (s)", "status", "diverged seeds"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in sorted(by_opt, key=optimizers.sort_key):
         everyone = by_opt[name]
@@ -199,9 +220,9 @@ def table(by_opt: dict[str, list[dict]]) -> str:
         walls = [r["summary"].get("wall_time_s") for r in runs]
         walls = [w for w in walls if isinstance(w, (int, float))]
         cells.append(_mean_std(walls).split(".")[0] if walls else "–")
-        cells.append(status_counts(everyone))
+        cells += [status_counts(everyone), diverged_seeds(everyone)]
         rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+    return "\n".join(rows) + "\n\n" + AVERAGING_RULE
 
 
 def copy_records(root: Path, target: Path) -> list[Path]:

@@ -115,7 +115,7 @@ def run_scan(exp: Experiment, runs: list[dict], config: Optional[str], sets: Seq
 
 
 def collect(exp_root: Path, metric: str = "loss") -> dict:
-    """``{optimizer: {"hp": name, "tuned": value, "points": {multiplier: [(status, best), ...]}}}`` from
+    """``{optimizer: {"hp": name, "tuned": value, "points": {multiplier: [(status, best, seed), ...]}}}`` from
     the finished runs under ``<root>/<exp>/<optimizer>/x<m>/seed<S>``."""
     import optimizers
 
@@ -135,14 +135,16 @@ def collect(exp_root: Path, metric: str = "loss") -> dict:
         if entry["tuned"] is None and isinstance(value, (int, float)):
             entry["tuned"] = value / multiplier
         best = run.best("val", metric, "min" if metric == "loss" else "max")
-        entry["points"][multiplier].append((status, None if best is None else float(best[metric])))
+        entry["points"][multiplier].append((status, None if best is None else float(best[metric]),
+                                            summary.get("seed")))
     return out
 
 
 def _summarise(points: list[tuple]) -> tuple[Optional[float], Optional[float], int, int]:
-    """(mean, std, runs that did not diverge, diverged runs) of one multiplier."""
-    ok = [v for s, v in points if s == "completed" and v is not None]
-    diverged = sum(1 for s, v in points if s == "diverged" or v is None)
+    """(mean, std, runs that did not diverge, diverged runs) of one multiplier; ``points`` are
+    ``(status, best)`` or ``(status, best, seed)``."""
+    ok = [v for s, v, *_ in points if s == "completed" and v is not None]
+    diverged = sum(1 for s, v, *_ in points if s == "diverged" or v is None)
     if not ok:
         return None, None, 0, diverged
     return float(np.mean(ok)), float(np.std(ok, ddof=1)) if len(ok) > 1 else 0.0, len(ok), diverged
@@ -208,8 +210,13 @@ def table(results: dict, metric: str) -> str:
                 continue
             mean, std, n_ok, n_div = _summarise(r["points"][m])
             text = "diverged" if mean is None else (f"{mean:.4f}" if n_ok == 1 else f"{mean:.4f} ± {std:.4f}")
+            seeds = [p[2] for p in r["points"][m] if len(p) > 2 and p[2] is not None
+                     and (p[0] == "diverged" or p[1] is None)]
+            named = f": seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" if seeds else ""
             if mean is not None and n_div:
-                text += f" ({n_div}/{n_ok + n_div} diverged)"
+                text += f" ({n_div}/{n_ok + n_div} diverged{named})"
+            elif named:
+                text += f" ({named[2:]})"
             cells.append(text)
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -226,7 +233,9 @@ def render(exp_name: str, exp_root: Path, out: Path, metric: str = "loss") -> li
     md = out / "robustness.md"
     md.write_text(f"# {exp_name}: step-size robustness\n\n"
                   f"Best validation {metric} (mean ± std over seeds that did not diverge) with the step size "
-                  f"at a multiple of its tuned value and every other hyperparameter tuned; runs under `{exp_root}`.\n\n"
+                  f"at a multiple of its tuned value and every other hyperparameter tuned; runs under `{exp_root}`. "
+                  f"A cell names how many of its seeds diverged, and which; the mean leaves them out (the "
+                  f"authors' release keeps training through a NaN, so its means would include them).\n\n"
                   + table(results, metric) + "\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in written))
     return written + [md]
 

@@ -50,6 +50,7 @@ class TrainConfig:
     precision: str = "fp32"  # on CUDA: fp32, fp16 (autocast + GradScaler) or bf16
     cpu_precision: str = "fp32"  # on the CPU: fp32, or bf16 (autocast; to measure what low precision changes)
     diverge_factor: float = 0.0  # an evaluated loss above this x the first evaluation's: diverged; 0 = off
+    tf32: bool = False  # on CUDA: TF32 tensor cores for float32 matmuls; false = torch's default (off)
 
     @classmethod
     def from_config(cls, train: dict) -> "TrainConfig":
@@ -61,7 +62,8 @@ class TrainConfig:
                    parallel=train.get("parallel", "ddp"),
                    precision=train.get("precision", "fp32"),
                    cpu_precision=train.get("cpu_precision", "fp32"),
-                   diverge_factor=float(train.get("diverge_factor", 0.0) or 0.0))
+                   diverge_factor=float(train.get("diverge_factor", 0.0) or 0.0),
+                   tf32=bool(train.get("tf32", False)))
 
 
 @dataclass
@@ -203,6 +205,17 @@ def _distributed_env() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
+def set_tf32(matmuls: bool) -> None:
+    """TF32 per experiment, as the release: ``train.tf32`` true (nano, owt: nanoGPT's
+    ``train.py`` sets ``torch.backends.cuda.matmul.allow_tf32 = True``) lets float32
+    matmuls use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation); false
+    keeps torch's default, full fp32 matmuls (the release's vit, sst2, qnli and cifar
+    set nothing). cuDNN convolutions use TF32 either way: ``torch.backends.cudnn.allow_tf32``
+    is True by default in torch, and neither the release nor nanoGPT turns it off."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(matmuls)
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all CUDA devices too)."""
     random.seed(seed)
@@ -213,7 +226,8 @@ def seed_everything(seed: int) -> None:
 # Keys added to the configs after runs were started, with the value that does what those
 # runs did: a saved config without the key matches a config holding that value.
 BEHAVIOUR_OF_OLDER_RUNS = {"train.diverge_factor": 0.0, "train.parallel": "ddp", "train.eval_batches": ["fixed"],
-                           "train.cpu_precision": "fp32", "data.check_source": True}
+                           "train.cpu_precision": "fp32", "train.tf32": True, "model.scaled_init": "all",
+                           "data.normalize": "fixed", "data.check_source": True}
 
 
 def config_mismatch(where: Path, old: Optional[dict], cfg: dict) -> None:
@@ -336,8 +350,7 @@ def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Opti
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        set_tf32(TrainConfig.from_config(train).tf32)
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():

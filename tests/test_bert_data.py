@@ -36,19 +36,34 @@ def test_split_is_70_15_15_deterministic_disjoint_complete():
     assert idx_of(split(raw, seed=0)["test"]) != idx_of(parts["test"])
 
 
-def test_split_matches_sklearn_train_test_split_twice():
-    # The release: train_test_split(test_size=0.3, random_state=42), then the 30% halved
-    # by train_test_split(test_size=0.5, random_state=42). sklearn shuffles with
-    # RandomState(42).permutation and takes the test rows first.
-    n = 200
-    perm = np.random.RandomState(42).permutation(n)
-    held_out, train = perm[:60], perm[60:]
-    perm2 = np.random.RandomState(42).permutation(60)
-    test, val = held_out[perm2[:30]], held_out[perm2[30:]]
-    parts = split(make_glue_like("qnli", n=n))
-    assert idx_of(parts["train"]) == train.tolist()
-    assert idx_of(parts["val"]) == val.tolist()
-    assert idx_of(parts["test"]) == test.tolist()
+@pytest.mark.parametrize("task", ["sst2", "qnli"])
+def test_split_gives_the_release_train_valid_and_test_rows(task):
+    # The release (sst2/dataloader.py and qnli/dataloader.py, lines 35-39), run here on a
+    # generated GLUE: train and validation merged by pandas, then
+    #   train_df, temp_df = train_test_split(merged_df, test_size=0.3, random_state=42)
+    #   test_df, valid_df = train_test_split(temp_df, test_size=0.5, random_state=42)
+    # 201 rows: 61 held out, which the second call splits 30 (test_df) / 31 (valid_df).
+    import datasets
+    import pandas as pd
+    from sklearn.model_selection import train_test_split
+
+    rows = make_glue_like(task, n=201)  # idx 0..200: tells the rows apart after the shuffles
+    glue = datasets.DatasetDict(train=rows.select(range(150)), validation=rows.select(range(150, 201)))
+    merged_df = pd.concat([glue["train"].to_pandas(), glue["validation"].to_pandas()], ignore_index=True)
+    train_df, temp_df = train_test_split(merged_df, test_size=0.3, random_state=42)
+    test_df, valid_df = train_test_split(temp_df, test_size=0.5, random_state=42)
+    assert (len(train_df), len(valid_df), len(test_df)) == (140, 31, 30)
+
+    parts = split(load_raw(task, glue))
+    assert idx_of(parts["train"]) == train_df["idx"].tolist()
+    assert idx_of(parts["val"]) == valid_df["idx"].tolist()
+    assert idx_of(parts["test"]) == test_df["idx"].tolist()
+    assert parts["test"]["label"] == test_df["label"].tolist()
+
+
+def test_split_layout_is_in_the_cache_key(tokenizer):
+    # A cache written while the validation and test halves were swapped must not be read.
+    assert "-seed42-testfirst-len512" in bert_data.cache_key("sst2", tokenizer)
 
 
 @pytest.mark.parametrize("task, n_sep", [("sst2", 1), ("qnli", 2)])

@@ -239,3 +239,20 @@ def test_training_does_not_depend_on_the_evaluation_cadence(smoke, runs, tmp_pat
     sparse = [r for r in records(out) if r["split"] != "train"]
     assert [r["step"] for r in sparse if r["split"] == "val"] == list(range(0, 21, 2))
     assert all(r == dense[(r["step"], r["split"])] for r in sparse)
+
+
+def test_last_evaluation_follows_the_last_step_when_the_interval_does_not_divide_an_epoch(smoke, runs, tmp_path):
+    # 10 steps per epoch, 3 evaluations per epoch: every 10 // 3 = 3 steps from the start (the
+    # release's global_step % log_interval, qnli/train.py:166), and at each epoch's end (the
+    # release's validation after each epoch, qnli/train.py:185; its test after the last step,
+    # qnli/train.py:215): 0, 3, 6, 9, 10, 12, 15, 18, 20. Training is the dense run's.
+    out = tmp_path / "uneven"
+    assert bert_train.main(args(smoke, "sst2", "adam", out, 1, "--set", "train.evals_per_epoch=3")) == 0
+    rows = records(out)
+    expected = [0, 3, 6, 9, 10, 12, 15, 18, 20]
+    for split in ("val", "test"):
+        assert [r["step"] for r in rows if r["split"] == split] == expected
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["test"]["step"] == summary["steps"] == 20
+    dense = {(r["step"], r["split"]): r for r in records(runs[("sst2", "adam")]) if r["split"] != "train"}
+    assert all(r == dense[(r["step"], r["split"])] for r in rows if r["split"] != "train")

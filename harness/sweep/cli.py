@@ -37,7 +37,7 @@ def _run_parser(r: argparse.ArgumentParser) -> None:
     """The options of ``run``, named as ``SweepOptions``' fields."""
     _common(r)
     r.add_argument("--trials", type=int, default=None, help="finished trials to reach (default: space.yaml's)")
-    r.add_argument("--seed", type=int, default=None, help="the run seed of every trial (default: first paper seed)")
+    r.add_argument("--seed", type=int, default=None, help="the trials' run seed (trial k runs seed + k where space.yaml sets seed_per_trial; default: space.yaml's seed)")
     r.add_argument("--sampler-seed", type=int, default=0, help="TPE seed (mixed with the worker index)")
     r.add_argument("--worker", type=int, default=None, help="worker index (default $SLURM_ARRAY_TASK_ID or 0)")
     r.add_argument("--pruner", default="none", choices=("none", "median"),

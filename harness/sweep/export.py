@@ -42,7 +42,8 @@ def export_best(study, exp: Experiment, optimizer: str, out: Path, force: bool =
         raise UsageError(f"{out} exists; choose a new --out or pass --force to overwrite it")
     best = study.best_trial
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# Best of study {study.study_name}: trial {best.number}, best val loss {best.value:.6g}, "
+    rule = best.user_attrs.get("objective", "best")  # trials from before the key: the best val loss
+    out.write_text(f"# Best of study {study.study_name}: trial {best.number}, {rule} val loss {best.value:.6g}, "
                    f"run {best.user_attrs.get('run_dir', '?')}.\n"
                    f"# Use with: python -m {' '.join([exp.module, *exp.args])} --optimizer {optimizer} --config {out}\n"
                    f"{optimizer}: {flow_entry(best_params(study))}\n")
