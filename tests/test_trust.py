@@ -164,8 +164,8 @@ def test_an_old_folder_without_a_source_is_taken_on_its_vocabulary(tmp_path, mon
     data = tmp_path / "data" / "nano"
     data.mkdir(parents=True)
     chars = [chr(c) for c in range(32, 97)]  # 65 characters, as tiny Shakespeare's
-    np.arange(2000, dtype=np.uint16).__mod__(65).astype(np.uint16).tofile(data / "train.bin")
-    np.arange(300, dtype=np.uint16).__mod__(65).astype(np.uint16).tofile(data / "val.bin")
+    (np.arange(2000) % 65).astype(np.uint16).tofile(data / "train.bin")
+    (np.arange(300) % 65).astype(np.uint16).tofile(data / "val.bin")
     (data / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "itos": dict(enumerate(chars)),
                                                   "stoi": {c: i for i, c in enumerate(chars)}}))
     args = ["--optimizer", "adam", "--seed", "1", "--config", str(SMOKE), "--set", "data.dir=data/nano",
@@ -221,8 +221,13 @@ def test_a_resume_on_cuda_loads_to_the_cpu_and_restores_the_generators(nano_data
     trainer = _trainer(nano_data, out)
     trainer.run.device = torch.device("cuda", 0)  # what the run of a GPU node holds
     seen = []
-    monkeypatch.setattr(ckpt, "set_rng_state", lambda state: (seen.append(state), (_ for _ in ()).throw(Restored()))[1])
-    with pytest.raises(Restored):  # stop before the model is used on the (absent) GPU
+
+    def set_rng_state(state):  # the last restore before the model is used on the (absent) GPU
+        seen.append(state)
+        raise Restored
+
+    monkeypatch.setattr(ckpt, "set_rng_state", set_rng_state)
+    with pytest.raises(Restored):
         trainer.resume()
     assert torch.equal(trainer.data.state_dict()["generator"], saved["data"][0]["generator"])
     assert all(torch.equal(trainer.evaluate.state_dict()[k], v) for k, v in saved["evaluate"].items())
