@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..checkpoint import write_text_atomic
 from .space import OBJECTIVES
 
 
@@ -41,7 +42,7 @@ def plot_study(study, out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(out_dir / name)
     md = out_dir / "study.md"
-    md.write_text(study_markdown(study, [p.name for p in written]))
+    write_text_atomic(md, study_markdown(study, [p.name for p in written]))
     return written + [md]
 
 
