@@ -84,6 +84,20 @@ def test_a_launch_over_a_planted_checkpoint_runs_nothing(nano_data, tmp_path):
     assert log[-1].startswith("error: ") and "checkpoint.pt holds objects" in log[-1]
 
 
+def test_a_sweep_over_a_planted_trial_checkpoint_runs_nothing(nano_data, tmp_path, capsys):
+    from harness.sweep.cli import main as sweep_main
+    from test_sweep import sweep_args
+
+    runs, marker = tmp_path / "runs", tmp_path / "marker"
+    trial = runs / "sweeps" / "nano" / "cd" / "trial-0"
+    trial.mkdir(parents=True)
+    plant_checkpoint(trial / "checkpoint.pt", marker)
+    assert sweep_main(["run", *sweep_args(nano_data, runs, "--trials", "1", "--no-plot")]) == EXIT_USAGE
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "checkpoint.pt holds objects" in line
+    assert not marker.exists()
+
+
 def test_checkpoints_load_weights_only_without_any_allow_list(nano_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setenv(STOP_AFTER_ENV, "3")
