@@ -108,7 +108,7 @@ def best_weights_on_test(run: Run, raw: torch.nn.Module, model: torch.nn.Module,
     like any other.
     """
     path = run.dir / BEST_MODEL
-    saved = ckpt.load(path, run.device) if path.exists() else None
+    saved = ckpt.load(path) if path.exists() else None
     if saved is None or val_record["acc"] > saved["val_acc"]:  # strictly: as the loop decides
         best_step, val_acc, weights, candidate = step, val_record["acc"], contextlib.nullcontext(), model
     elif parallel.is_sharded(raw):

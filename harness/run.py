@@ -238,7 +238,7 @@ def seed_everything(seed: int) -> None:
 # runs did: a saved config without the key matches a config holding that value.
 BEHAVIOUR_OF_OLDER_RUNS = {"train.diverge_factor": 0.0, "train.parallel": "ddp", "train.eval_batches": ["fixed"],
                            "train.cpu_precision": "fp32", "train.tf32": True, "model.scaled_init": "all",
-                           "data.normalize": "fixed"}
+                           "data.normalize": "fixed", "data.check_source": True}
 
 
 def config_mismatch(where: Path, old: Optional[dict], cfg: dict) -> None:
@@ -349,6 +349,7 @@ def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Opti
         raise UsageError("wandb=true but wandb is not installed: pip install wandb (or --set wandb=false)")
     check_folder(run_dir, "--out")
     saved = RunDir(run_dir)
+    saved.check_own("--out")
     check_resumable(saved, cfg)
 
     if saved.finished():

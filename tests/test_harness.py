@@ -86,7 +86,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(nano_data, tmp_path):
     assert summary["status"] == "interrupted" and summary["steps"] > 0
     import torch
 
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == summary["steps"]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == summary["steps"]
 
 
 def test_divergence_ends_the_run_and_keeps_the_log(nano_data, tmp_path):

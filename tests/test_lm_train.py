@@ -94,7 +94,7 @@ def gpt2_args(cache, out, optimizer="adam", *extra):
 
 
 def weights(run_dir) -> dict:
-    return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)["model"]
 
 
 # ---------------------------------------------------------------------------------------------- configs
