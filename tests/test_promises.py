@@ -28,6 +28,7 @@ import harness.cifar10
 from harness import launch, sweep
 from harness.loop import EXIT_INTERRUPTED, STOP_AFTER_ENV
 from nano import train as nano_train
+import optimizers
 from optimizers import CADAM, CD, LDHD, _native, iKFAD
 from tests.cifar_fixture import UncheckedCIFAR10, make_fake_cifar10
 from vit import train as vit_train
@@ -231,3 +232,31 @@ def test_launch_resumes_an_interrupted_run_and_skips_a_finished_one(nano_data, t
     summary = json.loads((interrupted / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 6
     assert "from step 3" in (runs / "logs" / "cd-seed1.log").read_text()
+
+
+# ---------------------------------------------------------------- build: adam and msgd are torch's
+
+def _group(opt):
+    return {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+
+
+@pytest.mark.parametrize("switch", [dict(maximize=True, foreach=True), dict(fused=True)], ids=["foreach", "fused"])
+def test_build_gives_every_key_to_torchs_adam_and_sgd(switch):
+    """``build("adam"|"msgd", ...)`` is torch.optim.Adam / SGD with the same settings
+    (optimizers/README.md: keys lr, beta1, beta2, eps for Adam's betas; lr, momentum), every
+    key passed on; with no keys, Adam is torch's default Adam."""
+    p = [torch.zeros(3, requires_grad=True)]
+    adam = dict(lr=0.02, eps=1e-5, weight_decay=0.1, **switch)
+    assert _group(optimizers.build("adam", p, beta1=0.8, beta2=0.95, **adam)) == \
+        _group(torch.optim.Adam(p, betas=(0.8, 0.95), **adam))
+    sgd = dict(lr=0.03, momentum=0.7, weight_decay=0.2, **switch)
+    assert _group(optimizers.build("msgd", p, **sgd)) == _group(torch.optim.SGD(p, **sgd))
+    assert _group(optimizers.build("adam", p)) == _group(torch.optim.Adam(p))
+
+
+def test_build_of_an_ablation_passes_every_key_but_gamma():
+    p = [torch.zeros(3, requires_grad=True)]
+    group = optimizers.build("cd0", p, h=0.2, c=3.0, lr=0.5, weight_decay=0.1).param_groups[0]
+    assert (group["h"], group["c"], group["lr"], group["weight_decay"], group["gamma"]) == (0.2, 3.0, 0.5, 0.1, 0.0)
+    with pytest.raises(ValueError, match=r"^Unknown hyperparameter\(s\) beta1, gamma for optimizer 'cd0'; valid: h, c, lr"):
+        optimizers.build("cd0", p, gamma=1.0, beta1=0.9)
