@@ -48,10 +48,11 @@ fi
 # mutmut, pinned, in a venv that sees the project's packages after its own (a .pth file that adds
 # the project's site-packages as a site directory, so its own .pth files, the editable install's
 # among them, take effect): pip then installs only what the project's environment lacks.
-if [ "$("$TOOLS/bin/python" -c 'import importlib.metadata as m; print(m.version("mutmut"))' 2>/dev/null || true)" \
-     != "$MUTMUT_VERSION" ]; then
+# Checked at every start: a package the project's environment stops providing is installed here then.
+if [ "$("$TOOLS/bin/python" -c 'import importlib.metadata as m, mutmut.__main__; print(m.version("mutmut"))' \
+        2>/dev/null || true)" != "$MUTMUT_VERSION" ]; then
   echo "Installing mutmut $MUTMUT_VERSION into $TOOLS ..."
-  "$PROJECT_PYTHON" -m venv "$TOOLS"
+  [ -x "$TOOLS/bin/python" ] || "$PROJECT_PYTHON" -m venv "$TOOLS"
   project_site="$("$PROJECT_PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   tools_site="$("$TOOLS/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   echo "import site; site.addsitedir('$project_site')" > "$tools_site/zz-project-venv.pth"
