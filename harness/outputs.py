@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from .checkpoint import _write_atomic, write_text_atomic
+from .checkpoint import write_atomic, write_text_atomic
 from .errors import UsageError
 
 _MARK = re.compile(r"^<!-- built from (\d+) runs?; records (sha256:[0-9a-f]{64}|none) -->$", re.M)
@@ -117,7 +117,7 @@ def write_bytes(path: Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (creating its folder); returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, lambda f: f.write(data))
+    write_atomic(path, data)
     return path
 
 
