@@ -9,9 +9,10 @@ says which package):
 - ``train <exp>``, for nano, owt, gpt2, vit, cifar, bert/sst2 and bert/qnli: the experiment's
   ``configs/smoke.yaml`` trains on its smoke data (``harness.smoke_data``, generated offline
   into a temporary folder) in the precision its ``paper.yaml`` names for this device
-  (``train.precision`` on CUDA, ``train.cpu_precision`` on the CPU), once with every optimizer
-  of its ``best.yaml`` (``--quick``: one per experiment, the paper's four spread over them); each
-  run is then repeated, interrupted after half its steps (``HARNESS_STOP_AFTER_STEPS``, the
+  (``train.precision`` on CUDA, ``train.cpu_precision`` on the CPU), with every optimizer of
+  its ``best.yaml`` (``--quick``: one per experiment and fewer steps); one optimizer's run
+  (``RESUMED``: Adam and the paper's four spread over the experiments) is repeated,
+  interrupted after half its steps (``HARNESS_STOP_AFTER_STEPS``, the
   checkpoint-and-exit-75 path of a SLURM signal) and resumed, and its records must equal the
   uninterrupted run's: exactly on the CPU; on CUDA every number within ``CUDA_RTOL`` relative
   (or ``CUDA_ATOL`` absolute) -- atomics in the embedding backward and cuBLAS's reductions are
@@ -70,9 +71,10 @@ EXPERIMENTS = ("nano", "owt", "gpt2", "vit", "cifar", "bert/sst2", "bert/qnli")
 NEEDS = {"nano": (), "owt": ("tiktoken", "datasets"), "gpt2": ("transformers",), "vit": ("timm", "torchvision"),
          "cifar": ("torchvision",), "bert/sst2": ("transformers", "datasets", "tokenizers"),
          "bert/qnli": ("transformers", "datasets", "tokenizers")}
-# --quick: one optimizer per experiment, covering Adam and the paper's four (iKFAD where a model
-# has dropout: the resume must then restore the dropout RNG too).
-QUICK_OPTIMIZERS = {"nano": "cadam", "owt": "cd", "gpt2": "ikfad", "vit": "ikfad", "cifar": "cd",
+# The optimizer whose run is also interrupted and resumed (the only one with --quick): Adam and
+# the paper's four spread over the experiments, iKFAD where a model has dropout (the resume must
+# then restore the dropout RNG too).
+RESUMED = {"nano": "cadam", "owt": "cd", "gpt2": "ikfad", "vit": "ikfad", "cifar": "cd",
                     "bert/sst2": "adam", "bert/qnli": "cadam"}
 # --quick: fewer steps (each still interrupted at half and resumed, across an evaluation).
 QUICK_SETS = {"nano": ["train.max_iters=12", "train.eval_interval=6", "train.log_interval=3"],
@@ -175,9 +177,17 @@ def records_differ(a: list[dict], b: list[dict], rtol: float = 0.0, atol: float 
     return None
 
 
+def run_records(folder: Path) -> list[dict]:
+    """A run's records without their wall times (which differ between identical runs)."""
+    from .rundir import RunDir
+
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in RunDir(folder).records()]
+
+
 def experiment_check(ctx: Context, spec: str) -> dict:
-    """Every optimizer of ``spec`` trains its smoke config, then trains again interrupted
-    after half its steps and resumed; the two runs' records must match."""
+    """Every optimizer of ``spec`` (``--quick``: one) trains its smoke config; one of them
+    (``RESUMED``) trains again, interrupted after half its steps and resumed, and the two runs'
+    records must match."""
     import torch
 
     from .experiments import experiment, train_command
@@ -185,13 +195,26 @@ def experiment_check(ctx: Context, spec: str) -> dict:
     from .rundir import RunDir
 
     exp = experiment(spec)
-    names = [QUICK_OPTIMIZERS[spec]] if ctx.quick else list(read_yaml(exp.configs / "best.yaml"))
+    resumed = RESUMED[spec]
+    names = [resumed] if ctx.quick else list(read_yaml(exp.configs / "best.yaml"))
     sets = ctx.smoke_sets(spec) + (QUICK_SETS[spec] if ctx.quick else [])
     main = importlib.import_module(exp.module).main
-    exact = ctx.device.type == "cpu"
-    rtol, atol = (0.0, 0.0) if exact else (CUDA_RTOL, CUDA_ATOL)
+    rtol, atol = (0.0, 0.0) if ctx.device.type == "cpu" else (CUDA_RTOL, CUDA_ATOL)
     out = ctx.scratch / "runs" / spec.replace("/", "-")
-    numbers = {"optimizers": names, "resume": "exact" if exact else f"rtol {rtol:g}, atol {atol:g}"}
+    numbers = {"optimizers": names, "resumed": resumed,
+               "resume": "exact" if ctx.device.type == "cpu" else f"rtol {rtol:g}, atol {atol:g}"}
+
+    def train(name: str, folder: str, stop_after: int = 0) -> int:
+        argv = train_command(exp, name, 1, out / name / folder, str(exp.configs / "smoke.yaml"), sets)[3:]
+        if stop_after:
+            os.environ[STOP_AFTER_ENV] = str(stop_after)
+        try:
+            return main(argv)
+        finally:
+            os.environ.pop(STOP_AFTER_ENV, None)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
     cifar = contextlib.nullcontext()
     if spec in ("vit", "cifar"):
         from .fake_cifar10 import unchecked_cifar10
@@ -200,34 +223,29 @@ def experiment_check(ctx: Context, spec: str) -> dict:
     problems = []
     with cifar:
         for name in names:
-            def train(folder: str, stop_after: int = 0) -> int:
-                argv = train_command(exp, name, 1, out / name / folder, str(exp.configs / "smoke.yaml"), sets)[3:]
-                os.environ[STOP_AFTER_ENV] = str(stop_after) if stop_after else ""
-                try:
-                    return main(argv)
-                finally:
-                    os.environ.pop(STOP_AFTER_ENV, None)
-
-            if (rc := train("whole")) != 0:
-                raise Failed(f"{name}: the run exited {rc} (log above)")
-            whole = RunDir(out / name / "whole")
-            summary = whole.summary()
-            half = max(1, summary["total_steps"] // 2)
-            if (rc := train("resumed", half)) != EXIT_INTERRUPTED:
-                raise Failed(f"{name}: interrupted after {half} steps, the run exited {rc}, not {EXIT_INTERRUPTED}")
-            if (rc := train("resumed")) != 0:
-                raise Failed(f"{name}: the resumed run exited {rc} (log above)")
-            drop = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
-            diff = records_differ(drop(RunDir(out / name / "resumed").records()), drop(whole.records()), rtol, atol)
-            if diff:
-                problems.append(f"{name}: resumed after {half} steps differs from the uninterrupted run: {diff}")
+            if (rc := train(name, "whole")) != 0:
+                problems.append(f"{name}: the run exited {rc} (log above)")
+                continue
+            summary = RunDir(out / name / "whole").summary()
             numbers.update(steps=summary["total_steps"], precision=summary["precision"], device=summary["device"])
             numbers.setdefault("final_val_loss", {})[name] = summary.get("final", {}).get("val", {}).get("loss")
             numbers.setdefault("steps_per_s", {})[name] = round(summary["steps_per_s"], 2)
+            if torch.cuda.is_available() and not summary["device"].startswith("cuda"):
+                problems.append(f"{name}: trained on {summary['device']} although CUDA is available")
+            if name != resumed:
+                continue
+            half = max(1, summary["total_steps"] // 2)
+            if (rc := train(name, "resumed", half)) != EXIT_INTERRUPTED:
+                problems.append(f"{name}: interrupted after {half} steps, the run exited {rc}, not {EXIT_INTERRUPTED}")
+            elif (rc := train(name, "resumed")) != 0:
+                problems.append(f"{name}: the resumed run exited {rc} (log above)")
+            elif diff := records_differ(run_records(out / name / "resumed"), run_records(out / name / "whole"),
+                                        rtol, atol):
+                problems.append(f"{name}: resumed after {half} steps differs from the uninterrupted run: {diff}")
+            else:
+                numbers["resumed_at_step"] = half
     if problems:
         raise Failed("; ".join(problems))
-    if torch.cuda.is_available() and summary["device"].startswith("cpu"):
-        raise Failed("trained on the CPU although CUDA is available")
     return numbers
 
 
@@ -294,7 +312,7 @@ class GpuSampler:
     (MiB) of GPU ``index``; mean utilisation and peak memory when stopped. Empty without
     ``nvidia-smi``."""
 
-    def __init__(self, index: int = 0, interval: float = 0.5):
+    def __init__(self, index: str = "0", interval: float = 0.5):
         self.index, self.interval, self.samples = index, interval, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -352,15 +370,16 @@ def nano_packing_check(ctx: Context) -> dict:
     from .rundir import RunDir
 
     iters = 100 if ctx.quick else 300
+    gpu = launch._gpus(None)[0]  # the first visible GPU (its id under CUDA_VISIBLE_DEVICES, if set)
     data = [s for s in ctx.smoke_sets("nano") if s.startswith("data.dir=")]
     rows = []
     for n in PACKING:
         runs_dir = ctx.scratch / "packing" / f"n{n}"
-        argv = ["nano", "--optimizers", "adam", "--seeds", *map(str, range(n)), "--gpus", "0",
+        argv = ["nano", "--optimizers", "adam", "--seeds", *map(str, range(n)), "--gpus", gpu,
                 "--runs-per-gpu", str(n), "--set", f"train.max_iters={iters}", "--runs-dir", str(runs_dir),
                 "--no-report"] + [a for s in data for a in ("--set", s)]
         start = clock()
-        with GpuSampler(0) as sampler:
+        with GpuSampler(gpu) as sampler:
             rc = launch.main(argv)
         wall = clock() - start
         row = {"runs_per_gpu": n, "wall_s": round(wall, 1), "exit": rc, **sampler.result()}
@@ -395,7 +414,7 @@ def owt_throughput_check(ctx: Context) -> dict:
     argv = ["owt", "--optimizers", "adam", "--seeds", *map(str, range(ctx.gpus)), "--runs-per-gpu", "1",
             "--set", f"data.dir={data}", "--set", f"train.max_iters={iters}", "--set", "train.eval_iters=5",
             "--set", f"train.eval_interval={iters}", "--runs-dir", str(runs_dir), "--no-report"]
-    with GpuSampler(0) as sampler:
+    with GpuSampler(launch._gpus(None)[0]) as sampler:
         rc = launch.main(argv)
     if rc != 0:
         raise Failed(f"harness.launch owt exited {rc} (logs in {runs_dir / 'logs'})")
@@ -417,6 +436,7 @@ def ddp_check(ctx: Context) -> dict:
     """nano's smoke run on two GPUs (torchrun, DDP) against one GPU, same global batch, fp32."""
     need_gpus(ctx, 2)
     from .experiments import experiment, train_command
+    from .launch import _gpus
     from .rundir import RunDir
 
     exp = experiment("nano")
@@ -424,12 +444,11 @@ def ddp_check(ctx: Context) -> dict:
     out = ctx.scratch / "ddp"
     for nproc in (1, 2):
         cmd = train_command(exp, "adam", 1, out / f"gpus{nproc}", str(exp.configs / "smoke.yaml"), sets, nproc)
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="0,1"[: 2 * nproc - 1])
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(_gpus(None)[:nproc]))
         done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
             raise Failed(f"{nproc} GPU(s): exit {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1]}")
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
-    diff = records_differ(drop(RunDir(out / "gpus2").records()), drop(RunDir(out / "gpus1").records()), DDP_RTOL)
+    diff = records_differ(run_records(out / "gpus2"), run_records(out / "gpus1"), DDP_RTOL)
     if diff:
         raise Failed(f"two GPUs differ from one beyond rtol {DDP_RTOL:g}: {diff}")
     return {"rtol": DDP_RTOL, "world_size": RunDir(out / "gpus2").summary()["world_size"]}

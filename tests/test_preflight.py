@@ -34,7 +34,9 @@ def test_quick_preflight_passes_on_the_cpu_and_skips_the_gpu_checks(tmp_path):
         assert checks[name]["status"] == "skipped" and checks[name]["reason"] == "no CUDA device (GPU only)"
         assert f"[skipped] {name}" in done.stdout  # printed with its reason
     for name in expected[:7]:  # CPU: fp32 (cpu_precision), resumed records bit for bit
-        assert checks[name]["numbers"]["precision"] == "fp32" and checks[name]["numbers"]["resume"] == "exact"
+        numbers = checks[name]["numbers"]
+        assert numbers["precision"] == "fp32" and numbers["device"] == "cpu" and numbers["resume"] == "exact"
+        assert numbers["resumed_at_step"] == numbers["steps"] // 2 >= 3  # interrupted, resumed, records equal
     assert report["verdict"].startswith("READY") and report["device"] == "cpu" and report["quick"]
     assert report["versions"]["torch"]
     assert (sorted(results.iterdir()) if results.is_dir() else []) == before  # nothing written into results/
@@ -71,6 +73,7 @@ def _fake_launch(run_s: dict, monkeypatch):
     def main(argv):
         runs_dir = Path(argv[argv.index("--runs-dir") + 1])
         n = int(argv[argv.index("--runs-per-gpu") + 1])
+        assert argv[argv.index("--gpus") + 1] == "3"
         for seed in argv[argv.index("--seeds") + 1: argv.index("--gpus")]:
             out = runs_dir / "adam" / f"seed{seed}"
             out.mkdir(parents=True)
@@ -78,6 +81,7 @@ def _fake_launch(run_s: dict, monkeypatch):
         return 0
 
     monkeypatch.setattr(launch, "main", main)
+    monkeypatch.setattr(launch, "_gpus", lambda arg: ["3"])  # CUDA_VISIBLE_DEVICES=3: GPU "3" is the first
     # the wall time of each launch: training plus 5 s of start-up
     clock = iter([t for n in preflight.PACKING for t in (0.0, run_s[n] + 5.0)])
     monkeypatch.setattr(preflight, "clock", lambda: next(clock))
@@ -130,3 +134,32 @@ def test_reproduce_takes_runs_per_gpu_from_the_report(tmp_path):
     assert done.returncode == 0 and "--runs-per-gpu 4" in done.stderr, done.stderr
     done = subprocess.run(cmd + ["--runs-per-gpu", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "--runs-per-gpu 4" not in done.stderr  # the user's choice stands
+
+
+def test_owt_throughput_on_simulated_gpus(tmp_path, monkeypatch):
+    """The GPU-only owt check with harness.launch simulated on 2 GPUs: the steady state is
+    taken between the 10th and the last logged step, compile and evaluation excluded."""
+    from harness import launch, smoke_data
+
+    def main(argv):
+        assert argv[argv.index("--seeds") + 1: argv.index("--runs-per-gpu")] == ["0", "1"]  # one run per GPU
+        out = Path(argv[argv.index("--runs-dir") + 1]) / "adam" / "seed0"
+        out.mkdir(parents=True)
+        (out / "config.yaml").write_text("train: {batch_size: 16}\nmodel: {block_size: 1024}\n")
+        # 40 steps in 4 s after step 10 (10 steps/s); the whole run averaged 5 steps/s, MFU 0.2
+        rows = [{"split": "val", "step": 0, "loss": 11.0, "time_s": 1.0}]
+        rows += [{"split": "train", "step": s, "loss": 5.0, "time_s": 1.0 + 0.1 * s} for s in (5, 10, 20, 30, 40, 50)]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (out / "summary.json").write_text(json.dumps({"precision": "fp16", "steps_per_s": 5.0, "mfu": 0.2}))
+        return 0
+
+    monkeypatch.setattr(launch, "main", main)
+    monkeypatch.setattr(launch, "_gpus", lambda arg: ["0", "1"])
+    monkeypatch.setattr(smoke_data, "owt_bins", lambda root, **kw: Path(root))
+    ctx = preflight.Context(device=None, gpus=2, quick=False, scratch=tmp_path, log=lambda _: None)
+    numbers = preflight.owt_throughput_check(ctx)
+    assert numbers["steps_per_s"] == 10.0 and numbers["precision"] == "fp16"
+    assert numbers["tokens_per_s"] == 10 * 16 * 1024 and numbers["tokens_per_s_per_gpu"] == 5 * 16 * 1024
+    assert numbers["mfu"] == pytest.approx(0.4)
+    with pytest.raises(preflight.Skip, match="needs 2 GPUs, this node has 1"):
+        preflight.ddp_check(preflight.Context(device=None, gpus=1, quick=False, scratch=tmp_path))
