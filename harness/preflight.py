@@ -110,7 +110,9 @@ class Check:
     reason: str = ""
     numbers: dict = field(default_factory=dict)
     seconds: float = 0.0
-    cpu_seconds: float = 0.0  # this process's CPU time (all threads): the wall time on idle cores, at most
+    # this process's CPU time (all its threads): about its wall time on idle cores (less where
+    # operations use several threads), whatever else the machine is doing
+    cpu_seconds: float = 0.0
 
 
 @dataclass
@@ -150,7 +152,7 @@ def run_check(name: str, fn: Callable[[], dict], needs=()) -> Check:
         check.status, check.reason = "skipped", str(e)
     except Failed as e:
         check.status, check.reason = "failed", str(e)
-    except Exception as e:  # noqa: BLE001 -- a failed check never stops the others
+    except (Exception, SystemExit) as e:  # noqa: BLE001 -- a failed check never stops the others
         check.status, check.reason = "failed", one_line(e)
         traceback.print_exc()
     check.seconds, check.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
