@@ -163,3 +163,23 @@ def test_owt_throughput_on_simulated_gpus(tmp_path, monkeypatch):
     assert numbers["mfu"] == pytest.approx(0.4)
     with pytest.raises(preflight.Skip, match="needs 2 GPUs, this node has 1"):
         preflight.ddp_check(preflight.Context(device=None, gpus=1, quick=False, scratch=tmp_path))
+
+
+def test_a_check_fails_or_skips_alone_with_a_one_line_reason(monkeypatch):
+    real = preflight.importlib.util.find_spec
+    monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: None if name == "timm" else real(name))
+    ran = []
+    skipped = preflight.run_check("train vit", lambda: ran.append(1), preflight.NEEDS["vit"])
+    assert (skipped.status, skipped.reason) == ("skipped", "needs the optional package(s) timm, not installed")
+    assert not ran  # the check itself never started
+    assert preflight.run_check("train cifar", lambda: {"a": 1}, preflight.NEEDS["cifar"]).numbers == {"a": 1}
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access\nmore detail\nthe last line")
+
+    failed = preflight.run_check("x", broken)
+    assert (failed.status, failed.reason) == ("failed", "RuntimeError: the last line")
+    assert preflight.run_check("y", lambda: preflight.sys.exit(2)).status == "failed"  # argparse's exit too
+    checks = [skipped, failed, preflight.Check("z")]
+    assert preflight.verdict(checks) == "NOT READY: 1 check(s) failed (x)"
+    assert preflight.verdict([skipped, preflight.Check("z")]) == "READY: every applicable check passed (1 skipped)"
