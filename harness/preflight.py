@@ -198,7 +198,7 @@ def experiment_check(ctx: Context, spec: str) -> dict:
 
     exp = experiment(spec)
     resumed = RESUMED[spec]
-    names = [resumed] if ctx.quick else list(read_yaml(exp.configs / "best.yaml"))
+    names = [resumed] if ctx.quick else list(dict.fromkeys([*read_yaml(exp.configs / "best.yaml"), resumed]))
     sets = ctx.smoke_sets(spec) + (QUICK_SETS[spec] if ctx.quick else [])
     main = importlib.import_module(exp.module).main
     rtol, atol = (0.0, 0.0) if ctx.device.type == "cpu" else (CUDA_RTOL, CUDA_ATOL)
