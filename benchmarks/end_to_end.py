@@ -27,6 +27,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from harness import outputs  # noqa: E402
+from harness.errors import command  # noqa: E402
 EXPERIMENTS = ("nano", "owt")
 OPTIMIZERS = ("adam", "ldhd", "cd", "ikfad", "cadam")
 
@@ -75,6 +80,11 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def report_path(out: str, device: str) -> Path:
+    return Path(out) / f"end_to_end_{device}.md"
+
+
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Smoke-training iterations per second, adam vs ours.")
     p.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"comma-separated, from {', '.join(EXPERIMENTS)}")
@@ -83,7 +93,9 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="smoke", help="config name under <exp>/configs/ (default smoke)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="key=value passed to every run")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
+                   help="folder for end_to_end_<device>.md/.json (results there from as many runs or more are kept)")
+    p.add_argument("--force", action="store_true", help="replace results there from as many runs or more")
     args = p.parse_args(argv)
     experiments = args.experiments.split(",")
     names = args.optimizers.split(",")
@@ -91,6 +103,11 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown experiment {', '.join(bad)}; valid: {', '.join(EXPERIMENTS)}")
 
+    import torch
+
+    basis = outputs.Basis(len(experiments) * len(names))
+    guess = report_path(args.out, "cuda" if torch.cuda.is_available() else "cpu")  # the runs' device
+    outputs.check(guess, basis, args.force, [guess.with_suffix(".json")])  # before the runs, not after
     from tqdm import tqdm
 
     rows = []
@@ -111,10 +128,10 @@ def main(argv=None) -> int:
     results = dict(device=device, date=dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
                    command="python benchmarks/end_to_end.py " + " ".join(sys.argv[1:] if argv is None else argv),
                    experiments=experiments, rows=rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"end_to_end_{device}.json").write_text(json.dumps(results, indent=1))
-    (out / f"end_to_end_{device}.md").write_text(markdown(results))
+    md = report_path(args.out, device)
+    outputs.check(md, basis, args.force, [md.with_suffix(".json")])
+    outputs.write_text(md.with_suffix(".json"), json.dumps(results, indent=1))
+    outputs.write_text(md, outputs.stamp(markdown(results), basis))
     print(markdown(results))
     return 0 if all("error" not in r for r in rows) else 1
 

@@ -13,7 +13,8 @@ CPU analogue of a GPU's MFU. Then the same step with the candidate speed-ups
 (``torch.compile`` of the model, including its compile time; evaluation batched
 several batches per forward pass; bf16 autocast, ``train.cpu_precision: bf16``, which
 changes the numbers by rounding), with the number each gives for a full run.
-Writes ``nano_cpu.md`` and ``nano_cpu.json`` to ``--out``.
+Writes ``nano_cpu.md`` and ``nano_cpu.json`` to ``--out``; results there from as many
+measurements or more are kept unless ``--force`` is given (``harness.outputs``).
 """
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import optimizers  # noqa: E402
+from harness import outputs  # noqa: E402
 from harness.config import resolve  # noqa: E402
+from harness.errors import command  # noqa: E402
 from harness.cpu import matmul_peak_flops  # noqa: E402
 from harness.token_bins import TokenBins  # noqa: E402
 from nano.model import GPT, GPTConfig  # noqa: E402
@@ -96,6 +99,7 @@ def time_eval(model, bins, batch: int, block: int, iters: int, per_forward: int,
     return best
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="data/nano", help="a prepared nano folder (python -m nano.prepare ...)")
@@ -105,7 +109,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement (~1 min)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16-autocast measurement")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--force", action="store_true", help="replace results there from as many measurements or more")
     args = p.parse_args(argv)
+    md = args.out / "nano_cpu.md"  # one measurement per optimizer, the compiled model and bf16
+    basis = outputs.Basis(len(args.optimizers) + (not args.no_compile) + (not args.no_bf16))
+    outputs.check(md, basis, args.force, [md.with_suffix(".json")])
     torch.set_num_threads(args.threads)
 
     bins = TokenBins(args.data, prepare_hint="python -m nano.prepare --source tinyshakespeare")
@@ -189,8 +197,7 @@ def main(argv=None) -> int:
         results["full_run_s"]["adam_compiled"] = (results["compiled"]["compile_s"] + total * (
             results["compiled"]["step"]) + evals * estimators * results["eval"][best_eval])
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "nano_cpu.json").write_text(json.dumps(results, indent=1))
+    outputs.write_text(md.with_suffix(".json"), json.dumps(results, indent=1))
     m = results["machine"]
     lines = [f"# nano on the CPU: {m['cpu']}, {m['threads']} thread(s), torch {m['torch']} ({m['capability']})", "",
              f"Measured fp32 matmul peak on these threads: {peak / 1e9:.1f} GFLOP/s. "
@@ -219,7 +226,7 @@ def main(argv=None) -> int:
                   f"{results['full_run_s']['adam']['eval_one_batch_per_forward'] / 60:.1f} min in fp32. It changes "
                   "the numbers by bf16 rounding (not the paper's fp16): see results/nano/README.md for what that "
                   "does to a full run."]
-    (args.out / "nano_cpu.md").write_text("\n".join(lines) + "\n")
+    outputs.write_text(md, outputs.stamp("\n".join(lines), basis))
     print("\n".join(lines))
     return 0
 

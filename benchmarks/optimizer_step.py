@@ -1,7 +1,7 @@
 """Time one optimizer step: CD, iKFAD, CADAM and LDHD in each code path against torch.optim.
 
     python benchmarks/optimizer_step.py                      # 1M, 10M, 124M params; fp32 and bf16
-    python benchmarks/optimizer_step.py --quick              # 1M and 10M, 3 repeats: about 30 s on 2 cores
+    python benchmarks/optimizer_step.py --quick              # 1M and 10M, 3 repeats, to cpu-quick.*: ~1 min
     python benchmarks/optimizer_step.py --sizes 124m --dtypes fp32 --repeats 7
 
 Parameters have GPT-2 shapes (token and position embeddings, per block two
@@ -22,8 +22,10 @@ Measured per candidate, all in the same process as the reference:
 - step time: the median of ``--repeats`` steps, each timed alone, after two
   untimed steps (the first creates the state and, for fused paths, may compile);
 - ratio to fused Adam: the candidate's steps alternate with steps of
-  ``torch.optim.Adam(fused=True)`` on the same parameters, and the ratio is of
-  the two medians, so load from other processes hits both alike;
+  ``torch.optim.Adam(fused=True)`` on the same parameters, and the ratio is the
+  median over the pairs (a step of fused Adam, then one of the candidate) of
+  their ratio, so load from other processes, which drifts from minute to
+  minute, hits both steps of a pair alike;
 - state bytes per parameter element: the optimizer state's tensors over the
   number of parameter elements;
 - peak extra memory: the most memory the step holds at once beyond what
@@ -37,7 +39,9 @@ Measured per candidate, all in the same process as the reference:
   excluded, compilation included), then a second process with the now warm
   caches does the same.
 
-Writes ``benchmarks/results/<device>.md``, ``.json`` and ``.png``.
+Writes ``benchmarks/results/<device>.md``, ``.json`` and ``.png`` (``--quick``: beside them,
+``<device>-quick.*``). Results already there from as many measurements or more are kept unless
+``--force`` is given (``harness.outputs``, harness/README.md): the committed tables stay.
 """
 from __future__ import annotations
 
@@ -62,6 +66,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import optimizers  # noqa: E402
+from harness import outputs  # noqa: E402
+from harness.errors import command  # noqa: E402
 from optimizers import _native  # noqa: E402
 
 # name -> GPT-2 configuration (n_layer, n_embd, vocab_size, block_size)
@@ -210,7 +216,8 @@ def default_path(name: str, params) -> str:
 
 
 def time_against(opt, reference, device: torch.device, repeats: int, max_other_load: float) -> dict:
-    """Median step times of ``opt`` and of ``reference`` (fused Adam), alternated."""
+    """Median step times of ``opt`` and of ``reference`` (fused Adam), alternated, and the
+    median of the ratios of the interleaved pairs."""
     # Other processes on a small machine can stall multithreaded kernels for
     # long stretches: re-measure a window in which they used more than
     # max_other_load of the CPUs (up to three tries; the least disturbed window
@@ -229,7 +236,8 @@ def time_against(opt, reference, device: torch.device, repeats: int, max_other_l
             break
     ours_t, ref_t, load = best
     step_ms, adam_ms = 1e3 * statistics.median(ours_t), 1e3 * statistics.median(ref_t)
-    return dict(other_load=load, step_ms=step_ms, adam_fused_ms=adam_ms, ratio=step_ms / adam_ms)
+    ratio = statistics.median(ours / ref for ours, ref in zip(ours_t, ref_t))
+    return dict(other_load=load, step_ms=step_ms, adam_fused_ms=adam_ms, ratio=ratio)
 
 
 def measure(size: str, dtype_name: str, device: torch.device, repeats: int, max_other_load: float,
@@ -346,8 +354,8 @@ def markdown(results: dict) -> str:
         f"load average (1, 5, 15 min) before: {results['load_before']}, after: {results['load_after']} "
         "(other processes on the machine slow every candidate; ratios are measured interleaved with fused Adam)",
         "",
-        "Step time is the median of the timed steps; **x fused Adam** is that over the median of "
-        "`torch.optim.Adam(fused=True)` steps alternated with it; state is optimizer-state bytes per "
+        "Step time is the median of the timed steps; **x fused Adam** is the median, over pairs of "
+        "interleaved steps, of its step time over that of `torch.optim.Adam(fused=True)`; state is optimizer-state bytes per "
         "parameter element; peak extra is the most memory one step holds beyond what existed before it "
         "(CPU: PyTorch CPU-allocator bytes, via torch.profiler), also as a share of the parameters' memory; "
         "first step includes creating the state (and compiling, the first time a fused kernel is needed "
@@ -446,7 +454,7 @@ def plot(results: dict, path: Path) -> None:
                  f"red: the {TARGET}x target",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.975))
-    fig.savefig(path, dpi=100)
+    outputs.save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -460,7 +468,9 @@ def parse_args(argv=None):
     p.add_argument("--max-other-load", type=float, default=0.1,
                    help="re-measure (up to 3 tries) when other processes used more than this share of the CPUs")
     p.add_argument("--no-first-step", action="store_true", help="skip the fresh-process compile-time measurement")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for <device>.md/.json/.png")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
+                   help="folder for <device>.md/.json/.png (--quick: <device>-quick.*)")
+    p.add_argument("--force", action="store_true", help="replace results there from as many measurements or more")
     p.add_argument("--first-step", default=None, help=argparse.SUPPRESS)  # internal: the child process
     args = p.parse_args(argv)
     args.sizes = (args.sizes or ("1m,10m" if args.quick else ",".join(SIZES))).lower().split(",")
@@ -475,6 +485,14 @@ def parse_args(argv=None):
     return args
 
 
+def report_path(args, device: str) -> Path:
+    """Where the table goes: ``<out>/<device>.md``, or beside it for ``--quick`` (``<device>-quick.md``);
+    the ``.json`` and ``.png`` take the same name."""
+    md = Path(args.out) / f"{device}.md"
+    return outputs.beside(md) if args.quick else md
+
+
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.first_step:
@@ -486,6 +504,9 @@ def main(argv=None) -> int:
     per_config = len(OURS) * len(our_paths(device)) + len(TORCH) * 2
     first_steps = 0 if args.no_first_step else 2 * len(OURS) * len(fused_paths(device))
     total = per_config * len(args.sizes) * len(args.dtypes) + first_steps
+    md = report_path(args, device.type)  # checked before an hour of measuring, not after
+    basis = outputs.Basis(total)
+    outputs.check(md, basis, args.force, [md.with_suffix(".json"), md.with_suffix(".png")])
     results = dict(device=device.type, date=dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
                    command="python benchmarks/optimizer_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
                    machine=machine(), sizes=args.sizes, dtypes=args.dtypes, repeats=args.repeats,
@@ -499,13 +520,11 @@ def main(argv=None) -> int:
             results["first_steps"] = cold_first_steps(args.sizes[-1], args.dtypes[0], device, progress)
     results["load_after"] = load_average()
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{device.type}.json").write_text(json.dumps(results, indent=1))
-    (out / f"{device.type}.md").write_text(markdown(results))
-    plot(results, out / f"{device.type}.png")
+    outputs.write_text(md.with_suffix(".json"), json.dumps(results, indent=1))
+    outputs.write_text(md, outputs.stamp(markdown(results), basis))
+    plot(results, md.with_suffix(".png"))
     print(markdown(results))
-    print(f"wrote {out / device.type}.md, .json, .png")
+    print(f"wrote {md}, .json, .png")
     return 0
 
 

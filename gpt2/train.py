@@ -62,11 +62,15 @@ def loss_fn(model, batch) -> tuple[torch.Tensor, dict]:
 def evaluate(run: Run, model, loader) -> list[dict]:
     """Validation loss (mean over every predicted token, all ranks) and perplexity."""
     total, count = 0.0, 0.0
-    for batch in loader:
+    for batch, real in loader:  # blocks after the first ``real`` are padding (see eval_loader)
         batch = move(batch, run.device)
-        predicted = batch["labels"][:, 1:].numel()  # the model predicts tokens 2..T of each block
-        total += model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.float().item() * predicted
-        count += predicted
+        labels = batch["labels"].clone()
+        labels[real:] = -100  # the ignored label: no loss
+        loss = model(input_ids=batch["input_ids"], labels=labels).loss
+        if real:
+            predicted = labels[:real, 1:].numel()  # the model predicts tokens 2..T of each block
+            total += loss.float().item() * predicted
+            count += predicted
     total, count = reduce_sum(run, [total, count])
     loss = total / count
     return [{"split": "val", "loss": loss, "perplexity": perplexity(loss)}]

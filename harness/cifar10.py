@@ -15,7 +15,12 @@ generator=torch.Generator().manual_seed(42))`` gives. It uses a private generato
 it neither depends on nor advances the global (run-seed) RNG.
 
 Every item is ``(image, label)``: a float32 tensor of shape (3, 32, 32), normalised
-per channel as ``(pixel / 255 - MEAN[c]) / STD[c]``, and an ``int`` class in 0..9.
+per channel as ``(pixel / 255 - mean[c]) / std[c]``, and an ``int`` class in 0..9.
+``normalize="fixed"`` uses the constants ``MEAN``/``STD`` below (the released vit code's);
+``normalize="computed"`` computes them from the files, as the released cifar code does:
+the mean and (population) standard deviation of each channel over every pixel of all the
+official training images (50,000 on the real data, validation images included), pixels
+in [0, 1]: std about (0.2470, 0.2435, 0.2616) against the fixed 0.2023/0.1994/0.2010.
 The random augmentations draw from torch's global RNG, so a caller that seeds
 ``torch`` around ``dataset[i]`` gets the same crop and flip every time.
 """
@@ -27,11 +32,12 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import CIFAR10
 
+from .cpu import available_cpus
 from .errors import UsageError
 
-# Per-channel statistics of the CIFAR-10 training images (RGB, pixels in [0, 1]);
-# these are the values the paper's code uses (the widely copied 0.2023/0.1994/0.2010
-# std, not the exact per-pixel std).
+# Per-channel statistics of the CIFAR-10 training images (RGB, pixels in [0, 1]): the
+# values the released vit code uses (the widely copied 0.2023/0.1994/0.2010 std, not the
+# exact per-pixel std; the released cifar code computes them, std about 0.2470/0.2435/0.2616).
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)
 
@@ -44,15 +50,25 @@ OFFICIAL_VAL_SIZE = 5_000
 # torchvision's md5 check (their generated files cannot match the official checksums).
 DATASET_CLASS = CIFAR10
 
-TRAIN_TRANSFORM = transforms.Compose(
-    [
-        transforms.RandomCrop(32, padding=4),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(MEAN, STD),
-    ]
-)
-EVAL_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+NORMALIZE = ("fixed", "computed")
+
+
+def train_transform(mean=MEAN, std=STD):
+    """Training images: RandomCrop(32, padding=4) + RandomHorizontalFlip, then ToTensor + Normalize."""
+    return transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                               transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def eval_transform(mean=MEAN, std=STD):
+    """Validation and test images: ToTensor + Normalize only."""
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def channel_stats(images) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and population std of ``images`` (uint8, shape (N, 32, 32, 3), as
+    torchvision's ``CIFAR10.data``) with pixels scaled to [0, 1], computed in float64."""
+    x = torch.as_tensor(images).to(torch.float64).div_(255).reshape(-1, 3)
+    return tuple(x.mean(0).tolist()), tuple(x.std(0, correction=0).tolist())
 
 
 class TransformedSubset(Dataset):
@@ -129,7 +145,7 @@ def _load(dataset_cls, root, train, download):
         ) from None
 
 
-def cifar10_splits(root="data/cifar10", download=False, dataset_cls=None):
+def cifar10_splits(root="data/cifar10", download=False, dataset_cls=None, normalize="fixed"):
     """The train/val/test datasets of CIFAR-10 under ``root``.
 
     Args:
@@ -138,6 +154,8 @@ def cifar10_splits(root="data/cifar10", download=False, dataset_cls=None):
             Under multi-process training let one process download first.
         dataset_cls: the torchvision-style class that reads the files; ``None``
             means the module-level ``DATASET_CLASS`` (torchvision's ``CIFAR10``).
+        normalize: ``"fixed"`` (the constants ``MEAN``/``STD``) or ``"computed"``
+            (``channel_stats`` of all the official training images).
 
     Returns:
         ``{"train": ..., "val": ..., "test": ...}`` of ``TransformedSubset``s with
@@ -147,16 +165,19 @@ def cifar10_splits(root="data/cifar10", download=False, dataset_cls=None):
         UsageError: the files are missing and ``download`` is false, they are
             corrupted, or the download failed.
     """
+    if normalize not in NORMALIZE:
+        raise UsageError(f"data.normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
     dataset_cls = DATASET_CLASS if dataset_cls is None else dataset_cls
     root = os.fspath(root)
     _require_files(root, dataset_cls, download)
     trainset = _load(dataset_cls, root, train=True, download=download)
     testset = _load(dataset_cls, root, train=False, download=False)
     train_idx, val_idx = train_val_indices(len(trainset))
+    stats = channel_stats(trainset.data) if normalize == "computed" else (MEAN, STD)
     return {
-        "train": TransformedSubset(trainset, train_idx, TRAIN_TRANSFORM),
-        "val": TransformedSubset(trainset, val_idx, EVAL_TRANSFORM),
-        "test": TransformedSubset(testset, range(len(testset)), EVAL_TRANSFORM),
+        "train": TransformedSubset(trainset, train_idx, train_transform(*stats)),
+        "val": TransformedSubset(trainset, val_idx, eval_transform(*stats)),
+        "test": TransformedSubset(testset, range(len(testset)), eval_transform(*stats)),
     }
 
 
@@ -170,7 +191,7 @@ def loader_kwargs(device):
     """
     if torch.device(device).type != "cuda":
         return {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus = available_cpus()
     procs_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     workers = min(4, max(1, cpus // procs_per_node))
     return {"num_workers": workers, "pin_memory": True, "persistent_workers": True}

@@ -212,6 +212,9 @@ AT_LEAST_1 = ("train.batch_size", "train.eval_interval", "train.eval_iters", "tr
               "model.width", "model.max_position_embeddings")
 AT_LEAST_0 = ("train.max_iters", "train.grad_clip", "data.subset")
 PROBABILITIES = ("model.dropout", "model.drop_rate", "model.attention_dropout", "model.seq_classif_dropout")
+# Keys with a fixed set of values (nano/model.py SCALED_INIT: which residual projections get
+# GPT-2's scaled init; harness/cifar10.py NORMALIZE: the images' per-channel statistics).
+CHOICES = {"model.scaled_init": ("all", "mlp"), "data.normalize": ("fixed", "computed")}
 # (width, heads): attention splits the width evenly over the heads.
 DIVISIBLE = (("model.n_embd", "model.n_head"), ("model.dim", "model.n_heads"), ("model.embed_dim", "model.num_heads"),
              ("model.img_size", "model.patch_size"))
@@ -235,6 +238,9 @@ def check_values(cfg: dict) -> None:
     for width, heads in DIVISIBLE:
         if flat.get(width) and flat.get(heads) and flat[width] % flat[heads]:
             raise UsageError(f"{width} = {flat[width]} must be a multiple of {heads} = {flat[heads]}")
+    for key, valid in CHOICES.items():
+        if key in flat and flat[key] not in valid:
+            raise UsageError(f"{key} must be one of {', '.join(valid)}, got {flat[key]!r}")
     factor = flat.get("train.diverge_factor")
     if factor is not None and not (factor == 0 or factor > 1):
         raise UsageError(f"train.diverge_factor must be 0 (off) or above 1 (x the first evaluated loss), "

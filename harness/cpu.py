@@ -1,4 +1,4 @@
-"""The CPU side of throughput: a measured fp32 peak to set achieved FLOP/s against.
+"""The CPU side: the cores this process may use, and a measured fp32 peak to set achieved FLOP/s against.
 
 GPUs have datasheet peaks (``harness.loop.PEAK_FLOPS``); a CPU's depends on its
 vector units, clock and thread count, which no table here knows. So the
@@ -8,12 +8,24 @@ about 0.1 s. Achieved model FLOP/s over this is the CPU analogue of MFU.
 """
 from __future__ import annotations
 
+import os
 import time
 from functools import lru_cache
 
 import torch
 
-__all__ = ["matmul_peak_flops"]
+__all__ = ["available_cpus", "matmul_peak_flops"]
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (``os.sched_getaffinity``: a SLURM
+    job's or ``taskset``'s cores, not the whole machine's ``os.cpu_count()``), and no more than
+    ``SLURM_CPUS_PER_TASK`` where SLURM sets it."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0:
+        cpus = min(cpus, int(per_task))
+    return max(1, cpus)
 
 
 @lru_cache(maxsize=None)

@@ -19,9 +19,13 @@ from .run import Run
 
 
 def move(batch: Any, device: torch.device) -> Any:
-    """Tensors in (nested) tuples/lists/dicts to ``device`` (asynchronously from pinned memory)."""
+    """Tensors in (nested) tuples/lists/dicts to ``device``. To a GPU, CPU tensors go through
+    pinned (page-locked) memory with ``non_blocking=True``, as nanoGPT's ``get_batch`` does:
+    the copy is queued and the host runs on (a copy from pageable memory waits for it)."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=batch.is_pinned())
+        if torch.device(device).type == "cuda" and batch.device.type == "cpu":
+            return (batch if batch.is_pinned() else batch.pin_memory()).to(device, non_blocking=True)
+        return batch.to(device)
     if isinstance(batch, (list, tuple)):
         return type(batch)(move(b, device) for b in batch)
     if hasattr(batch, "items"):
@@ -32,6 +36,12 @@ def move(batch: Any, device: torch.device) -> Any:
 def derive_seed(*keys: int) -> int:
     """A 63-bit seed from integer keys (run seed, rank, epoch, ...); distinct keys, independent streams."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def set_generator_state(generator: torch.Generator, state: torch.Tensor) -> None:
+    """``generator.set_state(state)`` for a state on any device: ``set_state`` takes only a CPU
+    byte tensor, and a checkpoint loaded with ``map_location`` a GPU brings its states there."""
+    generator.set_state(state.to("cpu", torch.uint8))
 
 
 def reduce_sum(run: Run, values: Sequence[float]) -> list[float]:
@@ -62,7 +72,7 @@ class RandomTokenBatches:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        set_generator_state(self.generator, state["generator"])
 
 
 # How a validation loss is estimated (``train.eval_batches``):
@@ -113,20 +123,30 @@ class LMEvaluation:
         return torch.Generator().manual_seed(derive_seed(self.run.seed, 1))
 
     def mean_loss(self, model: torch.nn.Module, generator: torch.Generator) -> float:
+        """The mean of the ``eval_iters`` batches' mean losses, over all ranks.
+
+        Every rank makes the same number of forward passes (under FSDP2 each one
+        all-gathers the parameters, a collective): a rank with one batch fewer than
+        another (``eval_iters`` not a multiple of the ranks) makes one more forward on
+        batch 0 and drops its loss."""
         run = self.run
-        mine = []
+        first, mine = [], []  # batch 0 (the padding), this rank's batches
         for k in range(self.eval_iters):  # every rank draws every batch: the generators stay in step
             x, y = self.bins.get_batch(self.split, self.batch_size, self.block_size, generator)
+            if k == 0:
+                first = [(x, y)]
             if k % run.world_size == run.rank:
                 mine.append((x, y))
         tokens = EVAL_TOKENS_PER_FORWARD.get(run.device.type, 0)
         per_forward = max(1, tokens // (self.batch_size * self.block_size))
+        chunks = [mine[i: i + per_forward] for i in range(0, len(mine), per_forward)]
+        forwards = math.ceil(math.ceil(self.eval_iters / run.world_size) / per_forward)  # the most any rank makes
         total = 0.0
-        for i in range(0, len(mine), per_forward):
-            chunk = mine[i: i + per_forward]
-            x, y = (torch.cat(t).to(run.device) for t in zip(*chunk))
+        for i, chunk in enumerate(chunks + [first] * (forwards - len(chunks))):
+            x, y = (move(torch.cat(t), run.device) for t in zip(*chunk))
             _, loss = model(x, y)  # the mean over equal-sized batches: the mean of their means
-            total += loss.float().item() * len(chunk)
+            if i < len(chunks):  # else padding
+                total += loss.float().item() * len(chunk)
         (total,) = reduce_sum(run, [total])
         return total / self.eval_iters
 
@@ -141,7 +161,7 @@ class LMEvaluation:
         return {"fresh": self.fresh.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.fresh.set_state(state["fresh"])
+        set_generator_state(self.fresh, state["fresh"])
 
 
 # ---------------------------------------------------------------- finite datasets (vit, cifar, bert)
@@ -215,27 +235,54 @@ class EpochBatches:
         pass
 
 
+class EvalShard:
+    """One rank's share of a finite evaluation set: iterating yields ``(batch, real)``, the
+    loader's next batch and how many of its leading items count (the rest is padding)."""
+
+    def __init__(self, loader: DataLoader, real: list[int]):
+        self.loader, self.real = loader, real
+
+    def __len__(self) -> int:
+        return len(self.real)
+
+    def __iter__(self) -> Iterator[tuple[Any, int]]:
+        return zip(self.loader, self.real)
+
+
 def eval_loader(run: Run, dataset: Dataset, batch_size: int, collate_fn: Optional[Callable] = None,
-                loader_kwargs: Optional[dict] = None) -> DataLoader:
-    """This rank's share (every ``world_size``-th item) of ``dataset``, in order, unshuffled."""
-    indices = list(range(run.rank, len(dataset), run.world_size))
-    batches = [indices[k: k + batch_size] for k in range(0, len(indices), batch_size)]
+                loader_kwargs: Optional[dict] = None) -> EvalShard:
+    """This rank's share (every ``world_size``-th item) of ``dataset``, in order, unshuffled,
+    in batches of ``batch_size``, as ``(batch, real)`` pairs (``EvalShard``).
+
+    Every rank gets ``ceil(len(dataset) / world_size)`` items, so every rank makes as many
+    forward passes, of the same sizes (under FSDP2 each forward is a collective): a rank
+    whose share is one item short ends with its last item again (item 0 if it has none),
+    outside its last batch's ``real`` items, which its evaluation drops."""
+    n = len(dataset)
+    per_rank = math.ceil(n / run.world_size)
+    indices = list(range(run.rank, n, run.world_size))
+    mine = len(indices)
+    indices += [indices[-1] if indices else 0] * (per_rank - mine)
+    starts = range(0, per_rank, batch_size)
     kwargs = {k: v for k, v in (loader_kwargs or {}).items() if k != "persistent_workers"}
     kwargs.setdefault("generator", torch.Generator())  # leave the global RNG (dropout) alone
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn, **kwargs)
+    loader = DataLoader(dataset, batch_sampler=[indices[k: k + batch_size] for k in starts], collate_fn=collate_fn,
+                        **kwargs)
+    return EvalShard(loader, [min(batch_size, max(0, mine - k)) for k in starts])
 
 
-def classification_evaluate(run: Run, model: torch.nn.Module, loaders: dict[str, DataLoader],
+def classification_evaluate(run: Run, model: torch.nn.Module, loaders: dict[str, EvalShard],
                             forward: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]) -> list[dict]:
-    """Loss (mean cross entropy) and accuracy per split, summed over ranks.
+    """Loss (mean cross entropy) and accuracy per split (``eval_loader``'s shards), summed over ranks.
 
     ``forward(model, batch) -> (logits, labels)`` with the batch already on the run's device.
     """
     out = []
     for split, loader in loaders.items():
         loss_sum, correct, count = 0.0, 0.0, 0.0
-        for batch in loader:
+        for batch, real in loader:
             logits, labels = forward(model, move(batch, run.device))
+            logits, labels = logits[:real], labels[:real]  # the rest is padding
             loss_sum += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
             correct += (logits.argmax(-1) == labels).sum().item()
             count += labels.numel()

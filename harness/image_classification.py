@@ -71,7 +71,8 @@ def load_cifar10(run: Run) -> dict:
     for rank0_turn in ((True, False) if run.distributed else (True,)):
         if run.is_main == rank0_turn:
             try:
-                splits = cifar10_splits(d["root"], download=d["download"] and run.is_main)
+                splits = cifar10_splits(d["root"], download=d["download"] and run.is_main,
+                                            normalize=d.get("normalize", "fixed"))
             except UsageError as e:
                 error = e
         if run.any_rank(error is not None):
@@ -107,7 +108,7 @@ def best_weights_on_test(run: Run, raw: torch.nn.Module, model: torch.nn.Module,
     like any other.
     """
     path = run.dir / BEST_MODEL
-    saved = ckpt.load(path, run.device) if path.exists() else None
+    saved = ckpt.load(path) if path.exists() else None
     if saved is None or val_record["acc"] > saved["val_acc"]:  # strictly: as the loop decides
         best_step, val_acc, weights, candidate = step, val_record["acc"], contextlib.nullcontext(), model
     elif parallel.is_sharded(raw):

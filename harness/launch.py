@@ -12,7 +12,8 @@ preemption. With GPUs, ``--runs-per-gpu`` runs on each GPU at a time (default
 1; ``CUDA_VISIBLE_DEVICES``): a small model (nano's 0.8M parameters) uses a
 fraction of a modern GPU, so several runs can share one. On the CPU,
 ``--parallel`` runs at a time sharing the cores. Either way each run gets an
-equal share of the cores (``OMP_NUM_THREADS``). Each run is started in its own
+equal share of the cores this process may use (``OMP_NUM_THREADS``; its CPU
+affinity, e.g. a SLURM job's cores, not the whole machine's). Each run is started in its own
 session (``harness.processes``): Ctrl-C or SIGTERM reaches this process, which
 forwards one SIGTERM to every running run (each checkpoints and exits 75) and
 starts no new one. One line per finished run, with the count done and the time
@@ -36,32 +37,54 @@ from tqdm.auto import tqdm
 
 from . import processes
 from .config import read_yaml, resolve
+from .cpu import available_cpus
 from .errors import UsageError, command
 from .experiments import Experiment, experiment, paper_seeds, train_command
 from .rundir import FINISHED, RunDir, check_folder
 from .signals import EXIT_INTERRUPTED, StopFlag
 
 
-def _gpus(arg: str | None) -> list[str]:
-    if arg:
-        return [g for g in arg.split(",") if g != ""]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [g for g in visible.split(",") if g != ""]
+def visible_gpus() -> list[str]:
+    """The ids of the GPUs this process sees, as ``CUDA_VISIBLE_DEVICES`` names them (``0..n-1``
+    when it is unset); none without CUDA."""
     try:
         import torch
-
-        return [str(i) for i in range(torch.cuda.device_count())]
     except ImportError:
         return []
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _gpus(arg: str | None) -> list[str]:
+    """The GPUs runs go to: ``--gpus`` (a one-line error unless each id is a visible GPU: never
+    a silent CPU run), else every visible GPU (none: the runs use the CPU)."""
+    visible = visible_gpus()
+    if arg is None:
+        return visible
+    ids = [g.strip() for g in arg.split(",") if g.strip()]
+    if not visible:
+        raise UsageError(f"--gpus {arg}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                         "leave --gpus out to run on the CPU")
+    unknown = [g for g in ids if g not in visible]
+    if unknown or not ids:
+        many = len(unknown) > 1
+        problem = f"GPU{'s' if many else ''} {','.join(unknown)} {'are' if many else 'is'} not visible here" \
+            if unknown else "names no GPU"
+        raise UsageError(f"--gpus {arg}: {problem}; valid ids (comma-separated): {','.join(visible)}")
+    return ids
 
 
 def plan_slots(gpus: list[str], runs_per_gpu: int = 1, parallel: Optional[int] = None,
                cpus: Optional[int] = None) -> tuple[list[Optional[str]], int]:
     """The places runs go, one entry per run that may be running at once (its GPU id,
     or None for a CPU run), and the threads each gets: ``runs_per_gpu`` entries per GPU;
-    without GPUs ``parallel`` entries (default one per core, at most 8)."""
-    cpus = cpus or os.cpu_count() or 1
+    without GPUs ``parallel`` entries (default one per core, at most 8). ``cpus`` defaults to
+    ``available_cpus()`` (this process's affinity, within ``SLURM_CPUS_PER_TASK``)."""
+    cpus = cpus or available_cpus()  # the job's cores, not the machine's: never more threads than it has
     if runs_per_gpu < 1:
         raise UsageError(f"--runs-per-gpu must be at least 1, got {runs_per_gpu}")
     if parallel is not None and parallel < 1:
@@ -99,12 +122,22 @@ class Progress:
         self.bar.close()
 
 
+# Shown by --help; each runs as written (tests/test_newuser.py checks them with --list).
+EXAMPLES = """examples:
+  python -m harness.launch nano --list
+  python -m harness.launch nano --optimizers adam cadam --seeds 1337 1338 --gpus 0,1
+  python -m harness.launch nano --runs-per-gpu 4
+  python -m harness.launch cifar --seeds 1 2 --set train.epochs=2
+  python -m harness.launch bert/sst2 --set train.epochs=1"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness.launch", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m harness.launch", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     p.add_argument("experiment", help="nano, owt, gpt2, vit, cifar, bert/sst2, bert/qnli")
     p.add_argument("--optimizers", nargs="+", default=None, help="default: those in the experiment's best.yaml")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the seeds of paper.yaml")
-    p.add_argument("--gpus", default=None, help="comma-separated GPU ids (default: all visible)")
+    p.add_argument("--gpus", default=None, help="comma-separated ids of visible GPUs (default: all visible; none: the CPU)")
     p.add_argument("--runs-per-gpu", type=int, default=1,
                    help="runs sharing each GPU at a time (default 1; small models: several)")
     p.add_argument("--parallel", type=int, default=None,
@@ -218,10 +251,14 @@ def main(argv=None) -> int:
         print("interrupted: re-run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     if not args.no_report and any(RunDir(runs_dir / n / f"seed{s}").status() for n, s in everything):
+        from .outputs import Kept
         from .report import report
 
-        written = report(runs_dir, args.report or Path("results") / exp.runs_subdir, title=exp.name)
-        print("Results: " + ", ".join(str(p) for p in written), flush=True)
+        try:
+            written = report(runs_dir, args.report or Path("results") / exp.runs_subdir, title=exp.name)
+            print("Results: " + ", ".join(str(p) for p in written), flush=True)
+        except Kept as kept:  # the runs are done; only their report waits for another folder or --force
+            print(f"report not written: {kept} (python -m harness.report {runs_dir} --out DIR)", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -48,8 +48,13 @@ class MetricsLog:
         return self.path.read_bytes().count(b"\n") if self.path.exists() else 0
 
     def offset(self) -> int:
-        """Bytes written so far: a checkpoint stores it so a resume can drop later records."""
-        return self.path.stat().st_size if self.enabled and self.path.exists() else 0
+        """Bytes written so far, made durable first (fsync): a checkpoint stores it so a resume
+        can drop later records, and must never count records a crash of the node can still lose."""
+        if not (self.enabled and self.path.exists()):
+            return 0
+        with open(self.path, "rb") as f:
+            os.fsync(f.fileno())
+            return os.fstat(f.fileno()).st_size
 
     def truncate(self, offset: int) -> None:
         """Drop records written after ``offset`` (they belong to steps that will be redone),

@@ -12,6 +12,7 @@ the last step, where the interval does not reach them), each evaluation is prece
 training-batch loss since the previous evaluation) and followed by a
 checkpoint. A NaN/inf loss ends the run as ``diverged``; SIGTERM, SIGUSR1 or
 Ctrl-C end it as ``interrupted`` after checkpointing at the next step boundary
+(with several processes, the next multiple of ``log_interval``: ``Trainer._interrupted``)
 (``Interrupted``; the entry point exits with status 75, "try again":
 re-running the same command resumes). A resumed
 run logs exactly what the uninterrupted run would have (bit for bit on CPU).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
@@ -35,6 +37,7 @@ from . import checkpoint as ckpt
 from . import parallel as par
 from .cpu import matmul_peak_flops
 from .data import move
+from .errors import UsageError
 from .logging import MetricsLog, start_wandb, versions, write_summary
 from .run import Run, config_mismatch
 from .rundir import RunDir, best_record
@@ -202,7 +205,7 @@ class Trainer:
                     self.checkpoint()
                 if state.step >= self.total_steps:
                     break
-                if self.run.any_rank(interrupt.flag or self._stop_requested()):
+                if self._stop_requested() or self._interrupted(interrupt.flag):
                     self.checkpoint()
                     status = "interrupted"
                     break
@@ -219,22 +222,33 @@ class Trainer:
     # ---------------------------------------------------------------- its steps
 
     def resume(self) -> None:
-        """Load the checkpoint if there is one (else start the metrics afresh), then wrap the model."""
+        """Load the checkpoint if there is one (else start the metrics afresh), then wrap the model.
+
+        The checkpoint is read weights-only onto the CPU (``ckpt.load``; under FSDP2 memory-mapped,
+        so a rank reads little more than its shards): ``load_state_dict`` copies the model and
+        optimizer tensors to the run's device (under FSDP2 each rank copies only its shards,
+        ``par.load_full_state_dicts``: the full state never reaches a GPU), and the data,
+        evaluation and RNG states stay CPU byte tensors, as ``Generator.set_state`` needs them.
+        Of ``checkpoint.pt`` and ``checkpoint.prev.pt``, the newest whose records are all in
+        ``metrics.jsonl`` is used (a node crash can lose records a checkpoint counted; the
+        records are fsynced before a checkpoint counts them since); neither: a one-line error.
+        """
         run, state = self.run, self.state
-        if self.ckpt_path.exists():
-            saved = ckpt.load_latest(self.ckpt_path, run.device)
+        if self.ckpt_path.exists() or ckpt.previous(self.ckpt_path).exists():
+            saved = ckpt.load_latest(self.ckpt_path, mmap=self.fsdp, usable=self._records_kept)
             config_mismatch(self.ckpt_path, saved.get("config"), run.cfg)
+            self._check_scaler(saved["scaler"])
             if self.fsdp:  # the full state dicts, as saved: each rank keeps its shards
                 par.load_full_state_dicts(self.raw, self.optimizer, saved["model"], saved["optimizer"])
             else:
                 self.raw.load_state_dict(saved["model"])
                 self.optimizer.load_state_dict(saved["optimizer"])
             self.scaler.load_state_dict(saved["scaler"])
-            mine = min(run.rank, len(saved["data"]) - 1)  # a different world size reuses rank 0's stream
+            mine = min(run.rank, len(saved["data"]) - 1)  # another world size: ranks beyond the saved reuse the last
             self.data.load_state_dict(saved["data"][mine])
             if hasattr(self.evaluate, "load_state_dict"):
                 self.evaluate.load_state_dict(saved["evaluate"])
-            ckpt.set_rng_state(saved["rng"][mine])
+            ckpt.set_rng_state(saved["rng"][min(run.rank, len(saved["rng"]) - 1)])
             state.load_state_dict(saved, run)
             self.log.truncate(saved["metrics_offset"])
             self.saved_at = self.resumed_at = state.step
@@ -246,7 +260,31 @@ class Trainer:
             self.model = torch.compile(self.model)
         if run.distributed and not self.fsdp:
             self.model = DistributedDataParallel(
-                self.model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
+                self.model, device_ids=[run.device] if run.device.type == "cuda" else None)
+
+    def _records_kept(self, saved: dict) -> Optional[str]:
+        """Why ``saved`` cannot be resumed from: the records it counts (``metrics_offset`` bytes
+        of metrics.jsonl) are not all on disk; None when they are. Every rank reads the same file."""
+        metrics = RunDir(self.run.dir).metrics_file
+        size = metrics.stat().st_size if metrics.exists() else None
+        if saved["metrics_offset"] and (size is None or size < saved["metrics_offset"]):
+            held = "is missing" if size is None else f"holds {size} bytes"
+            return f"counts {saved['metrics_offset']} bytes of {metrics.name}, which {held} (records lost)"
+        return None
+
+    def _check_scaler(self, saved: dict) -> None:
+        """A checkpoint of a run without fp16 loss scaling (its GradScaler disabled, saved as
+        ``{}``: a CPU run, or fp32/bf16) cannot feed an enabled GradScaler (the same config on
+        CUDA in fp16): a one-line UsageError. The other way round the scale is dropped, with a warning."""
+        enabled = self.scaler.is_enabled()
+        if enabled and not saved:
+            raise UsageError(f"{self.ckpt_path} was saved by a process without fp16 loss scaling (on the CPU, or "
+                             f"not in fp16) but this one trains in fp16 with loss scaling on {self.run.device}: "
+                             "resume it where it ran (on the CPU: CUDA_VISIBLE_DEVICES=), or start a new --out")
+        if saved and not enabled:
+            if self.run.is_main:
+                print(f"warning: {self.ckpt_path} was saved with fp16 loss scaling; this process runs "
+                      f"{self.run.precision} on {self.run.device} without it", file=sys.stderr, flush=True)
 
     def train_step(self, batches) -> bool:
         """One optimizer update over ``gradient_accumulation_steps`` micro-batches; False if the
@@ -380,8 +418,18 @@ class Trainer:
         return factor > 0 and losses[0] > factor * self.state.first_eval
 
     def _stop_requested(self) -> bool:
+        """``STOP_AFTER_ENV`` steps done in this process (the same on every rank: no collective)."""
         stop_after = int(os.environ.get(STOP_AFTER_ENV, 0) or 0)
         return bool(stop_after) and self.state.step - self.start_step >= stop_after
+
+    def _interrupted(self, flag: bool) -> bool:
+        """Whether any rank was asked to stop (``flag``: this rank's signal). Across ranks this
+        is an all-reduce whose result the host must read, waiting for the GPU to finish every
+        step queued so far; so a distributed run asks only every ``log_interval`` steps (where
+        the loss is read anyway), and stops there: the host runs ahead between them, as in nanoGPT."""
+        if self.run.distributed and self.state.step % self.cfg.log_interval:
+            return False
+        return self.run.any_rank(flag)
 
     @contextlib.contextmanager
     def _progress(self):

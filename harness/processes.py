@@ -62,17 +62,38 @@ def stop(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> int:
     return proc.wait()
 
 
-def stop_pid(pid: int, started: Optional[str], timeout: float = STOP_TIMEOUT_S) -> None:
-    """:func:`stop` for a process that is not our child (known by pid and start time), e.g. a
-    run left behind by a dead sweep worker; nothing if it is gone."""
-    if not alive(pid, started):
-        return
+def stop_pid(pid, started, timeout: float = STOP_TIMEOUT_S, argument: Optional[str] = None) -> bool:
+    """:func:`stop` for a process that is not our child, e.g. a run left behind by a dead sweep
+    worker, known by its pid and start time as recorded when it started. Signals it only if
+    :func:`own` proves it is that process (and, with ``argument``, that this is one of its
+    command-line arguments, e.g. a run's ``--out`` folder): a pid read from a study or a file may
+    be stale (reused) or planted by someone else. Returns whether it signalled."""
+    if not own(pid, started, argument):
+        return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.time() + timeout
-    while alive(pid, started) and time.time() < deadline:
+    while own(pid, started) and time.time() < deadline:
         time.sleep(0.2)
-    if alive(pid, started):
+    if own(pid, started):
         os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def own(pid, started, argument: Optional[str] = None) -> bool:
+    """Whether ``pid`` is a live process of this user whose start time is ``started`` (and, given
+    ``argument``, whose argv holds it). False without a start time, without /proc, and for
+    anything that is not a positive int pid: ``os.kill`` reads 0 and -1 as whole groups."""
+    if type(pid) is not int or pid <= 0 or not started or not Path("/proc").is_dir():
+        return False
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return False
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return False
+    if argument is not None and os.fsencode(str(argument)) not in argv:
+        return False
+    return start_time(pid) == str(started)
 
 
 def start_time(pid: int) -> Optional[str]:
@@ -88,7 +109,7 @@ def start_time(pid: int) -> Optional[str]:
 
 def alive(pid: Optional[int], started: Optional[str]) -> bool:
     """Whether process ``pid`` runs and, given its start time ``started``, is the same process."""
-    if not pid:
+    if type(pid) is not int or pid <= 0:
         return False
     if Path("/proc").is_dir():
         now = start_time(pid)

@@ -14,13 +14,15 @@ Finds every run directory under RUNS_DIR (a folder with ``summary.json`` or
   one, or still going), the diverged seeds with the step each stopped at, and the
   averaging rule in a sentence (``AVERAGING_RULE``).
 
+A folder holding a report built from more runs (or other runs) is kept unless ``--force``
+is given: the rule of ``harness.outputs`` (harness/README.md, "What a tool may write over").
+
 Means, stds and curves are over completed runs only: a diverged run's best loss or
 an interrupted run's partial curve would mix a different quantity into the mean.
 """
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -30,6 +32,7 @@ import numpy as np
 
 import optimizers
 
+from . import outputs
 from .errors import UsageError, command
 from .rundir import RunDir, best_record, check_folder, finite_values
 
@@ -167,7 +170,7 @@ def plot(by_opt: dict[str, list[dict]], split: str, key: str, path: Path, title:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    outputs.save_figure(fig, path, dpi=120)
     plt.close(fig)
     return True
 
@@ -232,17 +235,29 @@ def copy_records(root: Path, target: Path) -> list[Path]:
     for run in RunDir.find(root):
         for path in (run.config_file, run.metrics_file, run.summary_file):
             if path.exists():
-                copy = Path(target) / "runs" / path.relative_to(root)
-                copy.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, copy)
-                written.append(copy)
+                written.append(outputs.write_bytes(Path(target) / "runs" / path.relative_to(root),
+                                                   path.read_bytes()))
     return written
 
 
+FIGURES = ("val_loss", "val_acc", "test_acc", "train_loss")  # besides val_loss_<estimator>.png
+
+
+def runs_basis(root: Path, runs: list[dict]) -> outputs.Basis:
+    """The basis of a report (``harness.outputs``): its completed runs (those the means and
+    curves use) and their summaries, named by their path under ``root``."""
+    return outputs.basis((Path(r["dir"]).relative_to(root).as_posix() if Path(r["dir"]).is_relative_to(root)
+                          else str(r["dir"]), r["summary"]) for r in completed(runs))
+
+
 def report(root: Path, out: Optional[Path] = None, title: Optional[str] = None,
-           with_records: bool = False) -> list[Path]:
+           with_records: bool = False, force: bool = False) -> list[Path]:
     """Write figures and ``results.md`` for the runs under ``root`` (and, ``with_records``,
-    a copy of every run's records: ``copy_records``); returns the files written."""
+    a copy of every run's records: ``copy_records``); returns the files written.
+
+    Nothing is written where a report built from more runs (or from other runs) is kept
+    (``harness.outputs.check``: a ``Kept`` error naming ``--force``)."""
+    root = Path(root)
     runs = find_runs(root)
     if not runs:
         raise UsageError(f"no run directories (with config.yaml or summary.json) under {root}")
@@ -250,9 +265,14 @@ def report(root: Path, out: Optional[Path] = None, title: Optional[str] = None,
     for run in runs:
         s = run["summary"]
         by_exp[s.get("experiment", "?")][s.get("optimizer", "?")].append(run)
+    targets = {exp: (Path(out) / exp if len(by_exp) > 1 else Path(out)) if out else Path("results") / exp
+               for exp in by_exp}
+    bases = {exp: runs_basis(root, [r for rs in by_opt.values() for r in rs]) for exp, by_opt in by_exp.items()}
+    for exp, target in targets.items():  # every folder passes before anything is written
+        outputs.check(target / "results.md", bases[exp], force, [target / f"{f}.png" for f in FIGURES])
     written = []
     for exp, by_opt in sorted(by_exp.items()):
-        target = (Path(out) / exp if len(by_exp) > 1 else Path(out)) if out else Path("results") / exp
+        target = targets[exp]
         target.mkdir(parents=True, exist_ok=True)
         lines = [f"# {title or exp}", "", f"Runs under `{root}`. Means ± std over seeds and the curves use "
                  "completed runs only; `status` counts every run (diverged, interrupted, or with no summary: "
@@ -272,9 +292,7 @@ def report(root: Path, out: Optional[Path] = None, title: Optional[str] = None,
                 written.append(path)
         lines += [table(by_opt), ""]
         lines += [f"![{p.stem}]({p.name})" for p in figures]
-        md = target / "results.md"
-        md.write_text("\n".join(lines) + "\n")
-        written.append(md)
+        written.append(outputs.write_text(target / "results.md", outputs.stamp("\n".join(lines), bases[exp])))
     if with_records:
         written += copy_records(root, Path(out) if out else Path("results") / next(iter(by_exp)))
     return written
@@ -288,10 +306,12 @@ def main(argv=None) -> int:
     p.add_argument("--title", default=None)
     p.add_argument("--with-records", action="store_true",
                    help="also copy each run's config.yaml, metrics.jsonl and summary.json to <out>/runs/")
+    p.add_argument("--force", action="store_true",
+                   help="replace a report built from more runs or other runs (harness/README.md: outputs)")
     args = p.parse_args(argv)
     if args.out:
         check_folder(args.out, "--out")
-    for path in report(args.runs_dir, args.out, args.title, args.with_records):
+    for path in report(args.runs_dir, args.out, args.title, args.with_records, args.force):
         print(path)
     return 0
 

@@ -2,7 +2,7 @@
 
     python -m harness.robustness <exp> [--optimizers adam cd ...] [--seeds 1337 1338 1339]
         [--points 7 | --multipliers 0.1 1 10] [--budget sweep|paper] [--config FILE] [--set KEY=VALUE ...]
-        [--metric loss|acc] [--root runs/robustness] [--out DIR] [--shard K/N] [--plot-only]
+        [--metric loss|acc] [--root runs/robustness] [--out DIR] [--shard K/N] [--plot-only] [--force]
 
 For each optimizer the step size (``h`` for CD/iKFAD/CADAM/LDHD, ``lr`` for
 Adam/mSGD) is set to ``multiplier x`` its tuned value in ``<exp>/configs/best.yaml``,
@@ -18,7 +18,10 @@ It then draws ``robustness.png`` (best validation metric against the
 multiplier on a log axis, one curve per optimizer, mean +- std over the seeds
 that did not diverge; an ``x`` at the top of the axis marks a multiplier at
 which a seed diverged) and writes ``robustness.md`` (the same numbers as a
-table) in ``<root>/<exp>/`` or ``--out``.
+table) in ``<root>/<exp>/`` or ``--out``, where a table built from more runs (or other runs)
+is kept unless ``--force`` is given (``harness.outputs``, harness/README.md). ``--plot-only
+--root`` also takes a folder that holds ``<optimizer>/x<m>/seed<S>`` itself, e.g. the records
+committed in ``results/robustness/<exp>/runs``.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import numpy as np
 
 import optimizers
 
-from . import processes
+from . import outputs, processes
 from .config import read_yaml
 from .errors import UsageError, command
 from .experiments import Experiment, experiment, paper_seeds, train_command
@@ -114,9 +117,10 @@ def run_scan(exp: Experiment, runs: list[dict], config: Optional[str], sets: Seq
     return crashed
 
 
-def collect(exp_root: Path, metric: str = "loss") -> dict:
+def collect(exp_root: Path, metric: str = "loss", summaries: Optional[list] = None) -> dict:
     """``{optimizer: {"hp": name, "tuned": value, "points": {multiplier: [(status, best, seed), ...]}}}`` from
-    the finished runs under ``<root>/<exp>/<optimizer>/x<m>/seed<S>``."""
+    the finished runs under ``<root>/<exp>/<optimizer>/x<m>/seed<S>`` (``summaries``, when given,
+    gets each one's path under ``exp_root`` and summary: the report's basis)."""
     import optimizers
 
     out: dict = {}
@@ -130,6 +134,8 @@ def collect(exp_root: Path, metric: str = "loss") -> dict:
         status, name = summary.get("status"), run.path.parent.parent.name
         if status not in FINISHED or name not in optimizers.NAMES:
             continue
+        if summaries is not None:
+            summaries.append((run.path.relative_to(exp_root).as_posix(), summary))
         entry = out.setdefault(name, {"hp": step_size_name(name), "tuned": None, "points": defaultdict(list)})
         value = (summary.get("hyperparameters") or {}).get(entry["hp"])
         if entry["tuned"] is None and isinstance(value, (int, float)):
@@ -191,8 +197,7 @@ def plot(results: dict, path: Path, metric: str, title: str) -> bool:
         labels.append("diverged (a seed)")
     ax.legend(handles, labels, fontsize=8, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    outputs.save_figure(fig, path, dpi=120)
     plt.close(fig)
     return True
 
@@ -222,21 +227,35 @@ def table(results: dict, metric: str) -> str:
     return "\n".join(rows)
 
 
-def render(exp_name: str, exp_root: Path, out: Path, metric: str = "loss") -> list[Path]:
-    """``robustness.png`` and ``robustness.md`` in ``out`` from the runs under ``exp_root``."""
-    results = collect(exp_root, metric)
+def experiment_root(root: Path, exp_name: str) -> Path:
+    """The folder of ``exp_name``'s scan under ``root``: ``<root>/<exp>``, or ``root`` itself when it
+    holds the runs directly (``<optimizer>/x<m>/seed<S>``: e.g. the records committed under
+    ``results/robustness/<exp>/runs``)."""
+    root = Path(root)
+    if not (root / exp_name).is_dir() and next(root.glob(f"*/x*/seed*/{SUMMARY}"), None) is not None:
+        return root
+    return root / exp_name
+
+
+def render(exp_name: str, exp_root: Path, out: Path, metric: str = "loss", force: bool = False) -> list[Path]:
+    """``robustness.png`` and ``robustness.md`` in ``out`` from the runs under ``exp_root``; a
+    table built from more runs (or other runs) is kept unless ``force`` (``harness.outputs``)."""
+    summaries: list = []
+    results = collect(exp_root, metric, summaries)
     if not results:
         raise UsageError(f"no finished robustness runs under {exp_root}; run `bash scripts/robustness.sh {exp_name}`")
+    figure, md = out / "robustness.png", out / "robustness.md"
+    new = outputs.basis(summaries)
+    outputs.check(md, new, force, [figure])
     out.mkdir(parents=True, exist_ok=True)
-    figure = out / "robustness.png"
     written = [figure] if plot(results, figure, metric, f"{exp_name}: step-size robustness") else []
-    md = out / "robustness.md"
-    md.write_text(f"# {exp_name}: step-size robustness\n\n"
-                  f"Best validation {metric} (mean ± std over seeds that did not diverge) with the step size "
-                  f"at a multiple of its tuned value and every other hyperparameter tuned; runs under `{exp_root}`. "
-                  f"A cell names how many of its seeds diverged, and which; the mean leaves them out (the "
-                  f"authors' release keeps training through a NaN, so its means would include them).\n\n"
-                  + table(results, metric) + "\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in written))
+    outputs.write_text(md, outputs.stamp(
+        f"# {exp_name}: step-size robustness\n\n"
+        f"Best validation {metric} (mean ± std over seeds that did not diverge) with the step size "
+        f"at a multiple of its tuned value and every other hyperparameter tuned; runs under `{exp_root}`. "
+        f"A cell names how many of its seeds diverged, and which; the mean leaves them out (the "
+        f"authors' release keeps training through a NaN, so its means would include them).\n\n"
+        + table(results, metric) + "\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in written), new))
     return written + [md]
 
 
@@ -256,7 +275,7 @@ def scan(spec: str, optimizers_: Optional[Iterable[str]] = None, seeds: Optional
          multipliers: Optional[Iterable[float]] = None, points: int = 7, budget: str = "sweep",
          config: Optional[str] = None, sets: Iterable[str] = (), metric: str = "loss",
          root: str | Path = "runs/robustness", out: Optional[str | Path] = None, shard: Optional[str] = None,
-         plot_only: bool = False) -> list[Path]:
+         plot_only: bool = False, force: bool = False) -> list[Path]:
     """Run (the shard of) the scan, then render it; returns the files written."""
     from . import config as config_lib
 
@@ -286,7 +305,8 @@ def scan(spec: str, optimizers_: Optional[Iterable[str]] = None, seeds: Optional
         crashed = run_scan(exp, runs, config, run_sets)
         if crashed:
             print(f"{crashed} run(s) crashed; see their train.log", file=sys.stderr)
-    return render(exp.name, root / exp.name, Path(out) if out else root / exp.name, metric)
+    exp_root = experiment_root(root, exp.name) if plot_only else root / exp.name
+    return render(exp.name, exp_root, Path(out) if out else exp_root, metric, force)
 
 
 @command
@@ -303,13 +323,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run (repeatable)")
     p.add_argument("--metric", default="loss", choices=("loss", "acc"), help="validation metric to plot")
-    p.add_argument("--root", default="runs/robustness", help="where the run directories go")
+    p.add_argument("--root", default="runs/robustness",
+                   help="where the run directories go (<root>/<exp>/...); with --plot-only also a folder holding "
+                        "<optimizer>/x<m>/seed<S> itself, e.g. results/robustness/nano/runs")
     p.add_argument("--out", default=None, help="folder for robustness.png/.md (default <root>/<exp>)")
     p.add_argument("--shard", default=None, help="K/N: run only every N-th run from the K-th (parallel workers)")
     p.add_argument("--plot-only", action="store_true", help="only draw the figure and table from existing runs")
+    p.add_argument("--force", action="store_true",
+                   help="replace a table built from more runs or other runs (harness/README.md: outputs)")
     args = p.parse_args(argv)
     for path in scan(args.experiment, args.optimizers, args.seeds, args.multipliers, args.points, args.budget,
-                     args.config, args.sets, args.metric, args.root, args.out, args.shard, args.plot_only):
+                     args.config, args.sets, args.metric, args.root, args.out, args.shard, args.plot_only,
+                     args.force):
         print(path)
     return 0
 

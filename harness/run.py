@@ -5,6 +5,8 @@ and gets back a :class:`Run` holding the resolved config, the run directory and
 the execution context (device, autocast, ranks). The same command works under
 ``torchrun`` (it reads RANK/WORLD_SIZE/LOCAL_RANK) and under ``srun`` without
 torchrun (it maps SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID when MASTER_ADDR is set).
+A rank's GPU is ``cuda:<local rank % visible GPUs>``: torchrun's ranks each see the
+node's GPUs, while srun binding one GPU per task leaves each rank ``cuda:0``.
 """
 from __future__ import annotations
 
@@ -157,6 +159,15 @@ class Run:
             print(*args, **kwargs, flush=True)
 
 
+def set_example(exp: Experiment) -> str:
+    """A ``--set`` the experiment accepts, for its help: its length, ``train.max_iters`` for the
+    experiments that count iterations and ``train.epochs`` for those that count epochs (vit,
+    cifar, bert), read from its (first task's) ``paper.yaml``."""
+    configs = exp.configs / exp.tasks[0] if exp.tasks and exp.task is None else exp.configs
+    train = config_lib.read_yaml(configs / "paper.yaml").get("train") or {}
+    return "train.max_iters=200" if "max_iters" in train else "train.epochs=1"
+
+
 def parser(exp: Experiment) -> argparse.ArgumentParser:
     """The command line of ``python -m <exp>.train`` (with ``--task`` for a folder of tasks)."""
     p = argparse.ArgumentParser(
@@ -169,7 +180,7 @@ def parser(exp: Experiment) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="run seed (default: the first of configs/paper.yaml's seeds)")
     p.add_argument("--config", default=None, help="YAML overriding paper.yaml sections and/or best.yaml entries")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config value, dotted keys (repeatable): --set train.max_iters=200")
+                   help=f"override one config value, dotted keys (repeatable): --set {set_example(exp)}")
     default = exp.default_out.replace(f"runs/{exp.folder}/", f"runs/{exp.folder}/<task>/") \
         if exp.tasks and exp.task is None else exp.default_out
     p.add_argument("--out", default=None, help=f"run directory (default {default})")
@@ -226,7 +237,8 @@ def seed_everything(seed: int) -> None:
 # Keys added to the configs after runs were started, with the value that does what those
 # runs did: a saved config without the key matches a config holding that value.
 BEHAVIOUR_OF_OLDER_RUNS = {"train.diverge_factor": 0.0, "train.parallel": "ddp", "train.eval_batches": ["fixed"],
-                           "train.cpu_precision": "fp32", "train.tf32": True}
+                           "train.cpu_precision": "fp32", "train.tf32": True, "model.scaled_init": "all",
+                           "data.normalize": "fixed", "data.check_source": True}
 
 
 def config_mismatch(where: Path, old: Optional[dict], cfg: dict) -> None:
@@ -337,6 +349,7 @@ def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Opti
         raise UsageError("wandb=true but wandb is not installed: pip install wandb (or --set wandb=false)")
     check_folder(run_dir, "--out")
     saved = RunDir(run_dir)
+    saved.check_own("--out")
     check_resumable(saved, cfg)
 
     if saved.finished():
@@ -346,7 +359,7 @@ def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Opti
 
     rank, local_rank, world_size = _distributed_env()
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())  # srun binding 1 GPU per task: cuda:0
         torch.cuda.set_device(device)
         set_tf32(TrainConfig.from_config(train).tf32)
     else:

@@ -25,6 +25,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,27 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # checkpoint.previous(CHECKPOINT)
 LOG = "train.log"
 LOCK = ".lock"
+WANDB_STATE = "wandb.json"  # harness.logging's
+BEST_MODEL = "best_model.pt"  # harness.image_classification's
+# Every file the kit writes into a run directory: the only names whose temp files
+# (``.<name>.tmp<pid>``) ``checkpoint.remove_stale_temps`` removes.
+RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINT, PREVIOUS_CHECKPOINT, LOG, LOCK, WANDB_STATE, BEST_MODEL)
 _HELD: dict[str, int] = {}  # run directory -> the open lock file this process holds (until it exits)
 FINISHED = ("completed", "diverged")  # statuses of a run that is not redone
 TAIL_BYTES = 4096  # what ``progress`` reads of metrics.jsonl: a few records
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp[0-9]+$")
+
+
+def stale_temp(name: str) -> bool:
+    """True for exactly the temp names the atomic writer makes for a run file
+    (``.<run file>.tmp<pid>``, ``checkpoint.temp_name``): the only files the kit removes unasked."""
+    match = _TEMP.match(name)
+    return bool(match) and match["name"] in RUN_FILES
 
 
 def parse_records(data: bytes, where: str = METRICS) -> list[dict]:
@@ -128,6 +145,7 @@ class RunDir:
         key = str(self.path.resolve())
         if key in _HELD:
             return
+        self.check_own()
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -140,6 +158,37 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
         _HELD[key] = fd
+
+    def is_own(self) -> bool:
+        """True when the folder is missing, empty, or holds a run of this kit: its ``.lock``, a
+        checkpoint, a ``summary.json`` with a ``status``, a ``config.yaml`` naming the
+        experiment and optimizer, the ``train.log`` a launcher makes before the run starts, or
+        the temp file of a run file (``stale_temp``).
+        Files that merely have a run file's name (a ``config.yaml`` or ``metrics.jsonl`` of
+        one's own) are not a run."""
+        if not self.path.is_dir() or not any(self.path.iterdir()):
+            return True
+        if any((self.path / name).is_file() for name in (LOCK, CHECKPOINT, PREVIOUS_CHECKPOINT, LOG)):
+            return True
+        if any(stale_temp(p.name) for p in self.path.iterdir()):  # a kill during the first write
+            return True
+        if "status" in (self.summary() or {}):
+            return True
+        try:
+            config = self.config() or {}
+        except UsageError:
+            return False
+        return isinstance(config, dict) and "experiment" in config and "name" in (config.get("optimizer") or {})
+
+    def check_own(self, option: str = "--out") -> None:
+        """A one-line UsageError, before anything is written, when the folder is not empty and
+        holds no run of this kit (``is_own``): the kit writes, replaces and deletes files only
+        in folders it made."""
+        if not self.is_own():
+            names = sorted(p.name + ("/" if p.is_dir() else "") for p in self.path.iterdir())
+            shown = ", ".join(names[:4]) + (f", ... ({len(names)} entries)" if len(names) > 4 else "")
+            raise UsageError(f"{option} {self.path} is not empty and holds no run ({shown}): "
+                             f"the run would write over its files; choose an empty or new folder")
 
     def summary(self) -> Optional[dict]:
         """``summary.json`` as a dict; None while the run has not stopped (or if it is unreadable)."""

@@ -1,17 +1,26 @@
 """Random-offset batches from nanoGPT-style token files (``train.bin`` / ``val.bin``).
 
 A prepared folder holds each split as one flat array of uint16 token ids and a
-marker file written last by its prepare step (``meta.pkl`` for nano), so that
-a half-written folder is never read. A batch is ``batch_size`` windows of
+marker file written last by its prepare step (``meta.json``), so that a
+half-written folder is never read. A character-level folder's ``meta.json``
+(nano's) holds its vocabulary (``vocab_size``, ``itos``, ``stoi``) and what it
+was prepared from (``source``, ...). A batch is ``batch_size`` windows of
 ``block_size + 1`` consecutive tokens at uniformly random offsets; the inputs
 are the first ``block_size`` tokens of each window and the targets the last
 ``block_size`` (the next token at every position).
+
+Nothing in a data folder can run code: ``meta.json`` is JSON, and the
+``meta.pkl`` of folders prepared by earlier versions (or by nanoGPT) is read
+through an unpickler that builds plain builtins only (``read_legacy_meta``).
 
 The offsets come from a caller-owned ``torch.Generator``: its state is the
 data position, so a checkpoint that saves ``generator.get_state()`` resumes
 with the same batches.
 """
+import io
+import json
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +29,40 @@ import torch
 from .errors import UsageError
 
 SPLITS = ("train", "val")
+META = "meta.json"
+LEGACY_META = "meta.pkl"  # nanoGPT's, and this kit's before meta.json
+LEGACY_PROVENANCE = "prepare.json"  # what earlier versions recorded of the source, beside meta.pkl
+# What an old meta.pkl may build: plain builtins. Protocol 2+ pickles of dicts, lists,
+# tuples, str, int, float and bool need no global at all; older protocols name these.
+_PLAIN = {("builtins", name) for name in ("dict", "list", "str", "int", "float", "tuple", "bool", "set",
+                                          "frozenset")} | {("__builtin__", name) for name in (
+                                          "dict", "list", "str", "int", "float", "tuple", "bool", "set")}
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _PLAIN:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def read_legacy_meta(path, prepare_hint) -> dict:
+    """An old ``meta.pkl``, unpickled with nothing but plain builtins (dict, list, tuple, str,
+    int, float, bool): no object of any other type is built and no function called. Anything
+    else is a one-line ``UsageError`` saying to prepare the folder again (which writes meta.json)."""
+    path = Path(path)
+    try:
+        meta = _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
+    except pickle.UnpicklingError as e:
+        raise UsageError(f"{path} holds objects a meta.pkl never holds ({e}): refused to read it (nothing in it "
+                         f"was run); prepare the folder again with `{prepare_hint} --force`") from None
+    except Exception as e:  # torn or not a pickle at all
+        raise UsageError(f"{path} cannot be read ({type(e).__name__}); prepare the folder again with "
+                         f"`{prepare_hint} --force`") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
+        raise UsageError(f"{path} is not a vocabulary ({{'vocab_size': int, ...}}); prepare the folder again with "
+                         f"`{prepare_hint} --force`")
+    return meta
 
 
 class TokenBins:
@@ -27,32 +70,71 @@ class TokenBins:
 
     ``prepare_hint`` is the command that prepares ``data_dir``; it is named in
     the error when a bin or the ``marker`` (the file the prepare step writes
-    last) is missing.
+    last) is missing. A folder prepared by an earlier version, with ``meta.pkl``
+    in place of ``meta.json``, is read too (``read_legacy_meta``).
     """
 
-    def __init__(self, data_dir, prepare_hint, marker="meta.pkl"):
+    def __init__(self, data_dir, prepare_hint, marker=META):
         self.data_dir = Path(data_dir)
         self.prepare_hint = prepare_hint
         self.marker = marker
-        for name in (*(f"{split}.bin" for split in SPLITS), marker):
+        legacy = marker == META and not (self.data_dir / META).is_file() and (self.data_dir / LEGACY_META).is_file()
+        for name in (*(f"{split}.bin" for split in SPLITS), LEGACY_META if legacy else marker):
             if not (self.data_dir / name).is_file():
                 state = "is not prepared" if not self.data_dir.exists() else f"is unfinished (no {name})"
                 raise UsageError(f"dataset {self.data_dir} {state}; run `{prepare_hint}`")
         self._meta = None
-        meta_path = self.data_dir / "meta.pkl"
-        if meta_path.is_file():
-            with open(meta_path, "rb") as f:
-                self._meta = pickle.load(f)
+        if legacy:
+            self._meta = read_legacy_meta(self.data_dir / LEGACY_META, prepare_hint)
+            provenance = self.data_dir / LEGACY_PROVENANCE
+            try:
+                recorded = json.loads(provenance.read_text()) if provenance.is_file() else {}
+            except (OSError, ValueError):
+                recorded = {}
+            if isinstance(recorded, dict) and "source" in recorded:
+                self._meta = {**self._meta, "source": recorded["source"]}
+        elif (self.data_dir / META).is_file():
+            try:
+                self._meta = json.loads((self.data_dir / META).read_text())
+            except (OSError, ValueError) as e:
+                raise UsageError(f"{self.data_dir / META} is not JSON ({type(e).__name__}); prepare the folder "
+                                 f"again with `{prepare_hint} --force`") from None
+            if not isinstance(self._meta, dict):
+                raise UsageError(f"{self.data_dir / META} is not a JSON object; prepare the folder again with "
+                                 f"`{prepare_hint} --force`")
 
     @property
     def vocab_size(self):
-        """``meta.pkl``'s vocab_size, or None when the folder has no meta.pkl (e.g. GPT-2 BPE data)."""
-        return None if self._meta is None else self._meta["vocab_size"]
+        """The character vocabulary's size (a folder whose metadata has ``itos``: nano's), or
+        None (e.g. GPT-2 BPE bins, whose model pads the vocabulary itself)."""
+        if self._meta is None or "itos" not in self._meta:
+            return None
+        return int(self._meta["vocab_size"])
 
     @property
     def meta(self):
-        """The contents of ``meta.pkl`` (``vocab_size``, ``itos``, ``stoi``), or None."""
+        """The folder's metadata (``meta.json``, or an old ``meta.pkl``), or None."""
         return self._meta
+
+    def check_source(self, expected: dict, strict: bool, override: str) -> None:
+        """Say in one line when the folder is not what a config expects: ``expected`` maps
+        metadata keys (``source``, ``vocab_size``) to the values the experiment's paper config
+        names. ``strict`` (training under the paper's config): a ``UsageError`` naming
+        ``override`` (how to train on it anyway); else a warning. A folder that does not record
+        its source (prepared by an earlier version or by nanoGPT) is taken on its vocabulary,
+        with a note."""
+        meta = self._meta or {}
+        differ = [f"{key} {meta[key]!r}, not {value!r}" for key, value in expected.items()
+                  if key in meta and meta[key] != value]
+        if differ:
+            message = (f"{self.data_dir} holds data prepared with {', '.join(differ)} (the paper's); "
+                       f"prepare the paper's data with `{self.prepare_hint}`")
+            if strict:
+                raise UsageError(f"{message}, or pass {override} to train on it anyway")
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        elif "source" in expected and "source" not in meta:
+            print(f"note: {self.data_dir} does not record its source (prepared by an earlier version); "
+                  f"taking it as {expected['source']!r}, its vocabulary matches", file=sys.stderr, flush=True)
 
     def _memmap(self, split):
         if split not in SPLITS:
@@ -84,9 +166,27 @@ class TokenBins:
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
-def to_device(x, y, device):
-    """Move a batch to ``device``; on CUDA through pinned memory with ``non_blocking`` (overlaps the copy)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+CHECK_SOURCE = "data.check_source"  # the config key that lets a run train on other data in the paper's folder
+
+
+def expect_paper_data(bins, run) -> None:
+    """Refuse (one line) to train under the paper's config on data that is not the paper's.
+
+    The experiment's package states what its paper config's data folder holds
+    (``PAPER_DATA``, e.g. nano's ``{"source": "tinyshakespeare", "vocab_size": 65}``); a run
+    whose ``data.dir`` is that folder checks the folder's recorded source and vocabulary
+    against it (``TokenBins.check_source``): a ``UsageError``, or with
+    ``--set data.check_source=false`` a warning. Other folders are the user's choice."""
+    import importlib
+
+    from .config import read_yaml
+
+    expected = getattr(importlib.import_module(run.experiment.folder), "PAPER_DATA", None)
+    if not expected:
+        return
+    paper_dir = (read_yaml(run.experiment.configs / "paper.yaml").get("data") or {}).get("dir")
+    if paper_dir is None or Path(paper_dir).resolve() != bins.data_dir.resolve():
+        return
+    strict = bool(run.cfg["data"].get("check_source", True))
+    bins.check_source(expected, strict=strict, override=f"--set {CHECK_SOURCE}=false")
+

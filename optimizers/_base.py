@@ -10,9 +10,8 @@ together in its order (its class docstring), once, in its ``_update``.
 Each sub-step takes either single tensors or lists of tensors. On tensors it
 runs plain in-place tensor ops (the single-tensor loop, and the compiled kernel
 of the fused path); on lists, the same operations in the same order as
-``torch._foreach_*`` ops (the foreach path). The one difference: friction's
-power of two is ``exp2`` on a tensor and ``pow(2, .)`` on a list, for want of
-a foreach exp2. So the paths of every optimizer agree to rounding.
+``torch._foreach_*`` ops (the foreach path). So the paths of every optimizer
+agree to rounding.
 
 Coefficients (``h``, decay factors, ...) are Python floats or 0-d tensors. A
 float takes the in-place ATen form with a scalar argument (one pass, no
@@ -43,8 +42,6 @@ __all__ = ["DampedOptimizer", "PATHS"]
 Coefficient = Union[float, Tensor]
 # What a sub-step updates: one tensor, or a list of them (the foreach path).
 Tensors = Union[Tensor, list]
-
-LOG2E = 1.0 / math.log(2.0)  # log2(e): exp(x) = 2 ** (x log2 e)
 
 
 def decay_factor(rate: Coefficient, h: Coefficient) -> Coefficient:
@@ -89,12 +86,16 @@ def _mul_(x: Tensors, y) -> None:
     torch._foreach_mul_(x, y) if _many(x) else x.mul_(y)
 
 
-def _div_(x: Tensors, y: Tensors) -> None:
+def _div_(x: Tensors, y) -> None:
     torch._foreach_div_(x, y) if _many(x) else x.div_(y)
 
 
 def _add_(x: Tensors, scalar: Coefficient) -> None:
     torch._foreach_add_(x, scalar) if _many(x) else x.add_(scalar)
+
+
+def _exp_(x: Tensors) -> None:
+    torch._foreach_exp_(x) if _many(x) else x.exp_()
 
 
 def _sqrt(x: Tensors) -> Tensors:
@@ -103,10 +104,6 @@ def _sqrt(x: Tensors) -> Tensors:
 
 def _sqrt_(x: Tensors) -> None:
     torch._foreach_sqrt_(x) if _many(x) else x.sqrt_()
-
-
-def _exp2(x: Tensors) -> Tensors:
-    return torch._foreach_pow(2.0, x) if _many(x) else torch.exp2(x)
 
 
 def _axpy_(y: Tensors, x: Tensors, a: Coefficient) -> None:
@@ -125,12 +122,9 @@ def _addcmul_(y: Tensors, a: Tensors, b: Tensors, value: Coefficient) -> None:
         torch._foreach_addcmul_(y, a, b, value=value) if _many(y) else y.addcmul_(a, b, value=value)
 
 
-def _addcdiv_(y: Tensors, a: Tensors, b: Tensors, value: Coefficient) -> None:
+def _addcdiv_(y: Tensors, a: Tensors, b: Tensors, value: float = 1.0) -> None:
     """``y <- y + value a / b``."""
-    if isinstance(value, Tensor):
-        torch._foreach_add_(y, _mul(torch._foreach_div(a, b), value)) if _many(y) else y.add_(a / b * value)
-    else:
-        torch._foreach_addcdiv_(y, a, b, value=value) if _many(y) else y.addcdiv_(a, b, value=value)
+    torch._foreach_addcdiv_(y, a, b, value=value) if _many(y) else y.addcdiv_(a, b, value=value)
 
 
 # ----------------------------------------------------------------------------
@@ -183,21 +177,33 @@ def relax(x: Tensors, source: Tensors, decay: Coefficient, weight: Coefficient) 
 def friction(p: Tensors, xi: Tensors, h: Coefficient) -> None:
     """Exact flow of p' = -xi p over time h with xi frozen: ``p <- exp(-h xi) p``.
 
-    The factor is computed as ``2 ** (xi * (-h log2 e))``: the exponent gets one
-    rounding either way, so this is as accurate as ``exp(xi * -h)``, and exp2
-    vectorises to fewer instructions, which makes iKFAD's compiled CPU step
-    (two factors per element, compute-bound) about 15% faster.
+    The factor is computed in place, one whole-list temporary on the foreach
+    path. (The native kernels compute it as ``2 ** (xi * (-h log2 e))``, which
+    vectorises to fewer instructions; for want of a foreach exp2, and so that the
+    eager paths round alike, these use ``exp``.)
     """
-    _mul_(p, _exp2(_mul(xi, -h * LOG2E)))
+    factor = _mul(xi, -h)
+    _exp_(factor)
+    _mul_(p, factor)
 
 
 def preconditioned_drift(q: Tensors, p: Tensors, zeta: Tensors, drift_step: Coefficient,
                          eps: Coefficient) -> None:
     """Exact flow of q' = p / (sqrt(zeta) + eps) over time ``drift_step = lr h``
-    (p, zeta frozen): ``q <- q + lr h p / (sqrt(zeta) + eps)``."""
+    (p, zeta frozen): ``q <- q + lr h p / (sqrt(zeta) + eps)``.
+
+    A tensor ``drift_step`` (a tensor ``lr`` or ``h``) divides the denominator in
+    place, ``q <- q + p / ((sqrt(zeta) + eps) / (lr h))``, so that the foreach
+    path holds one whole-list temporary (the denominator) as with a float; at
+    ``lr = 0`` the denominator is infinite and ``q`` unchanged, as with a float.
+    """
     denom = _sqrt(zeta)
     _add_(denom, eps)
-    _addcdiv_(q, p, denom, drift_step)
+    if isinstance(drift_step, Tensor):
+        _div_(denom, drift_step)
+        _addcdiv_(q, p, denom)
+    else:
+        _addcdiv_(q, p, denom, drift_step)
 
 
 def check_positive_lr(lr: float) -> None:
@@ -234,15 +240,31 @@ _RANGES = {
 }
 
 
+def as_scalar(value: Any) -> Any:
+    """A one-element tensor of any shape (``[]``, ``[1]``, ``[1, 1]``, ...) as a 0-d view of
+    it, anything else as it is.
+
+    Every sub-step takes a coefficient as a Python number or a 0-d tensor: a
+    ``[1]`` tensor would broadcast a parameter to ``[1, n]`` and the foreach ops
+    refuse it. A view shares the user's storage, so an in-place change on either
+    (``group["lr"].fill_(...)``, as torch's schedulers do for a tensor ``lr``)
+    is seen by the other."""
+    if isinstance(value, Tensor) and value.dim() != 0 and value.numel() == 1:
+        return value.view(())
+    return value
+
+
 def check_hyperparameter(name: str, value: Any) -> Union[float, Tensor]:
-    """``value`` as a float (a Python number) or as given (a one-element floating-point
-    tensor); raise ValueError naming it and its valid range otherwise."""
+    """``value`` as a float (a Python number) or as a 0-d view (``as_scalar``) of a
+    one-element floating-point tensor of any shape; raise ValueError naming it and
+    its valid range otherwise."""
     low, inclusive = _RANGES[name]
     valid = f"a finite number {'>=' if inclusive else '>'} {low:g}"
     if isinstance(value, Tensor):
         if value.numel() != 1 or not value.is_floating_point():
             raise ValueError(f"Invalid {name}: a tensor of shape {tuple(value.shape)} and dtype {value.dtype}; "
                              f"expected {valid}, as a Python number or a one-element floating-point tensor")
+        value = as_scalar(value)
         number = float(value)
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"Invalid {name}: {value!r}; expected {valid} (a Python number or a 0-d tensor)")
@@ -277,6 +299,70 @@ PATHS = (NATIVE, COMPILED, FOREACH, SINGLE)
 # second, then loaded in milliseconds) the fused path is the default at any size.
 # See benchmarks/README.md for the measurements behind the number.
 FUSED_DEFAULT_MIN_NUMEL = 1 << 22
+
+# Where a fused kernel exists: the native one on the CPU, the compiled one on
+# the CPU and CUDA (Triton); for these floating-point dtypes. ``fused=True``
+# elsewhere (e.g. ``meta``, MPS) raises, as torch.optim's fused optimizers do.
+FUSED_DEVICES = ("cpu", "cuda")
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fused_support_error(device: torch.device, dtype: torch.dtype) -> RuntimeError:
+    """torch.optim's message for ``fused=True`` on tensors no fused kernel takes."""
+    return RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices: "
+                        f"{list(FUSED_DEVICES)} and dtypes {[str(d) for d in FUSED_DTYPES]} but {dtype} and "
+                        f"{device.type}; use fused=None or False")
+
+
+def _increments_lists() -> bool:
+    """True where ``increment_version`` takes a list of tensors (torch >= 2.5);
+    older versions take one tensor per call."""
+    try:
+        torch.autograd.graph.increment_version([torch.empty(0)])
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+_INCREMENT_LISTS = _increments_lists()
+
+
+def _increment_versions(tensors: list) -> None:
+    if _INCREMENT_LISTS:
+        torch.autograd.graph.increment_version(tensors)
+    else:
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
+def _normalise_hyperparameters(group: dict) -> None:
+    """Every one-element tensor hyperparameter of ``group`` as a 0-d view (``as_scalar``),
+    also one assigned to the group after it was built."""
+    for name in _RANGES:
+        value = group.get(name)
+        if isinstance(value, Tensor) and value.dim() != 0:
+            group[name] = as_scalar(value)
+
+
+def _traceable(group: dict) -> dict:
+    """``group`` with every float hyperparameter as a 0-d tensor, inside a ``torch.compile``
+    trace; else ``group`` itself.
+
+    Traced as a Python float, a hyperparameter reaches ``math.exp`` and the
+    ``alpha=``/``value=`` scalars of the in-place ops, which dynamo can only
+    evaluate by specialising the graph on its value: every change (a scheduled
+    ``lr`` or ``h``) would recompile, until dynamo's limit leaves the step
+    uncompiled. As a tensor it is a graph input: dynamo then recompiles for a
+    changed float once, as for torch.optim.AdamW, and never again."""
+    if not torch.compiler.is_compiling():
+        return group
+    device = group["params"][0].device
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    # ``ones * x`` rather than ``torch.tensor(x)``: dynamo turns the product into a
+    # graph input, while it specialises on the float handed to a tensor factory.
+    one = torch.ones((), dtype=dtype, device=device)
+    return {**group, **{name: one * group[name] for name in _RANGES
+                        if name in group and not isinstance(group[name], Tensor)}}
 
 
 def _local(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -367,6 +453,8 @@ class DampedOptimizer(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
+        """Validate the group's hyperparameters (one-element tensors become 0-d views,
+        ``as_scalar``) and flags, then add it as ``torch.optim.Optimizer`` does."""
         for name in _RANGES.keys() & param_group.keys():
             param_group[name] = check_hyperparameter(name, param_group[name])
         for name in _FLAGS & param_group.keys():
@@ -380,6 +468,7 @@ class DampedOptimizer(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+            _normalise_hyperparameters(group)  # e.g. a [1]-shaped tensor lr of an older state dict
 
     @staticmethod
     def _motion(group) -> tuple:
@@ -391,10 +480,16 @@ class DampedOptimizer(Optimizer):
         return (h if group["maximize"] else -h, drift_step, decay_factor(group["weight_decay"], drift_step),
                 decay_factor(group["gamma"], h))
 
-    def _gather(self, group: dict):
-        """Parameters with a gradient, their gradients, and their state lists (local shards)."""
-        params, grads = [], []
-        states: list[list[Tensor]] = [[] for _ in self.state_names]
+    def _init_group(self, group: dict, params: list, grads: list, *states: list) -> None:
+        """Append the group's parameters that have a gradient, their gradients and their
+        state tensors (one list per state name) to the given lists, creating the state
+        (zeros) the first time a parameter has a gradient.
+
+        The name and calling convention are torch.optim's: inside a ``torch.compile``
+        trace, dynamo runs ``_init_group`` eagerly rather than tracing it, so the lazily
+        created state exists before the graph is traced and the first step does not
+        leave a guard on the empty state behind (which recompiled at the second step).
+        """
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -406,11 +501,10 @@ class DampedOptimizer(Optimizer):
             if not state:
                 for name in self.state_names:
                     state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(_local(p))
-            grads.append(_local(p.grad))
+            params.append(p)
+            grads.append(p.grad)
             for lst, name in zip(states, self.state_names):
-                lst.append(_local(state[name]))
-        return params, grads, states
+                lst.append(state[name])
 
     def code_path(self, group: Optional[dict] = None, device: Optional[torch.device] = None,
                   dtype: Optional[torch.dtype] = None) -> str:
@@ -432,12 +526,16 @@ class DampedOptimizer(Optimizer):
             # tensor ops to trace rather than a nested compiled kernel.
             return FOREACH if foreach else SINGLE
         native = _native.supports(self.native_kernel, device, dtype)
+        fusable = device.type in FUSED_DEVICES and dtype in FUSED_DTYPES
         if fused is None:
             # An explicit foreach choice is a request for that eager path.
             if foreach is None:
-                fused = native or sum(p.numel() for g in self.param_groups for p in g["params"]) >= FUSED_DEFAULT_MIN_NUMEL
+                fused = native or (fusable and sum(p.numel() for g in self.param_groups for p in g["params"])
+                                   >= FUSED_DEFAULT_MIN_NUMEL)
             else:
                 fused = False
+        elif fused and not fusable:
+            raise _fused_support_error(device, dtype)
         if fused:
             if native:
                 return NATIVE
@@ -460,11 +558,17 @@ class DampedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         update = type(self)._update
-        for group in self.param_groups:
-            params, grads, states = self._gather(group)
+        for index, group in enumerate(self.param_groups):
+            params, grads = [], []
+            states: list[list[Tensor]] = [[] for _ in self.state_names]
+            self._init_group(group, params, grads, *states)
             if not params:
                 continue
-            k = self._coefficients(group)
+            # Each rank's own shard of a DTensor (FSDP2, tensor parallelism).
+            params, grads = [_local(t) for t in params], [_local(t) for t in grads]
+            states = [[_local(t) for t in lst] for lst in states]
+            _normalise_hyperparameters(group)
+            k = self._coefficients(_traceable(group))
             buckets: dict = {}  # (device, dtype) -> [(q, g, *state), ...]
             for tensors in zip(params, grads, *states):
                 q = tensors[0]
@@ -479,7 +583,8 @@ class DampedOptimizer(Optimizer):
                     _fused.native_step(update, self.native_kernel, k, bucket)
                 elif path == COMPILED:
                     _fused.compiled_step(update, k, bucket, device, dtype,
-                                         native_failure=_fused.native_failure(self.native_kernel, device))
+                                         native_failure=_fused.native_failure(self.native_kernel, device),
+                                         cache=self._coefficient_cache(index))
                 elif path == FOREACH:
                     update(*map(list, zip(*bucket)), k)
                 else:
@@ -491,8 +596,14 @@ class DampedOptimizer(Optimizer):
                 # share the parameters' autograd version counters: bump them, as an
                 # in-place update would, so that autograd still notices a parameter that
                 # changed after being saved for backward.
-                torch.autograd.graph.increment_version(params)
+                _increment_versions(params)
         return loss
+
+    def _coefficient_cache(self, index: int) -> dict:
+        """Param group ``index``'s cache of the compiled kernel's coefficient tensors
+        (``_fused.compiled_step``): kept on the instance, not in the state dict."""
+        caches = self.__dict__.setdefault("_coefficient_caches", {})
+        return caches.setdefault(index, {})
 
     @staticmethod
     def _coefficients(group) -> tuple:  # pragma: no cover

@@ -24,7 +24,8 @@ Three choices keep the compiled kernel cheap to compile and free of recompiles:
 - The coefficients (``h``, ``exp(-gamma h)``, ...) arrive as one small 1-D
   tensor on the parameters' device, in float32 (float64 for float64
   parameters), so a scheduler that changes a hyperparameter changes data, not
-  the graph. (The native kernels take them as C doubles: nothing to recompile.)
+  the graph. It is made (one host-to-device copy) only when a hyperparameter
+  changed since the group's last step, and reused otherwise. (The native kernels take them as C doubles: nothing to recompile.)
   Hyperparameters given as tensors are stacked into it without leaving the device.
 - Low-precision parameters (bf16, fp16) are loaded into float32 registers,
   updated there and rounded once on the store; the eager paths round after
@@ -205,11 +206,24 @@ def _as_floats(coefficients: tuple) -> tuple:
     return tuple(float(c) for c in coefficients)
 
 
-def _as_tensor(coefficients: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _as_tensor(coefficients: tuple, dtype: torch.dtype, device: torch.device, cache: Optional[dict] = None) -> Tensor:
+    """The coefficients as one 1-D tensor on ``device`` (``coefficient_dtype(dtype)``).
+
+    Python-number coefficients are copied to the device only when they change:
+    ``cache`` (a param group's, kept by the optimizer) holds the last tensor made
+    for this device and dtype with the numbers it holds, so a step whose
+    hyperparameters did not change reuses it, with no host-to-device copy.
+    Tensor hyperparameters are stacked on the device (no copy from the host)."""
     dtype = coefficient_dtype(dtype)
     if any(isinstance(c, Tensor) for c in coefficients):
         return torch.stack([torch.as_tensor(c, dtype=dtype, device=device).reshape(()) for c in coefficients])
-    return torch.tensor(coefficients, dtype=dtype, device=device)
+    key = (device, dtype)
+    if cache is not None and key in cache and cache[key][0] == coefficients:
+        return cache[key][1]
+    k = torch.tensor(coefficients, dtype=dtype, device=device)
+    if cache is not None:
+        cache[key] = (coefficients, k)
+    return k
 
 
 def native_step(update: Callable, native: str, coefficients: tuple, bucket: list[tuple[Tensor, ...]]) -> None:
@@ -226,7 +240,8 @@ def native_step(update: Callable, native: str, coefficients: tuple, bucket: list
 
 
 def compiled_step(update: Callable, coefficients: tuple, bucket: list[tuple[Tensor, ...]],
-                  device: torch.device, dtype: torch.dtype, native_failure: Optional[str] = None) -> None:
+                  device: torch.device, dtype: torch.dtype, native_failure: Optional[str] = None,
+                  cache: Optional[dict] = None) -> None:
     """One step of ``update`` compiled by ``torch.compile``, on tensors of one device and dtype.
 
     Tensors of at least ``SMALL_NUMEL`` elements get a kernel call each, on flat
@@ -234,14 +249,15 @@ def compiled_step(update: Callable, coefficients: tuple, bucket: list[tuple[Tens
     ``BATCH_NUMEL`` elements and updated by one call per batch, which saves the
     per-call overhead (tens of microseconds, and a multithreaded region) on the
     many bias and LayerNorm vectors of a transformer. Where compiling fails, the
-    whole bucket runs ``update`` eagerly (after one warning).
+    whole bucket runs ``update`` eagerly (after one warning). ``cache`` keeps the
+    coefficient tensor from step to step (``_as_tensor``).
     """
     kernel = _kernel(update, device, dtype, len(bucket[0]), len(coefficients), native_failure)
     if kernel is None:
         for tensors in bucket:
             update(*tensors, coefficients)
         return
-    k = _as_tensor(coefficients, dtype, device)
+    k = _as_tensor(coefficients, dtype, device, cache)
     batch, batch_numel = [], 0
     for tensors in bucket:
         numel = tensors[0].numel()

@@ -7,8 +7,8 @@ param group in one OpenMP parallel region, reading ``q``, ``g`` and the state
 once and writing ``q`` and the state once. Against the ``torch.compile``d
 kernel (``_fused.py``) it saves the per-tensor call overhead (one call per
 group instead of one per tensor), builds in about a second instead of ten, and
-computes ``2**x`` with a vectorised polynomial (at most 0.89 ulp) where
-Inductor calls Sleef's (1 ulp), which made iKFAD's compiled step about 1.5x
+computes friction's exponential as ``2**x`` with a vectorised polynomial (at
+most 0.89 ulp) where Inductor calls Sleef's ``exp`` (1 ulp), which made iKFAD's compiled step about 1.5x
 fused Adam's on a CPU.
 
 The library is built on first use with the system C compiler (``$CC``, else

@@ -23,7 +23,8 @@ Steps (nanoGPT's, with its constants):
    (train ~17 GB, val ~8.5 MB) never sits in memory.
 
 Finish: each bin is written to ``<name>.tmp`` and renamed when complete; the
-marker ``meta.json`` is written last (also via a rename) and records the token
+marker ``meta.json`` is written last (atomically, with ``harness.checkpoint``'s
+writer, which also fsyncs the folder) and records the source and the token
 counts, so a directory without a valid marker is unfinished and readers must
 refuse it (``read_meta``). Re-running with a finished directory does nothing
 unless ``--force``; re-running an unfinished one starts the bins again (the
@@ -41,6 +42,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from harness.checkpoint import write_text_atomic
 from harness.errors import UsageError, command
 from harness.gpt2_tokenizer import EOT_TOKEN, VOCAB_SIZE, tiktoken_gpt2
 
@@ -255,9 +257,7 @@ def prepare(
         meta[f"{split}_file"] = f"{split}.bin"
         meta[f"{split}_documents"] = len(tokenized[split])
         meta[f"{split}_tokens"] = write_bin(tokenized[split], out_dir / f"{split}.bin")
-    tmp = out_dir / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out_dir / MARKER)
+    write_text_atomic(out_dir / MARKER, json.dumps(meta, indent=2) + "\n")  # fsyncs the folder: the bins' renames too
     print(f"wrote {out_dir}: train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens")
     return out_dir
 

@@ -10,9 +10,13 @@ windows from ``train.bin``, ``harness.fit``) with owt's configs: the protocol is
 at 1.0) and the optimizer's hyperparameters default to ``owt/configs/best.yaml``.
 The data is ``python -m owt.prepare`` (GPT-2 BPE token bins in ``data/owt``).
 
-``train.batch_size`` is the micro-batch of ONE process (nanoGPT's convention):
-an optimizer step sees ``batch_size x gradient_accumulation_steps x world_size``
-sequences of ``block_size`` tokens. The run directory (default
+``train.batch_size`` is the global batch, unlike nanoGPT's (per process): an
+optimizer step sees ``batch_size`` sequences of ``block_size`` tokens whatever the
+number of processes, each process feeding ``batch_size / (world_size x
+gradient_accumulation_steps)`` of them at a time (``Run.micro_batch_size``; a
+one-line error unless that divides evenly). The paper's 16 are 16 per forward on
+one GPU, 2 per GPU on 8; ``gradient_accumulation_steps`` only splits them further
+(for memory), never changes the batch. The run directory (default
 ``runs/owt/<optimizer>/seed<S>``) gets ``config.yaml``, ``metrics.jsonl``,
 ``summary.json`` and ``checkpoint.pt``; re-running the command resumes it.
 """

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Render every experiment's figures and tables, and an index of them.
 #
-#   bash scripts/figures.sh
+#   bash scripts/figures.sh            # keeps every report built from more (or other) runs than it has
+#   bash scripts/figures.sh --force    # replaces them
 #
 # - runs/<exp>/ (any folder of runs/ but sweeps/ and robustness/ holding a summary.json):
 #   python -m harness.report runs/<exp> --out results/<exp>   (curves per optimizer, results.md)
@@ -9,7 +10,17 @@
 # - runs/sweeps/<exp>/<optimizer>/study.db: results/sweeps/<exp>/<optimizer>/ (history, importances, study.md)
 # - results/README.md: an index linking every table and figure under results/.
 # RUNS and RESULTS override the folders (default runs and results).
+# A report or robustness table already there is replaced only by one built from the same runs or
+# from more (harness/README.md, "What a tool may write over"); otherwise it is kept, with a warning
+# naming --force: one smoke run under runs/nano never replaces the committed results/nano/.
 set -euo pipefail
+FORCE=()
+for arg in "$@"; do
+  case "$arg" in
+    --force) FORCE=(--force) ;;
+    *) echo "usage: bash scripts/figures.sh [--force]; unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-.venv/bin/python}"
 if [ ! -x "$PY" ] && ! command -v "$PY" >/dev/null 2>&1; then PY=python3; fi
@@ -28,7 +39,11 @@ for dir in "$RUNS"/*/; do
   case "$exp" in sweeps|robustness|slurm) continue ;; esac
   has_runs "$dir" || continue
   echo "== $exp: $dir -> $RESULTS/$exp"
-  if "$PY" -m harness.report "$dir" --out "$RESULTS/$exp" >/dev/null; then rendered=$((rendered + 1)); else warn "report of $dir failed"; fi
+  if "$PY" -m harness.report "$dir" --out "$RESULTS/$exp" "${FORCE[@]}" >/dev/null; then
+    rendered=$((rendered + 1))
+  else
+    warn "report of $dir not written (the line above says why)"
+  fi
 done
 
 for dir in "$RUNS"/robustness/*/; do
@@ -36,10 +51,11 @@ for dir in "$RUNS"/robustness/*/; do
   exp="$(basename "$dir")"
   has_runs "$dir" || continue
   echo "== robustness $exp -> $RESULTS/robustness/$exp"
-  if "$PY" -m harness.robustness "$exp" --plot-only --root "$RUNS/robustness" --out "$RESULTS/robustness/$exp" >/dev/null; then
+  if "$PY" -m harness.robustness "$exp" --plot-only --root "$RUNS/robustness" --out "$RESULTS/robustness/$exp" \
+      "${FORCE[@]}" >/dev/null; then
     rendered=$((rendered + 1))
   else
-    warn "robustness figure of $dir failed"
+    warn "robustness figure of $dir not written (the line above says why)"
   fi
 done
 
@@ -64,6 +80,8 @@ fi
 # The index: one section per folder of results, tables linked first, then the figures.
 mkdir -p "$RESULTS"
 index="$RESULTS/README.md"
+tmp="$RESULTS/.README.md.tmp$$"  # written whole, then renamed over the index
+trap 'rm -f "$tmp"' EXIT
 {
   echo "# Results"
   echo
@@ -83,6 +101,7 @@ index="$RESULTS/README.md"
       echo "![$rel/${f%.png}]($rel/$f)"
     done
   done
-} > "$index"
+} > "$tmp"
+mv -f "$tmp" "$index"
 echo "$index"
 exit "$status"

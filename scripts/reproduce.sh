@@ -10,6 +10,9 @@
 #   bash scripts/reproduce.sh bert/sst2 --set train.epochs=1
 #
 # Arguments after the experiment go to `python -m harness.launch` (see --help).
+# Each experiment folder's run_seeds.sh is this with its experiment filled in (nano/run_seeds.sh,
+# bert/sst2/run_seeds.sh, ...). The closing report never replaces one built from more runs
+# (harness/README.md, "What a tool may write over").
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

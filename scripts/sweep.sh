@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Tune one optimizer on one experiment with Optuna, the paper's way (TPE, best validation loss,
-# the search space and budget of <exp>/configs/space.yaml). One trial = one run directory under
+# Tune one optimizer on one experiment with Optuna as the release did (TPE, the search space, budget,
+# trial seed and objective of <exp>/configs/space.yaml; our TPE is seeded). One trial = one run directory under
 # runs/sweeps/<exp>/<optimizer>/trial-<k>/; the study is runs/sweeps/<exp>/<optimizer>/study.db.
 #
 #   bash scripts/sweep.sh <exp> <optimizer> [--trials N] [more options of python -m harness.sweep]

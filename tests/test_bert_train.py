@@ -93,7 +93,7 @@ def test_final_test_record_is_the_checkpoints_test_accuracy(smoke, runs, task):
     test = glue_splits(task, tokenizer, cache_dir=smoke["cache"], raw=smoke[task], max_length=64)["test"]
     overrides = dict(TINY_CONFIG, vocab_size=len(tokenizer)) if task == "sst2" else {}
     model = build_model(task, pretrained=str(smoke["pretrained"]), config_overrides=overrides)
-    model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
+    model.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=True)["model"])
     model.eval()
     with torch.no_grad():
         batch = collate_fn(tokenizer)([test[i] for i in range(len(test))])

@@ -204,3 +204,28 @@ def test_resnet18_parameters_and_forward():
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
     assert resnet18(num_classes=3).linear.out_features == 3
+
+
+def test_computed_normalisation_is_the_release_statistics(fake_root, monkeypatch):
+    """``normalize="computed"``: the released cifar code's get_mean_std, redone here the release's
+    way (ToTensor on every training image, then numpy's per-channel mean and std), over all the
+    official training images, validation images included; the test images use the same numbers."""
+    monkeypatch.setattr(harness.cifar10, "DATASET_CLASS", UncheckedCIFAR10)
+    raw = read_raw(fake_root, train=True)[0]  # (N, 32, 32, 3) uint8
+    imgs = np.stack([transforms.ToTensor()(image).numpy() for image in raw])
+    mean = [imgs[:, c].mean() for c in range(3)]
+    std = [imgs[:, c].std() for c in range(3)]
+    splits = cifar10_splits(fake_root, normalize="computed")
+    for ds in splits.values():
+        norm = ds.transform.transforms[-1]
+        np.testing.assert_allclose(norm.mean, mean, rtol=1e-5)
+        np.testing.assert_allclose(norm.std, std, rtol=1e-5)
+    assert max(abs(a - b) for a, b in zip(std, STD)) > 0.01  # the fixed constants are another choice
+    with pytest.raises(UsageError, match="data.normalize must be one of fixed, computed, got 'mean'"):
+        cifar10_splits(fake_root, normalize="mean")
+
+
+def test_cifar_follows_the_release_normalisation_and_vit_keeps_its_constants():
+    from harness.config import read_yaml
+    assert read_yaml("cifar/configs/paper.yaml")["data"]["normalize"] == "computed"
+    assert read_yaml("vit/configs/paper.yaml")["data"]["normalize"] == "fixed"

@@ -86,7 +86,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(nano_data, tmp_path):
     assert summary["status"] == "interrupted" and summary["steps"] > 0
     import torch
 
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == summary["steps"]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == summary["steps"]
 
 
 def test_divergence_ends_the_run_and_keeps_the_log(nano_data, tmp_path):
@@ -319,27 +319,33 @@ def test_runs_per_gpu_plans_round_robin_slots():
         plan_slots(["0"], runs_per_gpu=0)
 
 
-def test_several_runs_per_gpu_and_per_array_task(nano_data, tmp_path):
-    """Array task 1 of 3 runs per task takes runs 3-5 of --list; with two (pretend) GPUs
-    and two runs per GPU, they start on GPUs 0, 1, 0 (CUDA_VISIBLE_DEVICES in each log;
-    without CUDA the runs use the CPU) and all complete."""
+def test_several_runs_per_gpu_and_per_array_task(nano_data, tmp_path, monkeypatch, capsys):
+    """Array task 1 of 3 runs per task takes runs 3-5 of --list; with two (pretend: the
+    launcher's torch.cuda answers patched) GPUs and two runs per GPU, they start on GPUs
+    0, 1, 0 (CUDA_VISIBLE_DEVICES in each log; without CUDA the runs use the CPU) and all complete."""
+    import torch
+
+    from harness import launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.chdir(ROOT)
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "harness.launch", "nano", "--config", SMOKE, "--set", f"data.dir={nano_data}",
            "--optimizers", "adam", "cd", "cadam", "--seeds", "1", "2", "--runs-dir", str(runs), "--no-report",
            "--gpus", "0,1", "--runs-per-gpu", "2", "--index", "1", "--runs-per-task", "3"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "3 runs to do" in proc.stdout and "GPUs 0,1, 2 at a time on each" in proc.stdout
+    assert launch.main(cmd[3:]) == 0
+    out = capsys.readouterr().out
+    assert "3 runs to do" in out and "GPUs 0,1, 2 at a time on each" in out
     expected = [("cd", 2, "0"), ("cadam", 1, "1"), ("cadam", 2, "0")]  # runs 3, 4, 5 of the listing
     for name, seed, gpu in expected:
         assert json.loads((runs / name / f"seed{seed}" / "summary.json").read_text())["status"] == "completed"
         header = (runs / "logs" / f"{name}-seed{seed}.log").read_text().splitlines()[0]
         assert f"CUDA_VISIBLE_DEVICES={gpu}," in header
     assert sorted(p.name for p in runs.iterdir()) == ["cadam", "cd", "logs"]
-    past_the_end = subprocess.run([*cmd[:-3], "2", "--runs-per-task", "3"], cwd=ROOT, capture_output=True,
-                                  text=True, timeout=300)
-    assert past_the_end.returncode == 0 and "task index 2 is out of range (0-1 for 6 runs, 3 per task)" \
-        in past_the_end.stdout
+    assert launch.main([*cmd[3:-3], "2", "--runs-per-task", "3"]) == 0
+    assert "task index 2 is out of range (0-1 for 6 runs, 3 per task)" in capsys.readouterr().out
 
 
 def test_validation_estimators_fresh_and_fixed(nano_data, tmp_path):

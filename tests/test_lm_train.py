@@ -68,7 +68,7 @@ def gpt2_args(cache, out, optimizer="adam", *extra):
 
 
 def weights(run_dir) -> dict:
-    return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)["model"]
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -77,7 +77,7 @@ def weights(run_dir) -> dict:
 def test_owt_paper_config_is_the_papers_protocol():
     cfg = resolve("owt", "cadam", 1337)
     assert cfg["model"] == {"n_layer": 6, "n_head": 8, "n_embd": 512, "block_size": 1024, "vocab_size": 50304,
-                            "dropout": 0.0, "bias": False}
+                            "dropout": 0.0, "bias": False, "scaled_init": "all"}
     t = cfg["train"]
     assert (t["batch_size"], t["max_iters"], t["eval_interval"], t["eval_iters"]) == (16, 50001, 1000, 200)
     assert (t["grad_clip"], t["gradient_accumulation_steps"], t["precision"]) == (1.0, 1, "fp16")

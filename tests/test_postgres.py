@@ -1,11 +1,14 @@
-"""Sweeps on a real PostgreSQL server: workers that start together on an empty database, a
-worker SIGKILLed mid-trial, and the one-line errors of a missing driver or an unreachable server.
+"""Sweeps on a real PostgreSQL server (made private by scripts/postgres.sh): workers that start
+together on an empty database, a worker SIGKILLed mid-trial, the one-line errors of a missing
+driver or an unreachable server, and what the server admits.
 
 The server tests (marked ``postgres``; ``.ci/run`` runs them with ``-m postgres``) start a
 private server with ``scripts/postgres.sh up`` for the session: PostgreSQL's binaries must be
 installed (``bash scripts/postgres.sh install``). Without them the tests skip, unless
-``ND_REQUIRE_SERVERS=1``, which makes that a failure. Each test gets an empty database.
+``ND_REQUIRE_SERVERS=1``, which makes that a failure. Each test gets an empty database. The
+server admits only its role with its password, which no command line may hold.
 """
+import glob
 import json
 import os
 import re
@@ -36,51 +39,78 @@ def unavailable(reason: str):
     pytest.skip(reason)
 
 
+PG = ["bash", str(ROOT / "scripts" / "postgres.sh")]
+
+
 @pytest.fixture(scope="session")
 def postgres():
-    """A private server for the session: ``(host:port, a connection to its maintenance db)``."""
+    """A private server for the session, made by ``postgres.sh up``: a dict with its printed URL
+    (which names its password file), ``address`` (host:port), ``password`` and ``dir``."""
     try:
-        import psycopg2
+        import psycopg2  # noqa: F401
     except ImportError:
         unavailable("psycopg2 is not installed (environments/test.txt has it)")
-    # Not pytest's tmp_path: its folders are private to the test's user, and as root the
-    # server runs as `postgres`. Short, too: the server's socket path must fit 107 bytes.
-    folder = Path(tempfile.mkdtemp(prefix="nd-pg-"))
-    up = subprocess.run(["bash", str(ROOT / "scripts" / "postgres.sh"), "up", str(folder)], capture_output=True,
-                        text=True, env={**os.environ, "PG_OPTS": "-c fsync=off"})  # a server of minutes
+    # Not pytest's tmp_path: its folders are private to the test's user, and as root the server
+    # runs as `postgres`, which must reach DIR (0711 lets it pass, not list). Short, too: the
+    # socket path must fit 107 bytes. A space in DIR: every path must be quoted, also for pg_ctl.
+    parent = Path(tempfile.mkdtemp(prefix="nd-pg-"))
+    parent.chmod(0o711)
+    folder = parent / "pg dir"
+    up = subprocess.run([*PG, "up", str(folder)], capture_output=True, text=True,
+                        env={**os.environ, "PG_OPTS": "-c fsync=off"})  # a server of minutes
     if up.returncode != 0:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(parent, ignore_errors=True)
         if "no PostgreSQL server binaries" in up.stderr:
             unavailable("PostgreSQL is not installed (bash scripts/postgres.sh install)")
         pytest.fail(f"scripts/postgres.sh up failed: {up.stderr.strip()}")
     url = up.stdout.strip().splitlines()[-1]
-    address = re.match(r"postgresql://optuna@([^/]+)/optuna$", url).group(1)
-    admin = psycopg2.connect(f"postgresql://optuna@{address}/optuna")
-    admin.autocommit = True  # CREATE DATABASE runs outside a transaction
+    address = re.match(r"postgresql://optuna@([^/]+)/optuna\?passfile=(.+)$", url).group(1)
     try:
-        yield address, admin
+        yield {"url": url, "address": address, "password": (folder / "password").read_text().strip(), "dir": folder}
     finally:
-        admin.close()
-        subprocess.run(["bash", str(ROOT / "scripts" / "postgres.sh"), "down", str(folder)], check=True)
-        shutil.rmtree(folder, ignore_errors=True)
+        subprocess.run([*PG, "down", str(folder)], check=True)
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def connect(postgres, **kwargs):
+    import psycopg2
+
+    host, port = postgres["address"].split(":")
+    return psycopg2.connect(**{"host": host, "port": port, "user": "optuna", "dbname": "optuna",
+                               "passfile": "/nonexistent", **kwargs})
 
 
 @pytest.fixture
-def empty_db(postgres, request):
-    """The URL of a new, empty database (a password, which trust authentication ignores, so
-    that the messages can be checked to mask it)."""
-    address, admin = postgres
-    name = re.sub(r"\W", "_", request.node.name).lower()[:60]
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
-    return f"postgresql://optuna:secret@{address}/{name}"
+def empty_db(postgres):
+    """The server's database, emptied (the role may create no other database, but owns the schema
+    ``public`` of its own): the printed URL."""
+    db = connect(postgres, password=postgres["password"])
+    db.autocommit = True
+    with db.cursor() as cursor:
+        cursor.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    db.close()
+    return postgres["url"]
 
 
-def worker(url, out_root, data, trials, index, *extra, optimizer="cd"):
-    cmd = [sys.executable, "-m", "harness.sweep", "run", "nano", optimizer, "--storage", url, "--trials", str(trials),
+def worker(url, out_root, data, trials, index, *extra, optimizer="cd", env=None):
+    """A worker on ``url`` (None: the URL comes in ``env``, as $SWEEP_STORAGE)."""
+    storage = ["--storage", url] if url else []
+    cmd = [sys.executable, "-m", "harness.sweep", "run", "nano", optimizer, *storage, "--trials", str(trials),
            "--worker", str(index), "--config", SMOKE, "--set", f"data.dir={data}", "--out-root", str(out_root),
            "--poll", "0.2", "--no-plot", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def command_lines() -> list[bytes]:
+    """Every process's command line."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(cmdline.read_bytes())
+        except OSError:
+            pass  # gone
+    return lines
 
 
 def load(url, optimizer="cd"):
@@ -97,31 +127,46 @@ def val_steps(run_dir):
 
 
 @pytest.mark.postgres
-def test_workers_started_together_on_an_empty_database_all_work(empty_db, nano_data, tmp_path):
+def test_workers_started_together_on_an_empty_database_all_work(postgres, empty_db, nano_data, tmp_path):
     """All of them create the tables and the study at once (Optuna's CREATE TYPE/TABLE collide
-    without the harness's lock: all but one worker died of a duplicate key)."""
+    without the harness's lock: all but one worker died of a duplicate key). One worker is given
+    the URL printed by ``postgres.sh up`` (its password in a file it names), the other the URL with
+    the password in $SWEEP_STORAGE: no process's command line ever holds the password."""
     n = 3
-    workers = [worker(empty_db, tmp_path, nano_data, n, i, *TINY) for i in range(2)]
+    with_password = {"SWEEP_STORAGE": f"postgresql://optuna:{postgres['password']}@{postgres['address']}/optuna"}
+    workers = [worker(empty_db, tmp_path, nano_data, n, 0, *TINY),
+               worker(None, tmp_path, nano_data, n, 1, *TINY, env=with_password)]
+    seen = 0
+    while any(w.poll() is None for w in workers):
+        lines = command_lines()
+        seen += sum(b"harness.sweep" in line for line in lines)
+        assert not [line for line in lines if postgres["password"].encode() in line]
+        time.sleep(0.05)
+    assert seen  # the workers' command lines were read
     outputs = [w.communicate(timeout=600) for w in workers]
     for w, (out, err) in zip(workers, outputs):
         assert w.returncode == 0, err
-        assert "Traceback" not in err and "secret" not in out + err
+        assert "Traceback" not in err and postgres["password"] not in out + err
         assert re.search(r"^trial \d+ \(.*\): complete", out, re.M), out  # each worker ran a trial
+    assert "in postgresql://optuna:***@127.0.0.1:" in outputs[1][0]
     study = load(empty_db)
     states = by_state(study)
     # A worker mid-trial when the study reaches n finishes that trial: at most W - 1 = 1 over.
     assert n <= len(states[TrialState.COMPLETE]) <= n + 1
     assert not states[TrialState.FAIL] and not states[TrialState.RUNNING] and not states[TrialState.WAITING]
     assert {t.user_attrs["pid"] for t in study.get_trials()} == {w.pid for w in workers}
+    # Nothing the sweep wrote holds the password.
+    assert not [f for f in tmp_path.rglob("*") if f.is_file() and postgres["password"].encode() in f.read_bytes()]
 
     # The study recorded its search space once; a worker with another space is still refused.
     space = tmp_path / "space.yaml"
     space.write_text("trials: 1\noptimizers:\n  cd: {h: [1.0e-3, 0.5, log], gamma: [0.1, 1, uniform], "
                      "c: [1, 2, log]}\n")
-    other = worker(empty_db, tmp_path, nano_data, n, 2, "--space", str(space))
+    other = worker(None, tmp_path, nano_data, n, 2, "--space", str(space), env=with_password)
     out, err = other.communicate(timeout=300)
     assert other.returncode == 2 and err.count("\n") == 1, err
     assert re.match(r"error: study nano-cd in postgresql://optuna:\*\*\*@.* was made with the search space", err)
+    assert postgres["password"] not in err
 
 
 @pytest.mark.postgres
@@ -189,9 +234,9 @@ runpy.run_module("harness.sweep", run_name="__main__", alter_sys=True)
 """
 
 
-def cli(*args, code=None):
+def cli(*args, code=None, env=None):
     cmd = [sys.executable, *(["-c", code] if code else ["-m", "harness.sweep"]), *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
 def closed_port() -> int:
@@ -202,12 +247,13 @@ def closed_port() -> int:
 
 def test_a_missing_driver_is_one_line_naming_the_package(tmp_path):
     url = f"postgresql://optuna:secret@127.0.0.1:{closed_port()}/optuna"
-    done = cli("run", "nano", "cd", "--storage", url, "--out-root", str(tmp_path), code=BLOCK_PSYCOPG2)
+    done = cli("run", "nano", "cd", "--out-root", str(tmp_path), code=BLOCK_PSYCOPG2, env={"SWEEP_STORAGE": url})
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("error: --storage postgresql://optuna:***@127.0.0.1:")
     assert "needs the database driver psycopg2" in done.stderr and "pip install psycopg2-binary" in done.stderr
     # mysql://'s driver is in no environment.
-    done = cli("export", "nano", "cd", "--storage", "mysql://u:secret@127.0.0.1/optuna", "--out", str(tmp_path / "x"))
+    done = cli("export", "nano", "cd", "--out", str(tmp_path / "x"),
+               env={"SWEEP_STORAGE": "mysql://u:secret@127.0.0.1/optuna"})
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "pip install mysqlclient" in done.stderr and "secret" not in done.stderr
     assert not (tmp_path / "nano").exists()
@@ -216,7 +262,7 @@ def test_a_missing_driver_is_one_line_naming_the_package(tmp_path):
 def test_an_unreachable_server_is_one_line_naming_the_masked_url(tmp_path):
     for command in (["run", "nano", "cd"], ["plot", "nano", "cd"]):
         url = f"postgresql://optuna:secret@127.0.0.1:{closed_port()}/optuna"
-        done = cli(*command, "--storage", url, "--out-root", str(tmp_path))
+        done = cli(*command, "--out-root", str(tmp_path), env={"SWEEP_STORAGE": url})
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
         assert re.match(r"error: cannot connect to --storage postgresql://optuna:\*\*\*@127\.0\.0\.1:\d+/optuna: "
                         r".*Connection refused", done.stderr), done.stderr
@@ -224,8 +270,63 @@ def test_an_unreachable_server_is_one_line_naming_the_masked_url(tmp_path):
 
 @pytest.mark.postgres
 def test_a_missing_database_is_one_line(postgres, tmp_path):
-    address, _ = postgres
-    done = cli("run", "nano", "cd", "--storage", f"postgresql://optuna:secret@{address}/nope",
-               "--out-root", str(tmp_path))
+    done = cli("run", "nano", "cd", "--out-root", str(tmp_path),
+               env={"SWEEP_STORAGE": f"postgresql://optuna:{postgres['password']}@{postgres['address']}/nope"})
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    assert 'database "nope" does not exist' in done.stderr and "secret" not in done.stderr
+    assert 'database "nope" does not exist' in done.stderr and postgres["password"] not in done.stderr
+
+
+@pytest.mark.postgres
+def test_the_server_admits_only_the_role_with_its_password_and_no_superuser(postgres, tmp_path):
+    """Before: trust authentication and the role a superuser, so any local user could connect as
+    it and run a shell command as the server's OS user (COPY ... TO PROGRAM)."""
+    import psycopg2
+
+    host, port = postgres["address"].split(":")
+    for password in (None, "wrong"):
+        with pytest.raises(psycopg2.OperationalError, match="no password supplied|password authentication failed"):
+            connect(postgres, **({"password": password} if password else {}))
+    # Another OS user: no password, and the server's socket folder is closed to it.
+    psql = shutil.which("psql") or sorted(glob.glob("/usr/lib/postgresql/*/bin/psql"))[-1]
+    socket_dir = postgres["dir"] / "server" / "socket"
+    for target in ("127.0.0.1", str(socket_dir)):
+        done = subprocess.run(["runuser", "-u", "nobody", "--", psql, "-w", "-h", target, "-p", port, "-U", "optuna",
+                               "-d", "optuna", "-c", "SELECT 1"], capture_output=True, text=True, cwd="/")
+        assert done.returncode != 0 and re.search("no password supplied|Permission denied", done.stderr), done.stderr
+    assert (socket_dir.stat().st_mode & 0o777) == 0o700
+    for secret in ("password", "pgpass"):
+        assert (postgres["dir"] / secret).stat().st_mode & 0o777 == 0o600
+
+    db = connect(postgres, password=postgres["password"])
+    db.autocommit = True
+    with db.cursor() as cursor:
+        cursor.execute("SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = 'optuna'")
+        assert cursor.fetchall() == [(False, False, False)]
+        cursor.execute("SELECT datname FROM pg_database WHERE datdba = (SELECT oid FROM pg_roles "
+                       "WHERE rolname = 'optuna')")
+        assert cursor.fetchall() == [("optuna",)]
+        cursor.execute("SHOW listen_addresses")
+        assert cursor.fetchall() == [("127.0.0.1",)]
+        marker = tmp_path / "marker"
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+            cursor.execute(f"COPY (SELECT 1) TO PROGRAM 'touch {marker}'")
+    db.close()
+    assert not marker.exists()
+
+
+@pytest.mark.postgres
+def test_up_refuses_a_folder_that_is_not_new(postgres):
+    """Before: ``up DIR`` chowned any existing DIR to postgres (``up ~`` would hand over a home)."""
+    parent = Path(tempfile.mkdtemp(prefix="nd-pg-"))
+    try:
+        (parent / "notes.txt").write_text("mine\n")
+        os.chown(parent, 65534, 65534)  # nobody's
+        before = parent.stat()
+        done = subprocess.run([*PG, "up", str(parent)], capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr == \
+            f"error: DIR {parent} exists and is not empty; give a new folder (nothing in it was changed)\n"
+        after = parent.stat()
+        assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
+        assert sorted(p.name for p in parent.iterdir()) == ["notes.txt"]
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)

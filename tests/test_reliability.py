@@ -57,7 +57,7 @@ def test_the_checkpoints_config_is_checked_too(nano_data, tmp_path, capsys):
     out = tmp_path / "run"
     assert nano_train.main(nano_args(nano_data, out, "adam", 1, "--set", "train.max_iters=2")) == 0
     (out / "summary.json").unlink()  # a checkpointed run, not finished
-    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
     saved["config"]["optimizer"]["lr"] = 123.0  # a checkpoint of another config
     torch.save(saved, out / "checkpoint.pt")
     config = (out / "config.yaml").read_bytes()
@@ -209,7 +209,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_resumable(nano_data, whole,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "checkpoint.pt" in err and "disk is full" in err
     assert not list(out.glob(".*.tmp*"))  # the temp file is removed
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 0  # the last good one
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 0  # the last good one
     monkeypatch.setattr(torch, "save", real_save)  # space freed
     assert nano_train.main(nano_args(nano_data, out, "ikfad")) == 0
     assert records(out) == whole

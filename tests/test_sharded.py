@@ -166,7 +166,7 @@ def test_fsdp2_run_matches_ddp_and_resumes_exactly(nano_data, tmp_path):
 
     # The checkpoint is the full, single-process format: DDP's keys, shapes and param groups, the
     # optimizer state keyed by parameter index, and it loads into the unsharded model.
-    c_ddp, c_fsdp = (torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=False) for d in (ddp, whole))
+    c_ddp, c_fsdp = (torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=True) for d in (ddp, whole))
     assert {k: v.shape for k, v in c_fsdp["model"].items()} == {k: v.shape for k, v in c_ddp["model"].items()}
     assert all(type(v) is torch.Tensor for v in c_fsdp["model"].values())
     assert max((c_fsdp["model"][k] - v).abs().max().item() for k, v in c_ddp["model"].items()) < 1e-5
@@ -223,7 +223,7 @@ def test_cifar_fsdp2_matches_ddp_batchnorm_and_best_weights_included(tmp_path):
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["acc"] == x["acc"], (x, y)
         assert y.get("best_step") == x.get("best_step")
-    best = {p: torch.load(tmp_path / p / "best_model.pt", map_location="cpu", weights_only=False) for p in runs}
+    best = {p: torch.load(tmp_path / p / "best_model.pt", map_location="cpu", weights_only=True) for p in runs}
     assert best["fsdp2"]["model"].keys() == best["ddp"]["model"].keys()
     for k, v in best["ddp"]["model"].items():
         w = best["fsdp2"]["model"][k]

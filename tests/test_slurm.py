@@ -79,8 +79,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster():
-    # Not under pytest's 0700 temporary folder: munged wants its socket's folder searchable by all.
-    state = Path(tempfile.mkdtemp(prefix="nd-slurm-test-"))
+    state = Path(tempfile.mkdtemp(prefix="nd-slurm-test-"))  # short: the munge socket's path must fit
     c = Cluster(state)
     try:
         up = c.script("up")
@@ -210,3 +209,81 @@ def test_sweep_array_workers_finish_one_study_together(cluster, checkout, nano_d
     assert ran[0] and ran[1], ran  # both workers ran trials of the one study
     assert sorted(ran[0] + ran[1]) == complete
     assert sorted(p.name for p in checkout.iterdir()) == before
+
+
+def cluster_sh(state: Path, *action: str) -> subprocess.CompletedProcess:
+    """``cluster.sh <action>`` on the state folder ``state`` (ports nothing else uses)."""
+    env = {**os.environ, "ND_SLURM_DIR": str(state), "ND_SLURMCTLD_PORT": str(_free_port()),
+           "ND_SLURMD_PORT": str(_free_port())}
+    return subprocess.run(["bash", str(CLUSTER), *action], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def bystander():
+    """A live process that is no daemon of cluster.sh: what a planted pid file names."""
+    proc = subprocess.Popen(["sleep", "300"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def plant(state: Path, victim: Path, pid: int) -> dict:
+    """What another user leaves in a state folder: slurm.conf a link to ``victim`` (a file the
+    caller may write), pid files naming ``pid``, a munge key. Returns every file's bytes."""
+    state.mkdir(exist_ok=True)
+    (state / "slurm.conf").symlink_to(victim)
+    for name in ("munged", "slurmctld", "slurmd"):
+        (state / f"{name}.pid").write_text(f"{pid}\n")
+    (state / "munge.key").write_bytes(b"k" * 1024)
+    return {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("how", ["foreign owner", "link", "group-writable"])
+def test_a_state_folder_planted_by_another_user_is_refused(tmp_path, bystander, how):
+    """Before: the state folder defaulted to /tmp/nd-slurm-$USER, used whoever made it: `up` wrote
+    slurm.conf through a planted link, `down` killed whatever pid a planted pid file named."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the caller's own file\n")
+    state = tmp_path / "state"
+    if how == "link":  # the state folder a link to another folder, which holds the plants
+        target = tmp_path / "elsewhere"
+        files = plant(target, victim, bystander.pid)
+        state.symlink_to(target)
+        expected = f"cluster.sh: state folder {state} is a symbolic link; refusing it"
+    else:
+        files = plant(state, victim, bystander.pid)
+        if how == "foreign owner":
+            os.chown(state, 65534, 65534)  # nobody's
+            expected = f"cluster.sh: state folder {state} belongs to user nobody, not to you; refusing it"
+        else:
+            state.chmod(0o775)
+            expected = f"cluster.sh: state folder {state} is writable by group or others (mode 775); refusing it"
+    for action in ("up", "down", "status"):
+        done = cluster_sh(state, action)
+        assert done.returncode == 1 and done.stderr.startswith(expected), (action, done.stderr)
+        assert done.stderr.count("\n") == 1, done.stderr
+    assert victim.read_text() == "the caller's own file\n"
+    assert bystander.poll() is None
+    folder = state.resolve()
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == files
+
+
+def test_down_signals_no_process_it_did_not_start(tmp_path, bystander):
+    """A state folder of the caller's (0700) whose pid files name a live process that `up` did not
+    start (a stale pid since reused, or the record of another start): `down` leaves it alone."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    for name in ("munged", "slurmctld", "slurmd"):
+        (state / f"{name}.pid").write_text(f"{bystander.pid}\n")
+    # slurmd's record names the process's owner and executable, with another start time.
+    stat = Path(f"/proc/{bystander.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    (state / "slurmd.id").write_text(f"{os.getuid()} {os.path.realpath(f'/proc/{bystander.pid}/exe')} "
+                                     f"{int(stat[19]) - 1}\n")
+    status = cluster_sh(state, "status")
+    assert status.returncode == 3 and "munged: stopped" in status.stdout and "slurmd: stopped" in status.stdout
+    done = cluster_sh(state, "down")
+    assert done.returncode == 0, done.stderr
+    time.sleep(0.5)
+    assert bystander.poll() is None

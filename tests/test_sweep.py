@@ -292,3 +292,104 @@ def test_sweep_numbers_no_worker_can_use_are_one_line_errors(tmp_path, capsys, o
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
     assert not (tmp_path / "sweeps").exists()  # nothing created
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("form", ["userinfo", "query", "at-inside"])
+def test_storage_passwords_are_never_printed(tmp_path, capsys, monkeypatch, form):
+    """A password in the URL's userinfo, in ``?password=``, or holding an ``@`` (which SQLAlchemy
+    alone reads as the end of the password: the rest would be printed as the host): refused as an
+    argument (every user reads command lines), and masked in every message when the URL comes from
+    $SWEEP_STORAGE, also in the error of a server that cannot be reached."""
+    from harness.sweep.cli import main
+
+    port = closed_port()
+    url, pieces = {
+        "userinfo": (f"postgresql://optuna:hunter2x@127.0.0.1:{port}/optuna", ["hunter2x"]),
+        "query": (f"postgresql://optuna@127.0.0.1:{port}/optuna?password=hunter2y", ["hunter2y"]),
+        "at-inside": (f"postgresql://optuna:hun@ter2z@127.0.0.1:{port}/optuna", ["hun", "ter2z"]),
+    }[form]
+    shown = {"userinfo": f"postgresql://optuna:***@127.0.0.1:{port}/optuna",
+             "query": f"postgresql://optuna@127.0.0.1:{port}/optuna?password=***",
+             "at-inside": f"postgresql://optuna:***@127.0.0.1:{port}/optuna"}[form]
+    monkeypatch.delenv("SWEEP_STORAGE", raising=False)
+    assert main(["run", "nano", "cd", "--storage", url, "--out-root", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: --storage {shown} holds a password, which every user of this machine can read on a " \
+                  "command line; pass the URL in $SWEEP_STORAGE instead, or the password in a PGPASSFILE (mode 0600)\n"
+    assert not any(p in out + err for p in pieces)
+
+    monkeypatch.setenv("SWEEP_STORAGE", url)
+    for command in (["run", "nano", "cd"], ["plot", "nano", "cd"], ["export", "nano", "cd", "--out", "x.yaml"]):
+        assert main([*command, "--out-root", str(tmp_path)]) == 2
+        out, err = capsys.readouterr()
+        assert err.startswith(f"error: cannot connect to --storage {shown}: ") and err.count("\n") == 1, err
+        assert "Connection refused" in err and not any(p in out + err for p in pieces), err
+
+
+def test_a_planted_running_trial_never_gets_an_unrelated_process_killed(tmp_path):
+    """Anyone who can write to a study can add a RUNNING trial naming this host, a dead worker and,
+    as its run, any live process (here a `sleep` of this user, with its true start time, which
+    /proc shows to all). A worker's start recovers such trials: it must not signal the process."""
+    import socket
+
+    from harness import processes
+    from harness.sweep import study as study_lib
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    store = study_lib.storage(url)
+    study = optuna.create_study(study_name="nano-cd", storage=store)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    victim = subprocess.Popen(["sleep", "300"])
+    try:
+        wait_for(lambda: processes.start_time(victim.pid) is not None)
+        planted = [{},  # no start time recorded
+                   {"child_start": processes.start_time(victim.pid)},  # its true start time, no run folder
+                   {"child_start": processes.start_time(victim.pid), "run_dir": str(tmp_path / "trial-0")},
+                   {"child_start": "1"}]  # a wrong start time
+        for attrs in planted:
+            trial = study.ask()
+            for key, value in {"host": socket.gethostname(), "pid": gone.pid, "pid_start": "1",
+                               "child_pid": victim.pid, **attrs}.items():
+                trial.set_user_attr(key, value)
+        assert len(study_lib.recover_dead_trials(study, store)) == len(planted)  # the trials are failed...
+        time.sleep(0.5)
+        assert victim.poll() is None  # ...and the process lives
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_study_md_and_export_force_replace_a_file_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails before it is complete (here: at its fsync) leaves the previous study.md
+    or exported file as it was; before, both were rewritten in place, so a kill or a full disk
+    left them torn."""
+    study = optuna.create_study(study_name="nano-cd")
+    study.add_trial(optuna.trial.create_trial(
+        params={"h": 0.1}, distributions={"h": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)},
+        value=2.5, user_attrs={"run_dir": str(tmp_path / "trial-0")}))
+    out, md = tmp_path / "tuned.yaml", tmp_path / "study.md"
+    out.write_text("cd: {h: 0.3}\n")
+    md.write_text("# the previous summary\n")
+
+    def broken_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        sweep.export_best(study, sweep.experiment("nano"), "cd", out, force=True)
+    with pytest.raises(OSError):
+        sweep.plot_study(study, tmp_path)
+    assert out.read_text() == "cd: {h: 0.3}\n" and md.read_text() == "# the previous summary\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.png", "study.md", "tuned.yaml"]  # no temp left
+    monkeypatch.undo()
+    sweep.export_best(study, sweep.experiment("nano"), "cd", out, force=True)
+    assert yaml.safe_load(out.read_text()) == {"cd": {"h": 0.1}}

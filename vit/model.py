@@ -11,8 +11,8 @@ token's final state feeds a linear head.
 
 ``drop_rate`` is timm's head dropout: in timm >= 0.9 (the paper used timm 1.0) it is
 applied only to the pooled features before the classifier; the position, attention,
-projection and path dropouts keep timm's default of 0 (the spec's "drop 0.1" is
-this one argument).
+projection and path dropouts keep timm's default of 0 (the release's ``drop_rate=0.1``,
+its ``vit/model.py``, is this one argument).
 """
 from timm.models.vision_transformer import VisionTransformer
 

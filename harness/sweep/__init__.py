@@ -9,6 +9,9 @@ The search space and the sweep budget of an experiment are in
 
     budget: {train.max_iters: 2001}   # config overrides applied to every trial (dotted keys)
     trials: 80                        # finished (complete + pruned) trials the study aims at
+    seed: 1337                        # the trials' run seed (default the first paper seed)
+    seed_per_trial: true              # trial k runs seed + k (default false: all run seed)
+    objective: best                   # best | final | best_epoch_end validation loss
     optimizers:
       cd: {h: [1.0e-4, 0.5, log], gamma: [1.0e-6, 10, uniform], c: [0.1, 1.0e6, log]}
 
@@ -16,10 +19,13 @@ A trial samples the hyperparameters with the (seeded) TPE sampler and runs
 ``python -m <exp>.train --optimizer NAME --seed S --set optimizer.<hp>=<value> ...
 --out runs/sweeps/<exp>/<optimizer>/trial-<k>`` as a subprocess (a crash or a
 NaN in a trial never takes the worker down, and every trial starts from fresh
-torch state). Its objective is the run's best validation loss, minimised. A
-run that diverged (or whose loss is not finite) is *pruned*. Every trial uses
-the same seed (``--seed``, default the experiment's first paper seed, as the
-paper tuned with one seed); it is recorded as the trial's ``seed`` user attribute.
+torch state). Its objective, minimised, is the validation loss the space's
+``objective`` picks from the run's records (``objective.objective_record``): the
+best one, the last one, or the best at an epoch's end. A run that diverged (or
+that has no finite loss for the objective) is *pruned*. Every trial runs the
+space's ``seed`` (``--seed`` overrides it), or ``seed + k`` for trial k with
+``seed_per_trial``, as the release's sweeps did per experiment; it is recorded as
+the trial's ``seed`` user attribute.
 
 Workers. The study lives in Optuna storage (default a SQLite file
 ``runs/sweeps/<exp>/<optimizer>/study.db``; a PostgreSQL/MySQL URL for

@@ -20,15 +20,34 @@ from ..experiments import experiment
 from .export import best_params, export_best, write_best
 from .objective import TrialCrashed
 from .plots import plot_study
-from .study import load_study, sweep_dir
+from .study import holds_password, load_study, masked, sweep_dir
 from .worker import SweepOptions, run_sweep
+
+
+# The storage URL from the environment: a URL with a password must not be an argument, which
+# every user of the machine can read (ps, /proc/<pid>/cmdline); a process's environment is its own.
+STORAGE_ENV = "SWEEP_STORAGE"
+
+
+def storage_url(argument: Optional[str]) -> Optional[str]:
+    """The ``--storage`` argument, else ``$SWEEP_STORAGE``; a one-line UsageError for an argument
+    that holds a password (in its userinfo or a ``password=`` query parameter)."""
+    if argument is None:
+        return os.environ.get(STORAGE_ENV) or None
+    if holds_password(argument):
+        raise UsageError(f"--storage {masked(argument)} holds a password, which every user of this machine can "
+                         f"read on a command line; pass the URL in ${STORAGE_ENV} instead, or the password in a "
+                         f"PGPASSFILE (mode 0600)")
+    return argument
 
 
 def _common(q: argparse.ArgumentParser) -> None:
     q.add_argument("experiment", help="experiment folder (nano, vit, ...; bert/sst2 for a task)")
     q.add_argument("optimizer")
     q.add_argument("--storage", dest="storage_url", metavar="STORAGE", default=None,
-                   help="Optuna storage URL (default sqlite:///runs/sweeps/<exp>/<optimizer>/study.db)")
+                   help=f"Optuna storage URL without a password (default ${STORAGE_ENV}, else "
+                        "sqlite:///runs/sweeps/<exp>/<optimizer>/study.db); a password goes in "
+                        f"${STORAGE_ENV} or a PGPASSFILE, never on the command line")
     q.add_argument("--out-root", default=os.environ.get("SWEEPS", "runs/sweeps"),
                    help="where trial run directories go (default runs/sweeps, or $SWEEPS)")
 
@@ -37,7 +56,7 @@ def _run_parser(r: argparse.ArgumentParser) -> None:
     """The options of ``run``, named as ``SweepOptions``' fields."""
     _common(r)
     r.add_argument("--trials", type=int, default=None, help="finished trials to reach (default: space.yaml's)")
-    r.add_argument("--seed", type=int, default=None, help="the run seed of every trial (default: first paper seed)")
+    r.add_argument("--seed", type=int, default=None, help="the trials' run seed (trial k runs seed + k where space.yaml sets seed_per_trial; default: space.yaml's seed)")
     r.add_argument("--sampler-seed", type=int, default=0, help="TPE seed (mixed with the worker index)")
     r.add_argument("--worker", type=int, default=None, help="worker index (default $SLURM_ARRAY_TASK_ID or 0)")
     r.add_argument("--pruner", default="none", choices=("none", "median"),
@@ -104,6 +123,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not argv or argv[0] not in ("run", "export", "plot", "-h", "--help"):
         argv.insert(0, "run")
     args = parser().parse_args(argv)
+    args.storage_url = storage_url(args.storage_url)
     try:
         if args.command == "run":
             run_sweep(SweepOptions.from_args(args))

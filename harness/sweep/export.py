@@ -2,12 +2,12 @@
 to a new file (``export --out``) or in place in ``<exp>/configs/best.yaml`` (``--write-best``)."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import yaml
 
+from ..checkpoint import write_text_atomic
 from ..errors import UsageError
 from ..experiments import Experiment
 
@@ -42,10 +42,13 @@ def export_best(study, exp: Experiment, optimizer: str, out: Path, force: bool =
         raise UsageError(f"{out} exists; choose a new --out or pass --force to overwrite it")
     best = study.best_trial
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# Best of study {study.study_name}: trial {best.number}, best val loss {best.value:.6g}, "
-                   f"run {best.user_attrs.get('run_dir', '?')}.\n"
-                   f"# Use with: python -m {' '.join([exp.module, *exp.args])} --optimizer {optimizer} --config {out}\n"
-                   f"{optimizer}: {flow_entry(best_params(study))}\n")
+    rule = best.user_attrs.get("objective", "best")  # trials from before the key: the best val loss
+    # Atomic: a kill mid-write (also of an --force overwrite) leaves the old file or the new one.
+    write_text_atomic(out, f"# Best of study {study.study_name}: trial {best.number}, {rule} val loss "
+                           f"{best.value:.6g}, run {best.user_attrs.get('run_dir', '?')}.\n"
+                           f"# Use with: python -m {' '.join([exp.module, *exp.args])} --optimizer {optimizer} "
+                           f"--config {out}\n"
+                           f"{optimizer}: {flow_entry(best_params(study))}\n")
     return out
 
 
@@ -77,6 +80,4 @@ def write_best(best_yaml: Path, optimizer: str, params: dict) -> None:
     if {k: {h: as_number(v) for h, v in (e or {}).items()} for k, e in after.items()} != \
             {k: {h: as_number(v) for h, v in (e or {}).items()} for k, e in expected.items()}:
         raise UsageError(f"could not edit {best_yaml} in place; write the entry by hand: {optimizer}: {flow_entry(merged)}")
-    tmp = best_yaml.with_name(f".{best_yaml.name}.tmp{os.getpid()}")
-    tmp.write_text(new)
-    os.replace(tmp, best_yaml)
+    write_text_atomic(best_yaml, new)

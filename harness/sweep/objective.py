@@ -1,4 +1,8 @@
-"""The objective: one trial = one ordinary run in a subprocess, its best validation loss.
+"""The objective: one trial = one ordinary run in a subprocess, scored by its validation losses.
+
+What a trial returns is the space's ``objective`` rule (``objective_record``): the best
+validation loss (``best``), the last one (``final``) or the best at the end of an epoch
+(``best_epoch_end``).
 
 The run is ``python -m <exp>.train --optimizer NAME --seed S --set optimizer.<hp>=<value> ...
 --out <sweep dir>/trial-<k>``: a crash or a NaN never takes the worker down, and every
@@ -12,15 +16,35 @@ import os
 import socket
 import subprocess
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from .. import processes
 from ..checkpoint import previous
 from ..errors import UsageError
 from ..experiments import Experiment, train_command
-from ..rundir import RunDir, finite
+from ..rundir import RunDir, best_record, finite
 from ..signals import EXIT_INTERRUPTED, Interrupted, StopFlag
-from .space import Range, set_arg
+from .space import OBJECTIVES, Range, set_arg
+
+
+def objective_record(records: Iterable[dict], rule: str = "best") -> Optional[dict]:
+    """The ``val`` record whose ``loss`` a trial returns under ``rule`` (a name of ``OBJECTIVES``);
+    None when there is none (or, for ``final``, when the last evaluation's loss is not finite).
+
+    - ``best``: the finite-loss record of lowest loss (the first on ties);
+    - ``final``: the record of the highest ``step``;
+    - ``best_epoch_end``: the lowest-loss record among those whose ``epoch`` (updates / updates
+      per epoch) is a whole positive number, i.e. taken after an epoch's last update.
+    """
+    if rule not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {rule!r}")
+    rows = [r for r in records if r.get("split") == "val"]
+    if rule == "final":
+        last = max(rows, key=lambda r: r["step"], default=None)
+        return last if last is not None and finite(last.get("loss")) else None
+    if rule == "best_epoch_end":
+        rows = [r for r in rows if finite(r.get("epoch")) and r["epoch"] > 0 and float(r["epoch"]).is_integer()]
+    return best_record(rows, "val", "loss", "min")
 
 
 class WorkerInterrupted(Interrupted):
@@ -48,16 +72,23 @@ class _Reports:
 
 
 class Objective:
-    """One trial = one ordinary run of ``exp`` in a subprocess; returns its best validation loss.
+    """One trial = one ordinary run of ``exp`` in a subprocess; returns the validation loss that
+    ``objective`` picks (``objective_record``).
 
-    A run that diverged (or logged no finite validation loss) prunes the trial, as does the
-    pruner (the run is then stopped); an interrupted run raises ``WorkerInterrupted``, a
-    crashed one ``TrialCrashed``, one that could not start (exit 2) ``UsageError``."""
+    The run's seed is ``seed``, or ``seed + k`` for the trial numbered k (a retry keeps its
+    original's k) with ``seed_per_trial``. A run that diverged (or has no record for the
+    objective) prunes the trial, as does the pruner (the run is then stopped); an interrupted
+    run raises ``WorkerInterrupted``, a crashed one ``TrialCrashed``, one that could not start
+    (exit 2) ``UsageError``."""
 
     def __init__(self, exp: Experiment, optimizer: str, space: dict[str, Range], *, seed: int, out: Path,
                  config: Optional[str], sets: Sequence[str], signals: StopFlag, poll_s: float = 10.0,
-                 keep_checkpoints: bool = False, nproc: int = 1):
+                 keep_checkpoints: bool = False, nproc: int = 1, objective: str = "best",
+                 seed_per_trial: bool = False):
+        if objective not in OBJECTIVES:
+            raise UsageError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         self.exp, self.optimizer, self.space, self.seed, self.out = exp, optimizer, space, seed, out
+        self.objective, self.seed_per_trial = objective, seed_per_trial
         self.config, self.sets, self.signals, self.poll_s = config, list(sets), signals, poll_s
         self.keep_checkpoints, self.nproc = keep_checkpoints, nproc
         self.current: Optional[int] = None  # the number of the trial whose run is in flight
@@ -75,10 +106,11 @@ class Objective:
         params = {hp: trial.suggest_float(hp, r.low, r.high, log=r.log) for hp, r in self.space.items()}
         root = int(trial.user_attrs.get("root", trial.number))  # a retry inherits its original's attrs
         run = RunDir(self.out / f"trial-{root}")
-        for key, value in {"root": root, "seed": self.seed, "run_dir": str(run.path), "host": socket.gethostname(),
+        seed = self.trial_seed(root)
+        for key, value in {"root": root, "seed": seed, "objective": self.objective, "run_dir": str(run.path), "host": socket.gethostname(),
                            "pid": os.getpid(), "pid_start": processes.start_time(os.getpid())}.items():
             trial.set_user_attr(key, value)
-        cmd = train_command(self.exp, self.optimizer, self.seed, run.path, self.config,
+        cmd = train_command(self.exp, self.optimizer, seed, run.path, self.config,
                             self.sets + [set_arg(f"optimizer.{k}", v) for k, v in params.items()], self.nproc)
         proc = processes.start(cmd, run.log_file)
         self.current = trial.number
@@ -86,6 +118,10 @@ class Objective:
         trial.set_user_attr("child_pid", proc.pid)
         trial.set_user_attr("child_start", processes.start_time(proc.pid))
         return run, proc
+
+    def trial_seed(self, root: int) -> int:
+        """The run seed of the trial numbered ``root`` (the first trial of its retry chain)."""
+        return self.seed + root if self.seed_per_trial else self.seed
 
     def _wait(self, trial, run: RunDir, proc: subprocess.Popen) -> tuple[int, bool]:
         """Wait for the run, reporting its validation losses every ``poll_s`` seconds; stop it
@@ -125,11 +161,12 @@ class Objective:
             trial.set_user_attr("error", f"exit status {rc}: {processes.last_line(run.log_file)}")
             raise TrialCrashed(f"{run.path} exited with status {rc}: {processes.last_line(run.log_file)}")
         self._drop_checkpoint(run)
-        best = run.best("val", "loss", "min")
-        if status == "diverged" or best is None:
-            raise optuna.TrialPruned(f"{run.path} {status or 'logged no finite validation loss'}")
-        trial.set_user_attr("best_step", int(best["step"]))
-        return float(best["loss"])
+        chosen = objective_record(run.records(), self.objective)
+        if status == "diverged" or chosen is None:
+            raise optuna.TrialPruned(f"{run.path} " + (status if status == "diverged" else
+                                     f"has no finite validation loss for the objective {self.objective}"))
+        trial.set_user_attr("best_step", int(chosen["step"]))
+        return float(chosen["loss"])
 
     def _drop_checkpoint(self, run: RunDir) -> None:
         """A finished trial's checkpoint is never needed again (the summary says it is done)."""

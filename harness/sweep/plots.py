@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..checkpoint import write_text_atomic
+from .space import OBJECTIVES
+
 
 def plot_study(study, out_dir: Path) -> list[Path]:
     """``history.png`` (optimisation history), ``importances.png`` (fANOVA parameter importances,
@@ -39,7 +42,7 @@ def plot_study(study, out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(out_dir / name)
     md = out_dir / "study.md"
-    md.write_text(study_markdown(study, [p.name for p in written]))
+    write_text_atomic(md, study_markdown(study, [p.name for p in written]))
     return written + [md]
 
 
@@ -55,8 +58,9 @@ def study_markdown(study, figures: list[str], top: int = 10) -> str:
     complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value)
     if complete:
         names = list(complete[0].params)
-        lines += [f"Best {min(top, len(complete))} trials (objective: best validation loss):", "",
-                  "| trial | best val loss | " + " | ".join(names) + " | run |",
+        rule = complete[0].user_attrs.get("objective", "best")  # trials before the key: the best val loss
+        lines += [f"Best {min(top, len(complete))} trials (objective: {OBJECTIVES.get(rule, rule)}):", "",
+                  "| trial | objective | " + " | ".join(names) + " | run |",
                   "|---|---|" + "---|" * len(names) + "---|"]
         for t in complete[:top]:
             lines.append(f"| {t.number} | {t.value:.4f} | " + " | ".join(f"{t.params.get(n, float('nan')):.4g}"

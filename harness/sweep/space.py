@@ -2,6 +2,10 @@
 
     budget: {train.max_iters: 2001}   # config overrides applied to every trial (dotted keys)
     trials: 80                        # finished (complete + pruned) trials the study aims at
+    seed: 123                         # every trial's run seed (default: the first paper seed)
+    seed_per_trial: false             # true: trial k runs seed + k (each retry keeps its original's k)
+    objective: best                   # what a trial returns (minimised): see OBJECTIVES
+    base: space.yaml                  # (a preset) take every other key from this file beside it
     optimizers:
       cd: {h: [1.0e-4, 0.5, log], gamma: [1.0e-6, 10, uniform], c: [0.1, 1.0e6, log]}
 """
@@ -13,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import UsageError
-from ..experiments import Experiment
+from ..experiments import Experiment, paper_seeds
 
 
 def set_arg(key: str, value: Any) -> str:
@@ -23,6 +27,15 @@ def set_arg(key: str, value: Any) -> str:
     if isinstance(value, float):
         return f"{key}={value!r}"
     return f"{key}={json.dumps(value)}"
+
+
+# What a trial returns, computed from its run's ``val`` records (``objective.objective_record``).
+OBJECTIVES = {
+    "best": "the lowest validation loss of any evaluation",
+    "final": "the validation loss of the last evaluation",
+    "best_epoch_end": "the lowest validation loss among the evaluations at the end of an epoch",
+}
+TOP_KEYS = ("budget", "trials", "seed", "seed_per_trial", "objective", "optimizers", "base")
 
 
 @dataclass(frozen=True)
@@ -35,8 +48,8 @@ class Range:
 
 
 def load_space(exp: Experiment, path: Optional[str] = None) -> dict:
-    """``space.yaml`` checked: ``{"budget": {dotted key: value}, "trials": int, "optimizers":
-    {name: {hp: Range}}}``."""
+    """``space.yaml`` checked: ``{"budget": {dotted key: value}, "trials": int, "seed": int,
+    "seed_per_trial": bool, "objective": a name of OBJECTIVES, "optimizers": {name: {hp: Range}}}``."""
     import optimizers
 
     from ..config import as_number, flatten, read_yaml
@@ -45,12 +58,26 @@ def load_space(exp: Experiment, path: Optional[str] = None) -> dict:
     if not path.is_file():
         raise UsageError(f"{exp.name} has no search space: {path} is missing")
     raw = read_yaml(path)
-    unknown = sorted(set(raw) - {"budget", "trials", "optimizers"})
+    if "base" in raw:  # a preset: another space file (beside this one) with some keys replaced
+        base = path.parent / str(raw.pop("base"))
+        if not base.is_file() or base.resolve() == path.resolve():
+            raise UsageError(f"{path}: base must name another space file beside it, got {base.name!r}")
+        raw = {**read_yaml(base), **raw}
+    unknown = sorted(set(raw) - set(TOP_KEYS))
     if unknown:
-        raise UsageError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; valid: budget, trials, optimizers")
+        raise UsageError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(TOP_KEYS)}")
     trials = raw.get("trials", 100)
     if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
         raise UsageError(f"{path}: trials must be a positive integer, got {trials!r}")
+    seed = raw.get("seed", paper_seeds(exp)[0])
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise UsageError(f"{path}: seed must be a non-negative integer, got {seed!r}")
+    seed_per_trial = raw.get("seed_per_trial", False)
+    if not isinstance(seed_per_trial, bool):
+        raise UsageError(f"{path}: seed_per_trial must be true or false, got {seed_per_trial!r}")
+    objective = raw.get("objective", "best")
+    if objective not in OBJECTIVES:
+        raise UsageError(f"{path}: objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     spaces = {}
     for name, hps in (raw.get("optimizers") or {}).items():
         if name not in optimizers.NAMES:
@@ -72,7 +99,8 @@ def load_space(exp: Experiment, path: Optional[str] = None) -> dict:
             if kind == "log" and low <= 0:
                 raise UsageError(f"{where}: a log range needs low > 0, got {low!r}")
             spaces[name][hp] = Range(float(low), float(high), kind == "log")
-    return {"budget": flatten(raw.get("budget") or {}), "trials": trials, "optimizers": spaces, "path": path}
+    return {"budget": flatten(raw.get("budget") or {}), "trials": trials, "seed": seed,
+            "seed_per_trial": seed_per_trial, "objective": objective, "optimizers": spaces, "path": path}
 
 
 def optimizer_space(space: dict, optimizer: str) -> dict[str, Range]:

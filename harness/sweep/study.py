@@ -70,16 +70,78 @@ def study_name(exp: Experiment, optimizer: str) -> str:
     return f"{exp.name}-{optimizer}"
 
 
+# Query parameters whose values are secrets (libpq's password=, and the like), masked in messages.
+SECRET_QUERY = re.compile(r"pass(word|wd)?$|secret|token", re.I)
+
+
+def quoted_userinfo(url: str) -> str:
+    """``url`` with an ``@`` inside its password written ``%40``. SQLAlchemy reads the password up
+    to the first ``@`` (``u:p@ss@host`` as password ``p``, host ``ss@host``: half the password
+    in every message naming the host); the host, port and database hold no ``@``, so the
+    userinfo ends at the first ``@`` after which the text up to the query (``?``) holds none."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    for i, char in enumerate(rest):
+        if char == "@" and "@" not in rest[i + 1:].split("?", 1)[0]:
+            user, colon, password = rest[:i].partition(":")
+            if "/" in user:  # no userinfo: SQLAlchemy's user name holds no "/", this "@" is in the query
+                return url
+            return f"{scheme}://{user}{colon}{password.replace('@', '%40')}{rest[i:]}"
+    return url
+
+
+def _parsed(url: str):
+    """SQLAlchemy's reading of ``url`` (an ``@`` in the password quoted), None if it cannot."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(quoted_userinfo(url))
+    except (ArgumentError, ValueError):
+        return None
+
+
 def masked(url: str) -> str:
-    """``url`` with its password (if any) as ``***``, for messages."""
-    return re.sub(r"^([^:/]+://[^:@/]*):[^@]*@", r"\1:***@", url)
+    """``url`` for messages: SQLAlchemy's rendering with the password as ``***``, and the values
+    of ``password=``-like query parameters as ``***`` too. A string SQLAlchemy cannot parse is
+    shown as its scheme only (it may be a mistyped password)."""
+    parsed = _parsed(url)
+    if parsed is None:
+        scheme = url.partition("://")[0] if re.match(r"^[\w+]{1,30}://", url) else ""
+        return f"{scheme}{'://' if scheme else ''}(not a valid URL)"
+    query = {k: ("***" if SECRET_QUERY.search(k) else v) for k, v in parsed.query.items()}
+    return parsed.set(query=query).render_as_string(hide_password=True).replace("=%2A%2A%2A", "=***")
+
+
+def secrets(url: str) -> list[str]:
+    """The secrets a URL holds (its password, ``password=``-like query values); the whole string
+    if it is not a URL SQLAlchemy can read."""
+    parsed = _parsed(url)
+    if parsed is None:
+        return [url]
+    values = [parsed.password] + [v for k, v in parsed.query.items() if SECRET_QUERY.search(k)]
+    return [str(s) for v in values if v for s in (v if isinstance(v, tuple) else (v,)) if s]
+
+
+def holds_password(url: str) -> bool:
+    """Whether ``url`` is a URL with a password (in its userinfo or a ``password=`` parameter)."""
+    return _parsed(url) is not None and bool(secrets(url))
+
+
+def scrubbed(text: str, url: str) -> str:
+    """``text`` with every secret of ``url`` replaced by ``***``."""
+    for secret in sorted(secrets(url), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def engine_url(url: str) -> str:
-    """The URL given to SQLAlchemy: a plain ``postgresql://`` names psycopg2. SQLAlchemy 2.1
-    made psycopg (3) the default driver and older ones psycopg2; naming it makes the URL work
-    with the driver the environments install whatever SQLAlchemy the environment resolved."""
-    return re.sub(r"^postgresql://", "postgresql+psycopg2://", url)
+    """The URL given to SQLAlchemy: an ``@`` in the password quoted (:func:`quoted_userinfo`),
+    and a plain ``postgresql://`` naming psycopg2. SQLAlchemy 2.1 made psycopg (3) the default
+    driver and older ones psycopg2; naming it makes the URL work with the driver the
+    environments install whatever SQLAlchemy the environment resolved."""
+    return re.sub(r"^postgresql://", "postgresql+psycopg2://", quoted_userinfo(url))
 
 
 def check_driver(url: str) -> None:
@@ -90,7 +152,7 @@ def check_driver(url: str) -> None:
     try:
         dialect = make_url(engine_url(url)).get_dialect()
     except ArgumentError as e:  # an unknown driver (postgresql+nope://) or a malformed URL
-        raise UsageError(f"--storage {masked(url)}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"--storage {masked(url)}: {scrubbed(str(e).splitlines()[0], url)}") from None
     try:
         dialect.import_dbapi()
     except ImportError as e:
@@ -101,7 +163,8 @@ def check_driver(url: str) -> None:
 
 def _unreachable(url: str, err) -> UsageError:
     reason = str(getattr(err, "orig", None) or err).strip().splitlines()
-    return UsageError(f"cannot connect to --storage {masked(url)}: {reason[0] if reason else type(err).__name__}")
+    reason = scrubbed(reason[0], url) if reason else type(err).__name__
+    return UsageError(f"cannot connect to --storage {masked(url)}: {reason}")
 
 
 def _engine_kwargs(url: str) -> dict:
@@ -262,7 +325,10 @@ def recover_dead_trials(study, store) -> list[int]:
         a = t.user_attrs
         if a.get("host") != host or processes.alive(a.get("pid"), a.get("pid_start")):
             continue
-        processes.stop_pid(a.get("child_pid"), a.get("child_start"))  # the run checkpoints
+        # The run checkpoints. Only a process proved to be that run (this user's, its recorded start
+        # time, its run folder in its argv): anyone who can write to the study can plant a row.
+        if isinstance(a.get("run_dir"), str) and a["run_dir"]:
+            processes.stop_pid(a.get("child_pid"), a.get("child_start"), argument=a["run_dir"])
         if fail_and_retry(study, store, t.number):
             recovered.append(t.number)
     return recovered

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import UsageError
-from ..experiments import experiment, paper_seeds
+from ..experiments import experiment
 from ..rundir import check_folder
 from ..signals import StopFlag
 from .objective import Objective, TrialCrashed, WorkerInterrupted
@@ -33,7 +33,7 @@ class SweepOptions:
     optimizer: str
     trials: Optional[int] = None       # finished trials to reach (default: space.yaml's)
     storage_url: Optional[str] = None  # default sqlite:///<out_root>/<exp>/<optimizer>/study.db
-    seed: Optional[int] = None         # every trial's run seed (default: the first paper seed)
+    seed: Optional[int] = None         # every trial's run seed (default: space.yaml's seed)
     sampler_seed: int = 0              # TPE seed, mixed with the worker index
     worker: Optional[int] = None       # default $SLURM_ARRAY_TASK_ID or 0
     pruner: str = "none"               # none | median
@@ -93,7 +93,7 @@ def run_sweep(options: SweepOptions, pruner_obj=None):
     space = load_space(exp, options.space_file)
     hp_space = optimizer_space(space, optimizer)
     n_trials = int(options.trials or space["trials"])
-    seed = int(options.seed if options.seed is not None else paper_seeds(exp)[0])
+    seed = int(options.seed if options.seed is not None else space["seed"])
     run_sets = budget_sets(space["budget"], options.config) + list(options.sets)
     # Bad keys or values fail here, once, not in every trial.
     config_lib.resolve(exp.name, optimizer, seed, options.config, run_sets, exp.configs)
@@ -110,12 +110,14 @@ def run_sweep(options: SweepOptions, pruner_obj=None):
 
     done = finished(study)
     print(f"study {study.study_name} in {masked(url)}: {done}/{n_trials} finished, worker {worker}, "
-          f"TPE seed {tpe_seed}, trial seed {seed}, runs in {out}"
+          f"TPE seed {tpe_seed}, trial seed {seed}{' + trial number' if space['seed_per_trial'] else ''}, "
+          f"objective {space['objective']}, runs in {out}"
           + (f"; retrying interrupted trial(s) {recovered}" if recovered else ""), flush=True)
     if done < n_trials:
         _optimize(study, n_trials, out, lambda signals: Objective(
             exp, optimizer, hp_space, seed=seed, out=out, config=options.config, sets=run_sets, signals=signals,
-            poll_s=options.poll_s, keep_checkpoints=options.keep_checkpoints, nproc=options.nproc))
+            poll_s=options.poll_s, keep_checkpoints=options.keep_checkpoints, nproc=options.nproc,
+            objective=space["objective"], seed_per_trial=space["seed_per_trial"]))
     if options.plot:
         for path in plot_study(study, out):
             print(path)
@@ -151,7 +153,7 @@ class _AfterTrial:
 
     def __call__(self, study, frozen) -> None:
         state = frozen.state.name.lower()
-        value = f" best val loss {frozen.value:.4f}" if frozen.value is not None else ""
+        value = f" objective {frozen.value:.4f}" if frozen.value is not None else ""
         if state == "fail":
             value = f" ({frozen.user_attrs.get('error', '?')})"
         elif state == "pruned":

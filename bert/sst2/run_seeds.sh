@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# bert/sst2: the best configuration of every optimizer (bert/configs/sst2/best.yaml) over the paper's seeds
+# (bert/configs/sst2/paper.yaml): 80 runs, 8 optimizers x seeds 0-9, on the GPUs of this node (one run per
+# GPU at a time; on a CPU-only machine one per core), skipping finished runs and resuming
+# interrupted ones, then the report (results/bert/sst2/).
+#
+#   bash bert/sst2/run_seeds.sh --list                 # the runs: index optimizer seed
+#   bash bert/sst2/run_seeds.sh
+#   bash bert/sst2/run_seeds.sh --gpus 0,1
+#   bash bert/sst2/run_seeds.sh --seeds 0 1 --optimizers adam cadam
+#
+# Options: those of python -m harness.launch (--gpus, --runs-per-gpu, --seeds, --optimizers,
+# --set, --list, ...), through scripts/reproduce.sh.
+exec bash "$(dirname "${BASH_SOURCE[0]}")/../../scripts/reproduce.sh" bert/sst2 "$@"

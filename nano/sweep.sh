@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# nano: the paper's sweep of one optimizer (Optuna TPE over nano/configs/space.yaml, its
+# budget and number of trials), through scripts/sweep.sh; the study and its trials go to
+# runs/sweeps/nano/<optimizer>/.
+#
+#   bash nano/sweep.sh <optimizer> [--trials N] [options of python -m harness.sweep run]
+#   bash nano/sweep.sh cadam
+#   for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i bash nano/sweep.sh cadam --worker $i & done; wait
+set -euo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: bash nano/sweep.sh <optimizer> [options of python -m harness.sweep run]" >&2
+  exit 2
+fi
+exec bash "$(dirname "${BASH_SOURCE[0]}")/../scripts/sweep.sh" nano "$@"

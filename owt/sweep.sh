@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# owt: the paper's sweep of one optimizer (Optuna TPE over owt/configs/space.yaml, its
+# budget and number of trials), through scripts/sweep.sh; the study and its trials go to
+# runs/sweeps/owt/<optimizer>/.
+#
+#   bash owt/sweep.sh <optimizer> [--trials N] [options of python -m harness.sweep run]
+#   bash owt/sweep.sh cadam
+#   for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i bash owt/sweep.sh cadam --worker $i & done; wait
+set -euo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: bash owt/sweep.sh <optimizer> [options of python -m harness.sweep run]" >&2
+  exit 2
+fi
+exec bash "$(dirname "${BASH_SOURCE[0]}")/../scripts/sweep.sh" owt "$@"
