@@ -32,8 +32,10 @@ says which package):
   with two or more GPUs ``ddp``, one gpt2 smoke run on two GPUs (torchrun) against one GPU
   with the same global batch.
 
-Writes ``<out>/<host>-<device>.md`` and ``.json`` (default ``results/preflight/``): versions,
-device, each check's status and one-line reason, the numbers, and a one-line verdict. Exit
+Writes ``<out>/<host>-<device>.md`` and ``.json`` (default ``results/preflight/``; ``--quick``
+beside them, ``<host>-<device>-quick.md``): versions, device, each check's status and one-line
+reason, the numbers, and a one-line verdict. An earlier report there is kept unless ``--force``
+(``harness.outputs``: the one rule for what a tool may write over). Exit
 status 0 when no check failed, 1 otherwise, 2 on a usage error.
 
 ``python -m harness.preflight --runs-per-gpu-for nano`` prints the N a report for this host
@@ -63,6 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from . import outputs
 from .config import REPO, read_yaml
 from .errors import UsageError, command
 
@@ -574,6 +577,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="one optimizer per experiment, a 1M-parameter optimizer step on the CPU (CI: ~3 min)")
     p.add_argument("--out", type=Path, default=REPO / "results" / "preflight",
                    help="folder for <host>-<device>.md and .json (default results/preflight)")
+    p.add_argument("--force", action="store_true",
+                   help="replace this node's earlier report (harness.outputs: a report is not replaced otherwise)")
     p.add_argument("--runs-per-gpu-for", metavar="EXPERIMENT", default=None,
                    help="print the runs per GPU this host's report recommends for EXPERIMENT and exit "
                         "(status 1 and nothing printed when there is none)")
@@ -602,6 +607,11 @@ def main(argv=None) -> int:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = torch.device("cuda" if gpus else "cpu")
     host, label = platform.node(), device_label(device, gpus)
+    md, js = report_paths(args.out, host, label)
+    if args.quick:  # beside the full report, never over it
+        md, js = outputs.beside(md), outputs.beside(js)
+    basis = outputs.Basis(len(EXPERIMENTS) + len(OURS) + 3)  # one measurement per check
+    outputs.check(md, basis, args.force, [js])  # before the minutes of checking, not after
     print(f"preflight on {host}: {label}{' (quick)' if args.quick else ''}", flush=True)
     with tempfile.TemporaryDirectory(prefix="preflight-") as scratch:
         ctx = Context(device=device, gpus=gpus, quick=args.quick, scratch=Path(scratch),
@@ -617,10 +627,8 @@ def main(argv=None) -> int:
               "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
               "load_before": load_before, "versions": package_versions(),
               "checks": [c.__dict__ for c in checks], "verdict": verdict(checks)}
-    md, js = report_paths(args.out, host, label)
-    args.out.mkdir(parents=True, exist_ok=True)
-    js.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    md.write_text(markdown(report))
+    outputs.write_text(js, json.dumps(report, indent=1, default=str) + "\n")
+    outputs.write_text(md, outputs.stamp(markdown(report), basis))
     print(f"\n{report['verdict']}\nreport: {md}, {js}", flush=True)
     return 1 if any(c.status == "failed" for c in checks) else 0
 

@@ -21,7 +21,7 @@ def test_quick_preflight_passes_on_the_cpu_and_skips_the_gpu_checks(tmp_path):
     done = subprocess.run(["bash", "scripts/preflight.sh", "--quick", "--out", str(tmp_path / "report")], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (js,) = (tmp_path / "report").glob("*-cpu.json")
+    (js,) = (tmp_path / "report").glob("*-cpu-quick.json")  # beside a full report, never over it
     assert js.with_suffix(".md").is_file()
     report = json.loads(js.read_text())
     checks = {c["name"]: c for c in report["checks"]}
@@ -40,6 +40,12 @@ def test_quick_preflight_passes_on_the_cpu_and_skips_the_gpu_checks(tmp_path):
     assert report["verdict"].startswith("READY") and report["device"] == "cpu" and report["quick"]
     assert report["versions"]["torch"]
     assert (sorted(results.iterdir()) if results.is_dir() else []) == before  # nothing written into results/
+    # a second preflight keeps the report there (harness.outputs' rule) unless --force, before checking anything
+    kept = js.read_bytes()
+    again = subprocess.run(["bash", "scripts/preflight.sh", "--quick", "--out", str(tmp_path / "report")], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--force" in again.stderr and "[ok]" not in again.stdout
+    assert js.read_bytes() == kept
 
 
 def test_records_differ_exact_and_within_tolerance():
