@@ -375,7 +375,7 @@ def nano_packing_check(ctx: Context) -> dict:
     from .rundir import RunDir
 
     iters = 100 if ctx.quick else 300
-    gpu = launch._gpus(None)[0]  # the first visible GPU (its id under CUDA_VISIBLE_DEVICES, if set)
+    gpu = launch.visible_gpus()[0]  # the first visible GPU (its id under CUDA_VISIBLE_DEVICES, if set)
     data = [s for s in ctx.smoke_sets("nano") if s.startswith("data.dir=")]
     rows = []
     for n in PACKING:
@@ -419,7 +419,7 @@ def owt_throughput_check(ctx: Context) -> dict:
     argv = ["owt", "--optimizers", "adam", "--seeds", *map(str, range(ctx.gpus)), "--runs-per-gpu", "1",
             "--set", f"data.dir={data}", "--set", f"train.max_iters={iters}", "--set", "train.eval_iters=5",
             "--set", f"train.eval_interval={iters}", "--runs-dir", str(runs_dir), "--no-report"]
-    with GpuSampler(launch._gpus(None)[0]) as sampler:
+    with GpuSampler(launch.visible_gpus()[0]) as sampler:
         rc = launch.main(argv)
     if rc != 0:
         raise Failed(f"harness.launch owt exited {rc} (logs in {runs_dir / 'logs'})")
@@ -443,7 +443,7 @@ def ddp_check(ctx: Context) -> dict:
     windows are drawn per rank, so its runs differ by design between world sizes.)"""
     need_gpus(ctx, 2)
     from .experiments import experiment, train_command
-    from .launch import _gpus
+    from .launch import visible_gpus
     from .rundir import RunDir
 
     exp = experiment("gpt2")
@@ -452,7 +452,7 @@ def ddp_check(ctx: Context) -> dict:
     out = ctx.scratch / "ddp"
     for nproc in (1, 2):
         cmd = train_command(exp, "adam", 1, out / f"gpus{nproc}", str(exp.configs / "smoke.yaml"), sets, nproc)
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(_gpus(None)[:nproc]))
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(visible_gpus()[:nproc]))
         done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
             raise Failed(f"{nproc} GPU(s): exit {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1]}")

@@ -87,7 +87,7 @@ def _fake_launch(run_s: dict, monkeypatch):
         return 0
 
     monkeypatch.setattr(launch, "main", main)
-    monkeypatch.setattr(launch, "_gpus", lambda arg: ["3"])  # CUDA_VISIBLE_DEVICES=3: GPU "3" is the first
+    monkeypatch.setattr(launch, "visible_gpus", lambda: ["3"])  # CUDA_VISIBLE_DEVICES=3: GPU "3" is the first
     # the wall time of each launch: training plus 5 s of start-up
     clock = iter([t for n in preflight.PACKING for t in (0.0, run_s[n] + 5.0)])
     monkeypatch.setattr(preflight, "clock", lambda: next(clock))
@@ -160,7 +160,7 @@ def test_owt_throughput_on_simulated_gpus(tmp_path, monkeypatch):
         return 0
 
     monkeypatch.setattr(launch, "main", main)
-    monkeypatch.setattr(launch, "_gpus", lambda arg: ["0", "1"])
+    monkeypatch.setattr(launch, "visible_gpus", lambda: ["0", "1"])
     monkeypatch.setattr(smoke_data, "owt_bins", lambda root, **kw: Path(root))
     ctx = preflight.Context(device=None, gpus=2, quick=False, scratch=tmp_path, log=lambda _: None)
     numbers = preflight.owt_throughput_check(ctx)
