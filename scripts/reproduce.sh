@@ -22,4 +22,14 @@ if [ $# -lt 1 ]; then
 fi
 PY="${PYTHON:-}"
 [ -n "$PY" ] || { [ -x "$ROOT/.venv/bin/python" ] && PY="$ROOT/.venv/bin/python" || PY=python3; }
+# How many runs share a GPU: what this node's preflight report recommends (measured for nano),
+# unless --runs-per-gpu is given; PREFLIGHT_DIR: where the reports are (default results/preflight).
+if [[ " $* " != *" --runs-per-gpu"* ]]; then
+  if N=$("$PY" -m harness.preflight --runs-per-gpu-for "$1" --out "${PREFLIGHT_DIR:-results/preflight}"); then
+    echo "--runs-per-gpu $N: this node's preflight report recommends it (pass --runs-per-gpu to override)" >&2
+    set -- "$@" --runs-per-gpu "$N"
+  elif [ "$1" = nano ]; then
+    echo "no preflight report for this node: 'bash scripts/preflight.sh' measures how many nano runs to pack per GPU (--runs-per-gpu N)" >&2
+  fi
+fi
 exec "$PY" -m harness.launch "$@"

@@ -19,4 +19,7 @@ if [ $# -lt 2 ]; then
   echo "usage: bash scripts/sweep.sh <exp> <optimizer> [--trials N] [options of python -m harness.sweep]" >&2
   exit 2
 fi
+if N=$("$PY" -m harness.preflight --runs-per-gpu-for "$1" --out "${PREFLIGHT_DIR:-results/preflight}"); then
+  echo "this node's preflight report recommends $N $1 runs per GPU: start $N workers per GPU" >&2
+fi
 exec "$PY" -m harness.sweep "$@"

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +12,9 @@ import torch
 import yaml
 
 import gpt2.data as gpt2_data
-import owt.prepare as owt_prepare
 from gpt2 import train as gpt2_train
+from harness import smoke_data
 from harness.config import resolve
-from harness.gpt2_tokenizer import hf_gpt2_tokenizer
 from harness.loop import EXIT_INTERRUPTED, STOP_AFTER_ENV
 from owt import train as owt_train
 from conftest import records
@@ -24,8 +22,6 @@ from conftest import records
 ROOT = Path(__file__).resolve().parents[1]
 OWT_SMOKE = str(ROOT / "owt" / "configs" / "smoke.yaml")
 GPT2_SMOKE = str(ROOT / "gpt2" / "configs" / "smoke.yaml")
-WORDS = ("the model damping friction momentum cubic adaptive kinetic energy step size gradient loss "
-         "Schrödinger café naïve 1990s don't — 日本語 x=3.5 (ok) #42 OpenWebText GPT-2").split()
 OPTIMIZER_ROWS = {"adam", "msgd", "cd", "cd0", "ikfad", "ikfad0", "cadam", "cadam0"}
 
 
@@ -38,38 +34,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _text(rng: random.Random, n_words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n_words))
-
-
 @pytest.fixture(scope="module")
 def owt_data(tmp_path_factory):
     """nanoGPT bins of 40 generated documents, made by owt.prepare as a user would."""
-    tmp = tmp_path_factory.mktemp("owt")
-    rng = random.Random(0)
-    (tmp / "corpus").mkdir()
-    for i in range(40):
-        (tmp / "corpus" / f"doc{i:02d}.txt").write_text(f"Document {i}. {_text(rng, 120)}", encoding="utf-8")
-    return owt_prepare.prepare(tmp / "data", data_files=str(tmp / "corpus" / "*.txt"), num_proc=1,
-                               cache_dir=tmp / "hf_cache")
+    return smoke_data.owt_bins(tmp_path_factory.mktemp("owt"))
 
 
 @pytest.fixture(scope="module")
 def gpt2_cache(tmp_path_factory):
     """A WikiText-layout corpus (articles with headings), tokenized into gpt2.data's cache."""
-    tmp = tmp_path_factory.mktemp("gpt2")
-    rng = random.Random(1)
-
-    def rows(n_articles):
-        out = []
-        for a in range(n_articles):
-            out += [f" = Article {a} = \n", "", f" {_text(rng, 90)} \n", "", f" = = Part {a} = = \n", "",
-                    f" {_text(rng, 60)} \n", ""]
-        return out
-
-    gpt2_data.lm_splits(tmp / "cache", block_size=32, raw={"train": rows(24), "val": rows(4)},
-                        tokenizer=hf_gpt2_tokenizer())
-    return tmp / "cache"
+    return smoke_data.gpt2_cache(tmp_path_factory.mktemp("gpt2"))
 
 
 @pytest.fixture(scope="module")
