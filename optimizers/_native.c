@@ -11,8 +11,9 @@
  * gradient) and the optimizer's state tensors in the order of its state_names,
  * all dense with one and the same layout, so that element i of each is at
  * index i. k is the optimizer's coefficient tuple (its _coefficients(group),
- * in that order). Up to `threads` OpenMP threads share the elements of all n
- * tensors in one parallel region (see run() below).
+ * in that order). The elements of all n tensors are split into `threads`
+ * contiguous, equal ranges, one per OpenMP thread: one parallel region per
+ * call, whatever the number of tensors.
  *
  * The arithmetic is that of the optimizer's _update in the same order, sub-step
  * by sub-step (the macros below are optimizers/_base.py's single-tensor
@@ -33,6 +34,9 @@
 #endif
 
 #define DAMPED_API __attribute__((visibility("default")))
+
+/* Below this many elements per thread, waking another thread costs more than it saves. */
+#define MIN_ELEMENTS_PER_THREAD 16384
 
 /* --------------------------------------------------------------------------
  * 2^x in float: x = n + f with n an integer and |f| <= 1/2; 2^f by a degree-6
@@ -133,21 +137,10 @@ static inline void float16_save(_Float16 *x, int64_t i, float v) { x[i] = (_Floa
 #define ALL_DTYPES(KERNEL) KERNEL(float32) KERNEL(float64) KERNEL(bfloat16) WITH_FLOAT16(KERNEL)
 
 /* --------------------------------------------------------------------------
- * The driver: the elements of all tensors, concatenated, are cut into chunks
- * of CHUNK elements, and the threads take chunks one at a time, each the next
- * one not yet taken (OpenMP's dynamic schedule), updating the pieces of the
- * tensors in it. One parallel region per call, whatever the number of tensors.
- * Dynamic rather than equal static ranges: on a machine shared with other
- * processes one thread is often descheduled for a while, and with static
- * ranges the whole step then waits for it; here the other thread takes over
- * its remaining chunks. A chunk (128 KiB of each float tensor) is large enough
- * that taking it (one atomic increment) costs nothing measurable.
+ * The driver: split the elements of all tensors into equal contiguous ranges,
+ * one per thread; each thread updates the pieces of tensors in its range.
  * -------------------------------------------------------------------------- */
 typedef void (*segment_fn)(int64_t lo, int64_t hi, void *const *tensor, const double *k);
-
-/* Below this many elements per thread, waking another thread costs more than it saves. */
-#define MIN_ELEMENTS_PER_THREAD 16384
-#define CHUNK 32768
 
 static void run(segment_fn segment, int width, int64_t n, const int64_t *numel, void *const *ptrs,
                 const double *k, int threads) {
@@ -155,20 +148,20 @@ static void run(segment_fn segment, int width, int64_t n, const int64_t *numel, 
     for (int64_t j = 0; j < n; j++) total += numel[j];
     if ((int64_t)threads * MIN_ELEMENTS_PER_THREAD > total) threads = (int)(total / MIN_ELEMENTS_PER_THREAD);
     if (threads < 1) threads = 1;
-    const int64_t chunks = (total + CHUNK - 1) / CHUNK;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        int64_t j = 0, start = 0; /* a cursor: tensor j's first element is element start of the concatenation */
-#pragma omp for schedule(dynamic, 1) nowait
-        for (int64_t c = 0; c < chunks; c++) {
-            const int64_t lo = c * CHUNK, hi = lo + CHUNK < total ? lo + CHUNK : total;
-            if (start > lo) j = 0, start = 0; /* chunks came out of order: search from the first tensor */
-            while (start + numel[j] <= lo) start += numel[j++];
-            for (int64_t i = j, s = start; i < n && s < hi; s += numel[i], i++) {
-                const int64_t a = lo > s ? lo - s : 0;
-                const int64_t b = hi - s < numel[i] ? hi - s : numel[i];
-                if (a < b) segment(a, b, ptrs + i * width, k);
-            }
+        int64_t id = 0, count = 1;
+#ifdef _OPENMP
+        id = omp_get_thread_num();
+        count = omp_get_num_threads();
+#endif
+        const int64_t lo = total / count * id + (total % count) * id / count;
+        const int64_t hi = total / count * (id + 1) + (total % count) * (id + 1) / count;
+        int64_t start = 0; /* index of tensor j's first element in the concatenation */
+        for (int64_t j = 0; j < n && start < hi; start += numel[j], j++) {
+            const int64_t a = lo > start ? lo - start : 0;
+            const int64_t b = hi - start < numel[j] ? hi - start : numel[j];
+            if (a < b) segment(a, b, ptrs + j * width, k);
         }
     }
 }
