@@ -2,7 +2,7 @@
 
     python benchmarks/optimizer_step.py                      # 1M, 10M, 124M params; fp32 and bf16
     python benchmarks/optimizer_step.py --quick              # 1M and 10M, 3 repeats, to cpu-quick.*: ~1 min
-    python benchmarks/optimizer_step.py --sizes 124m --dtypes fp32 --repeats 7
+    python benchmarks/optimizer_step.py --sizes 124m --dtypes fp32 --repeats 7 --threads 1,2,4
 
 Parameters have GPT-2 shapes (token and position embeddings, per block two
 LayerNorms, attention and MLP weights and biases, a final LayerNorm) at three
@@ -18,7 +18,12 @@ comparison), and torch.optim's Adam, AdamW and SGD (momentum 0.9) with
 foreach=True and fused=True. The "default" row of each of ours names the path
 that ``fused=None, foreach=None`` takes at that size.
 
-Measured per candidate, all in the same process as the reference:
+Each thread count (``--threads``, default 1 and 2 on the CPU) is measured in a
+process of its own (``torch.set_num_threads`` there, before any step), so that
+no thread pool or cache state carries over from one count to the next. The CPU
+model (``/proc/cpuinfo``'s "model name") and the instruction set PyTorch
+dispatches to head the report. Measured per candidate and thread count, all in
+the same process as the reference:
 - step time: the median of ``--repeats`` steps, each timed alone, after two
   untimed steps (the first creates the state and, for fused paths, may compile);
 - ratio to fused Adam: the candidate's steps alternate with steps of
@@ -325,7 +330,7 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    info = dict(cpu=cpu, threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
+    info = dict(cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
                 isa=torch.backends.cpu.get_cpu_capability())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -339,6 +344,16 @@ def load_average() -> str:
         return "n/a"
 
 
+def threads_text(counts) -> str:
+    return ", ".join(map(str, counts)) + (" thread" if list(counts) == [1] else " threads")
+
+
+def sections(results: dict) -> list[tuple[str, str, int]]:
+    """(size, dtype, threads) of each table, in the order measured."""
+    return [(size, dtype, threads) for size in results["sizes"] for threads in results["threads"]
+            for dtype in results["dtypes"]]
+
+
 def fmt(x, spec):
     return "" if x is None else format(x, spec)
 
@@ -350,7 +365,8 @@ def markdown(results: dict) -> str:
         f"# Optimizer step benchmark: {results['device']}",
         "",
         f"{results['date']}; `{results['command']}`  ",
-        f"{m.get('gpu', m['cpu'])}, {m['threads']} threads ({m['isa']}), torch {m['torch']}, Python {m['python']}  ",
+        f"{m.get('gpu', m['cpu'])} ({m['isa']}, {m['cores']} logical CPUs); measured at "
+        f"{threads_text(results['threads'])}, each count in a process of its own; torch {m['torch']}, Python {m['python']}  ",
         f"load average (1, 5, 15 min) before: {results['load_before']}, after: {results['load_after']} "
         "(other processes on the machine slow every candidate; ratios are measured interleaved with fused Adam)",
         "",
@@ -363,33 +379,34 @@ def markdown(results: dict) -> str:
         "",
     ]
     summary = []
-    for size in results["sizes"]:
-        for dtype in results["dtypes"]:
-            rows = [r for r in results["rows"] if r["size"] == size and r["dtype"] == dtype]
-            if not rows:
+    for size, dtype, threads in sections(results):
+        rows = [r for r in results["rows"]
+                if r["size"] == size and r["dtype"] == dtype and r.get("threads") == threads]
+        if not rows:
+            continue
+        timed = {(r["optimizer"], r["path"]): r for r in rows if "path" in r and r["path"] != "default"}
+        first = rows[0]
+        lines += [f"## {size.upper()}: {first['numel'] / 1e6:.1f}M parameters in {first['tensors']} tensors, "
+                  f"{dtype}, {threads_text([threads])}", ""]
+        lines += ["| optimizer | path | step ms | x fused Adam | state B/param | peak extra MB | peak extra / params | first step s | other load |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            if r["path"] == "default":
+                t = timed.get((r["optimizer"], r["resolves_to"]), {})
+                ratio = t.get("ratio")
+                mark = "" if ratio is None else (" ok" if ratio <= TARGET else " **over**")
+                lines.append(f"| **{r['optimizer']}** | **default = {r['resolves_to']}** | {fmt(t.get('step_ms'), '.1f')} | "
+                             f"**{fmt(ratio, '.2f')}**{mark} | {fmt(t.get('state_bytes_per_param'), '.1f')} | "
+                             f"{fmt(t.get('peak_extra_mb'), '.1f')} | | | |")
+                summary.append((size, dtype, threads, r["optimizer"], r["resolves_to"], ratio))
                 continue
-            timed = {(r["optimizer"], r["path"]): r for r in rows if "path" in r and r["path"] != "default"}
-            first = rows[0]
-            lines += [f"## {size.upper()}: {first['numel'] / 1e6:.1f}M parameters in {first['tensors']} tensors, {dtype}", ""]
-            lines += ["| optimizer | path | step ms | x fused Adam | state B/param | peak extra MB | peak extra / params | first step s | other load |",
-                      "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-            for r in rows:
-                if r["path"] == "default":
-                    t = timed.get((r["optimizer"], r["resolves_to"]), {})
-                    ratio = t.get("ratio")
-                    mark = "" if ratio is None else (" ok" if ratio <= TARGET else " **over**")
-                    lines.append(f"| **{r['optimizer']}** | **default = {r['resolves_to']}** | {fmt(t.get('step_ms'), '.1f')} | "
-                                 f"**{fmt(ratio, '.2f')}**{mark} | {fmt(t.get('state_bytes_per_param'), '.1f')} | "
-                                 f"{fmt(t.get('peak_extra_mb'), '.1f')} | | | |")
-                    summary.append((size, dtype, r["optimizer"], r["resolves_to"], ratio))
-                    continue
-                if "error" in r:
-                    lines.append(f"| {r['optimizer']} | {r['path']} | unavailable: {r['error']} | | | | | | |")
-                    continue
-                share = r["peak_extra_mb"] / r["param_mb"]
-                lines.append(f"| {r['optimizer']} | {r['path']} | {r['step_ms']:.1f} | {r['ratio']:.2f} | "
-                             f"{r['state_bytes_per_param']:.1f} | {r['peak_extra_mb']:.1f} | {100 * share:.0f}% | "
-                             f"{r['first_step_s']:.2f} | {100 * r['other_load']:.0f}% |")
+            if "error" in r:
+                lines.append(f"| {r['optimizer']} | {r['path']} | unavailable: {r['error']} | | | | | | |")
+                continue
+            share = r["peak_extra_mb"] / r["param_mb"]
+            lines.append(f"| {r['optimizer']} | {r['path']} | {r['step_ms']:.1f} | {r['ratio']:.2f} | "
+                         f"{r['state_bytes_per_param']:.1f} | {r['peak_extra_mb']:.1f} | {100 * share:.0f}% | "
+                         f"{r['first_step_s']:.2f} | {100 * r['other_load']:.0f}% |")
             lines.append("")
     if results.get("first_steps"):
         lines += ["## First fused step, including compilation", "",
@@ -409,10 +426,10 @@ def markdown(results: dict) -> str:
     if summary:
         lines += [f"## Default step against the target (at most {TARGET}x fused {reference})", "",
                   "Issue 8 sets the target for GPT-2 small (124m) in fp32; the other rows are for information.", "",
-                  "| size | dtype | optimizer | default path | x fused Adam |", "|---|---|---|---|---:|"]
-        for size, dtype, name, path, ratio in summary:
+                  "| size | dtype | threads | optimizer | default path | x fused Adam |", "|---|---|---:|---|---|---:|"]
+        for size, dtype, threads, name, path, ratio in summary:
             verdict = "" if ratio is None else ("ok" if ratio <= TARGET else "over")
-            lines.append(f"| {size} | {dtype} | {name} | {path} | {fmt(ratio, '.2f')} {verdict} |")
+            lines.append(f"| {size} | {dtype} | {threads} | {name} | {path} | {fmt(ratio, '.2f')} {verdict} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -425,16 +442,18 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    sizes = [s for s in results["sizes"] if any(r["size"] == s and "ratio" in r for r in results["rows"])]
+    panels = [(s, t) for s in results["sizes"] for t in results["threads"]
+              if any(r["size"] == s and r["threads"] == t and "ratio" in r for r in results["rows"])]
     dtypes = [d for d in results["dtypes"] if any(r["dtype"] == d and "ratio" in r for r in results["rows"])]
-    if not sizes or not dtypes:
+    if not panels or not dtypes:
         return
-    fig, axes = plt.subplots(len(sizes), len(dtypes), figsize=(5.5 * len(dtypes), 5.0 * len(sizes)),
+    fig, axes = plt.subplots(len(panels), len(dtypes), figsize=(5.5 * len(dtypes), 5.0 * len(panels)),
                              squeeze=False, sharey=True)
-    for i, size in enumerate(sizes):
+    for i, (size, threads) in enumerate(panels):
         for j, dtype in enumerate(dtypes):
             ax = axes[i][j]
-            rows = [r for r in results["rows"] if r["size"] == size and r["dtype"] == dtype and "ratio" in r]
+            rows = [r for r in results["rows"] if r["size"] == size and r["dtype"] == dtype
+                    and r["threads"] == threads and "ratio" in r]
             shade = {"fused": "tab:blue", "compiled": "lightsteelblue"}
             colors = ["tab:orange" if r["optimizer"] in TORCH else shade.get(r["path"], "tab:gray") for r in rows]
             ax.barh(range(len(rows)), [r["ratio"] for r in rows], color=colors)
@@ -444,12 +463,12 @@ def plot(results: dict, path: Path) -> None:
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.axvline(1.0, color="black", lw=0.8)
             ax.axvline(TARGET, color="red", lw=0.8, ls="--")
-            ax.set_title(f"{size} parameters, {dtype}", fontsize=10)
-            if i == len(sizes) - 1:
+            ax.set_title(f"{size} parameters, {dtype}, {threads_text([threads])}", fontsize=10)
+            if i == len(panels) - 1:
                 ax.set_xlabel("step time / fused Adam step time (log scale)")
     axes[0][0].invert_yaxis()  # the y axis is shared: invert it once, first candidate on top
     m = results["machine"]
-    fig.suptitle(f"One optimizer step, {results['device']} ({m.get('gpu', m['cpu'])}, {m['threads']} threads)\n"
+    fig.suptitle(f"One optimizer step, {results['device']} ({m.get('gpu', m['cpu'])})\n"
                  f"blue: our fused path (light: torch.compile), grey: our eager paths, orange: torch.optim; "
                  f"red: the {TARGET}x target",
                  fontsize=10)
@@ -464,6 +483,9 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, from {', '.join(DTYPES)}")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per candidate (default 5; --quick: 3)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", default=None,
+                   help="comma-separated CPU thread counts, each measured in a process of its own "
+                        "(default: 1,2 on the CPU; on CUDA the current count)")
     p.add_argument("--quick", action="store_true", help="1m and 10m only, 3 repeats")
     p.add_argument("--max-other-load", type=float, default=0.1,
                    help="re-measure (up to 3 tries) when other processes used more than this share of the CPUs")
@@ -472,10 +494,18 @@ def parse_args(argv=None):
                    help="folder for <device>.md/.json/.png (--quick: <device>-quick.*)")
     p.add_argument("--force", action="store_true", help="replace results there from as many measurements or more")
     p.add_argument("--first-step", default=None, help=argparse.SUPPRESS)  # internal: the child process
+    p.add_argument("--rows-out", default=None, help=argparse.SUPPRESS)  # internal: one thread count's process
     args = p.parse_args(argv)
     args.sizes = (args.sizes or ("1m,10m" if args.quick else ",".join(SIZES))).lower().split(",")
     args.dtypes = args.dtypes.lower().split(",")
     args.repeats = args.repeats or (3 if args.quick else 5)
+    default_threads = "1,2" if args.device == "cpu" else str(torch.get_num_threads())
+    try:
+        args.threads = [int(t) for t in (args.threads or default_threads).split(",")]
+    except ValueError:
+        p.error(f"--threads must be comma-separated whole numbers, got {args.threads!r}")
+    if min(args.threads) < 1:
+        p.error(f"--threads must be at least 1, got {min(args.threads)}")
     for kind, values, valid in (("size", args.sizes, SIZES), ("dtype", args.dtypes, DTYPES)):
         bad = [v for v in values if v not in valid]
         if bad:
@@ -492,6 +522,37 @@ def report_path(args, device: str) -> Path:
     return outputs.beside(md) if args.quick else md
 
 
+def thread_count_rows(args, threads: int) -> list[dict]:
+    """Every candidate's rows at ``threads`` CPU threads, measured in a fresh process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        child = [sys.executable, __file__, "--sizes", ",".join(args.sizes), "--dtypes", ",".join(args.dtypes),
+                 "--repeats", str(args.repeats), "--device", args.device, "--max-other-load", str(args.max_other_load),
+                 "--threads", str(threads), "--rows-out", str(out)]
+        done = subprocess.run(child, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            raise RuntimeError(f"the measuring process at {threads_text([threads])} failed: {last}")
+        return json.loads(out.read_text())
+
+
+def thread_count_child(args, device: torch.device, total: int) -> int:
+    """In the process of one thread count: measure every size and dtype, write the rows to --rows-out."""
+    from tqdm import tqdm
+
+    torch.set_num_threads(args.threads[0])
+    rows = []
+    with tqdm(total=total, desc=f"{threads_text(args.threads)}", unit="candidate", leave=False) as progress:
+        for size in args.sizes:
+            for dtype in args.dtypes:
+                rows += measure(size, dtype, device, args.repeats, args.max_other_load, progress)
+                gc.collect()
+    for r in rows:  # the count torch ran at, and which process measured it
+        r.update(threads=torch.get_num_threads(), pid=os.getpid())
+    Path(args.rows_out).write_text(json.dumps(rows))
+    return 0
+
+
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -502,20 +563,22 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     per_config = len(OURS) * len(our_paths(device)) + len(TORCH) * 2
+    if args.rows_out:
+        return thread_count_child(args, device, per_config * len(args.sizes) * len(args.dtypes))
     first_steps = 0 if args.no_first_step else 2 * len(OURS) * len(fused_paths(device))
-    total = per_config * len(args.sizes) * len(args.dtypes) + first_steps
+    total = per_config * len(args.sizes) * len(args.dtypes) * len(args.threads) + first_steps
     md = report_path(args, device.type)  # checked before an hour of measuring, not after
     basis = outputs.Basis(total)
     outputs.check(md, basis, args.force, [md.with_suffix(".json"), md.with_suffix(".png")])
     results = dict(device=device.type, date=dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
                    command="python benchmarks/optimizer_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                   machine=machine(), sizes=args.sizes, dtypes=args.dtypes, repeats=args.repeats,
-                   load_before=load_average(), rows=[], first_steps=[])
+                   machine=machine(), sizes=args.sizes, dtypes=args.dtypes, threads=args.threads,
+                   repeats=args.repeats, load_before=load_average(), rows=[], first_steps=[])
     with tqdm(total=total, desc="optimizer steps", unit="candidate") as progress:
-        for size in args.sizes:
-            for dtype in args.dtypes:
-                results["rows"] += measure(size, dtype, device, args.repeats, args.max_other_load, progress)
-                gc.collect()
+        for threads in args.threads:
+            progress.set_postfix_str(f"{threads_text([threads])}, in a process of its own")
+            results["rows"] += thread_count_rows(args, threads)
+            progress.update(per_config * len(args.sizes) * len(args.dtypes))
         if not args.no_first_step:
             results["first_steps"] = cold_first_steps(args.sizes[-1], args.dtypes[0], device, progress)
     results["load_after"] = load_average()
