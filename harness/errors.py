@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import sys
 from typing import Callable
 
@@ -31,8 +32,8 @@ class OtherRankFailed(UsageError):
 def command(main: Callable[..., int]) -> Callable[..., int]:
     """Wrap a command's ``main``: a ``UsageError`` becomes ``error: <message>`` on stderr and
     status 2, an ``Interrupted`` run status 75 (``EXIT_INTERRUPTED``: rerun to resume), a full
-    disk a one-line error and status 2. So library code raises, and never exits the process
-    itself."""
+    disk a one-line error and status 2, a closed standard output (``... --list | head``) a quiet
+    exit 0, as for any Unix filter. So library code raises, and never exits the process itself."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs) -> int:
@@ -45,6 +46,11 @@ def command(main: Callable[..., int]) -> Callable[..., int]:
         except Interrupted as e:
             print(f"{e}; re-run the same command to resume", file=sys.stderr, flush=True)
             return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            # The reader went away: stop quietly, and keep Python's exit-time flush of stdout
+            # from raising again (the recipe of the `signal` module's documentation).
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         except OSError as e:  # any other write on a full disk (a log, a figure, wandb's files)
             if e.errno != errno.ENOSPC:
                 raise

@@ -22,8 +22,7 @@ for arg in "$@"; do
   esac
 done
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY="${PYTHON:-.venv/bin/python}"
-if [ ! -x "$PY" ] && ! command -v "$PY" >/dev/null 2>&1; then PY=python3; fi
+. scripts/python.sh
 RUNS="${RUNS:-runs}"
 RESULTS="${RESULTS:-results}"
 export MPLBACKEND=Agg

@@ -13,8 +13,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # run from anywhere: --out DIR is relative to here
-PY="${PYTHON:-}"
-[ -n "$PY" ] || { [ -x "$ROOT/.venv/bin/python" ] && PY="$ROOT/.venv/bin/python" || PY=python3; }
+. "$ROOT/scripts/python.sh"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NONLINEAR_DAMPING_OFFLINE=1
 export WANDB_MODE=offline TQDM_DISABLE=1 MPLBACKEND=Agg
 exec "$PY" -m harness.preflight "$@"

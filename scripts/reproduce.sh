@@ -20,8 +20,7 @@ if [ $# -lt 1 ]; then
   echo "usage: bash scripts/reproduce.sh <experiment> [--seeds ...] [--optimizers ...] [--gpus 0,1,...]" >&2
   exit 2
 fi
-PY="${PYTHON:-}"
-[ -n "$PY" ] || { [ -x "$ROOT/.venv/bin/python" ] && PY="$ROOT/.venv/bin/python" || PY=python3; }
+. "$ROOT/scripts/python.sh"
 # How many runs share a GPU: what this node's preflight report recommends (measured for nano),
 # unless --runs-per-gpu is given; PREFLIGHT_DIR: where the reports are (default results/preflight).
 if [[ " $* " != *" --runs-per-gpu"* ]]; then

@@ -12,8 +12,7 @@
 #   bash scripts/robustness.sh nano --plot-only
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY="${PYTHON:-.venv/bin/python}"
-if [ ! -x "$PY" ] && ! command -v "$PY" >/dev/null 2>&1; then PY=python3; fi
+. scripts/python.sh
 if [ $# -lt 1 ]; then
   echo "usage: bash scripts/robustness.sh <exp> [options of python -m harness.robustness]" >&2
   exit 2

@@ -13,8 +13,7 @@
 # Killing a worker loses nothing: run the same command again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY="${PYTHON:-.venv/bin/python}"
-if [ ! -x "$PY" ] && ! command -v "$PY" >/dev/null 2>&1; then PY=python3; fi
+. scripts/python.sh
 if [ $# -lt 2 ]; then
   echo "usage: bash scripts/sweep.sh <exp> <optimizer> [--trials N] [options of python -m harness.sweep]" >&2
   exit 2

@@ -433,3 +433,15 @@ def test_readme_environment_sentence():
                 for e in ("vit", "cifar")}
     assert {"torchvision", "timm"} <= packages["vit"] and "timm" not in packages["cifar"]
     assert "`vit` adds torchvision and timm, `cifar` torchvision" in top
+
+
+def test_a_listing_piped_into_head_ends_quietly():
+    """``... --list | head -1``: the reader closes the pipe after one line; the command stops with
+    status 0 and no traceback, as a Unix filter does."""
+    proc = subprocess.Popen([sys.executable, "-m", "harness.launch", "nano", "--seeds", *map(str, range(400)), "--list"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # what head does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and first.split()[:2] == [b"0", b"adam"]
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

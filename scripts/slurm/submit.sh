@@ -18,8 +18,7 @@ if [ $# -lt 1 ]; then
   echo "usage: bash scripts/slurm/submit.sh <experiment> [harness.launch arguments]" >&2
   exit 2
 fi
-PY="${PYTHON:-}"
-[ -n "$PY" ] || { [ -x "$ROOT/.venv/bin/python" ] && PY="$ROOT/.venv/bin/python" || PY=python3; }
+. "$ROOT/scripts/python.sh"
 for arg in "$@"; do
   [ "$arg" = "--list" ] && exec "$PY" -m harness.launch "$@"
 done
