@@ -112,21 +112,6 @@ def make_fake_cifar10(root, n_train=500, n_test=100, seed=0):
     return root
 
 
-def read_raw(root, train):
-    """The uint8 images (N, 32, 32, 3) and labels of the files ``make_fake_cifar10`` wrote,
-    read with plain pickle, in the order torchvision concatenates them."""
-    folder = Path(root) / CIFAR10.base_folder
-    names = [f"data_batch_{k}" for k in range(1, 6)] if train else ["test_batch"]
-    images, labels = [], []
-    for name in names:
-        with open(folder / name, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
-        images.append(entry[b"data"])
-        labels.extend(entry[b"labels"])
-    images = np.concatenate(images).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return images, labels
-
-
 @contextlib.contextmanager
 def unchecked_cifar10():
     """Within the block, ``harness.cifar10`` reads CIFAR-10 with ``UncheckedCIFAR10``."""
