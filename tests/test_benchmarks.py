@@ -44,3 +44,8 @@ def test_optimizer_step_benchmark_writes_its_report(tmp_path):
                  if line.startswith("model name"))
     assert results["machine"]["cpu"] == model and model in table
     assert (tmp_path / "cpu.png").read_bytes().startswith(b"\x89PNG")
+    # Each table is one block of rows: a blank line inside one would end it and print the rest as text.
+    sections = table.split("\n## ")
+    for section in sections[1:]:
+        rows = [line for line in section.split("\n\n") if line.startswith("|")]
+        assert len(rows) == 1, section[:200]
