@@ -602,7 +602,8 @@ class DampedOptimizer(Optimizer):
         single-tensor loop inside the same step: asked for it (``param``), the answer
         is ``single``, and so it is for ``group``'s tensors of a device and dtype when
         none of them reaches the kernel. The answer is for the tensors as they stand:
-        a parameter without a gradient yet is taken to get one laid out as itself.
+        the parameters with a gradient where any has one (``step`` updates no other),
+        and a parameter without a gradient yet taken to get one laid out as itself.
         """
         if param is not None:
             group = next((g for g in self.param_groups if any(p is param for p in g["params"])), None)
@@ -626,12 +627,12 @@ class DampedOptimizer(Optimizer):
             device, dtype = first.device, first.dtype
         path, backend = self._choose(group, device, dtype)
         bucket = buckets.get((device, dtype), [])
-        if backend is None or not bucket:
-            return path
-        paths = backend.paths(bucket)
+        paths = backend.paths(bucket) if backend is not None else [path] * len(bucket)
         if param is not None:
             return paths[next(i for i, t in enumerate(bucket) if t is tensors)]
-        return path if path in paths else SINGLE
+        # The group's tensors of this device and dtype with a gradient of another: ``step``'s ``mixed``.
+        paths += [SINGLE for t in mixed if (t[0].device, t[0].dtype) == (device, dtype)]
+        return path if path in paths or not paths else SINGLE
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):

@@ -530,8 +530,8 @@ def test_code_path_reports_the_tensors_the_kernel_cannot_take(fused_backend, mon
             p.grad = None  # the last case's: code_path answers for the tensors that have one
         opt = CD(params, h=0.1, c=2.0, fused=True)
         reference = CD([p.detach().clone().requires_grad_() for p in params], h=0.1, c=2.0, fused=False)
-        assert [opt.code_path(param=p) for p in params] == paths
         assert opt.code_path() == (kernel if kernel in paths else "single")
+        assert [opt.code_path(param=p) for p in params] == paths
         handed.clear()
         for o in (opt, reference):
             for p in o.param_groups[0]["params"]:
@@ -542,6 +542,24 @@ def test_code_path_reports_the_tensors_the_kernel_cannot_take(fused_backend, mon
             assert [any(t is p for t in handed) for p in params] == [path == "native" for path in paths]
         for p, q in zip(params, reference.param_groups[0]["params"]):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_code_path_reports_the_single_tensor_loop_for_a_gradient_of_another_dtype(fused_backend):
+    """A float32 parameter with a float64 gradient (``grad_dtype=None`` allows it): no
+    kernel takes the pair, the step updates it eagerly, and code_path says ``single``
+    for it and for its group, not the fused path it would take otherwise."""
+    params = []
+    for _ in range(2):
+        p = torch.ones(4, requires_grad=True)
+        p.grad_dtype = None
+        p.grad = torch.full((4,), 2.0, dtype=torch.float64)
+        params.append(p)
+    fused, eager = CD([params[0]], h=0.1, c=2.0, fused=True), CD([params[1]], h=0.1, c=2.0, fused=False)
+    fused.step()
+    eager.step()
+    assert torch.equal(params[0], params[1]) and params[0][0].item() == pytest.approx(1 - 0.01 * 2)
+    assert fused.code_path() == "single"
+    assert fused.code_path(param=params[0]) == "single"
 
 
 def test_code_path_reports_the_fallback_before_the_first_step(monkeypatch):
@@ -574,5 +592,5 @@ def test_compiled_step_updates_every_tensor_of_a_small_last_batch(monkeypatch):
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
-    assert opt.code_path(param=params[1]) == "single"
     assert params[1].item() == pytest.approx(1 - 0.01 * 1)  # q + h * (-h g) from p = 0
+    assert opt.code_path(param=params[1]) == "single"
