@@ -28,13 +28,15 @@ the single-tensor loop.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+import sys
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _fused, _native
+from ._fused import COMPILED, FOREACH, NATIVE, PATHS, SINGLE
 
 __all__ = ["DampedOptimizer", "PATHS"]
 
@@ -153,11 +155,13 @@ def scale(x: Tensors, factor: Coefficient) -> None:
         _mul_(x, factor)
 
 
-def cubic_damping(p: Tensors, c: Coefficient, h: Coefficient) -> None:
-    """Exact flow of p' = -c p^3 over time h: ``p <- p / sqrt(1 + 2 c h p^2)``."""
-    if not _is_number(c, 0.0):
+def cubic_damping(p: Tensors, two_c_h: Coefficient) -> None:
+    """Exact flow of p' = -c p^3 over time h: ``p <- p / sqrt(1 + 2 c h p^2)``, with
+    ``two_c_h = 2 c h`` (dimensionless per momentum^2). Skipped on the eager paths
+    when it is exactly 0 (c = 0), an exact no-op."""
+    if not _is_number(two_c_h, 0.0):
         denom = _mul(p, p)
-        _mul_(denom, 2.0 * c * h)
+        _mul_(denom, two_c_h)
         _add_(denom, 1.0)
         _sqrt_(denom)
         _div_(p, denom)
@@ -174,15 +178,16 @@ def relax(x: Tensors, source: Tensors, decay: Coefficient, weight: Coefficient) 
     _addcmul_(x, source, source, weight)
 
 
-def friction(p: Tensors, xi: Tensors, h: Coefficient) -> None:
-    """Exact flow of p' = -xi p over time h with xi frozen: ``p <- exp(-h xi) p``.
+def friction(p: Tensors, xi: Tensors, minus_h: Coefficient) -> None:
+    """Exact flow of p' = -xi p over time h with xi frozen: ``p <- exp(-h xi) p``,
+    with ``minus_h = -h``.
 
     The factor is computed in place, one whole-list temporary on the foreach
     path. (The native kernels compute it as ``2 ** (xi * (-h log2 e))``, which
     vectorises to fewer instructions; for want of a foreach exp2, and so that the
     eager paths round alike, these use ``exp``.)
     """
-    factor = _mul(xi, -h)
+    factor = _mul(xi, minus_h)
     _exp_(factor)
     _mul_(p, factor)
 
@@ -204,6 +209,34 @@ def preconditioned_drift(q: Tensors, p: Tensors, zeta: Tensors, drift_step: Coef
         _addcdiv_(q, p, denom)
     else:
         _addcdiv_(q, p, denom, drift_step)
+
+
+# ----------------------------------------------------------------------------
+# Coefficients
+# ----------------------------------------------------------------------------
+
+# The coefficients every optimizer's step takes first, in this order (``DampedOptimizer._motion``).
+MOTION = ("kick_step", "drift_step", "decay", "linear")
+
+
+def coefficient_tuple(name: str, *fields: str) -> type:
+    """The named tuple (``typing.NamedTuple``) of one optimizer's step coefficients:
+    ``MOTION``'s four, then ``fields``.
+
+    Its fields are the one statement of the coefficients' order: ``_update`` reads them
+    by name, the compiled kernel is handed them as one 1-D tensor in this order, and
+    the native kernels index their C array by constants that ``optimizers/_native.py``
+    generates from these names (``CD_TWO_C_H``, ...). The tuple belongs to the module
+    that calls this, as with ``collections.namedtuple``."""
+    cls = NamedTuple(name, [(field, Coefficient) for field in (*MOTION, *fields)])
+    cls.__module__ = sys._getframe(1).f_globals["__name__"]
+    return cls
+
+
+def named(k: Any, cls: type) -> Any:
+    """``k`` as the named tuple ``cls``: itself, or, where the compiled kernel hands
+    ``_update`` the coefficients as one 1-D tensor in ``cls``'s field order, its elements."""
+    return k if isinstance(k, cls) else cls(*k)
 
 
 def check_positive_lr(lr: float) -> None:
@@ -285,9 +318,8 @@ def _check_flag(name: str, value: Any, allowed=(None, True, False)) -> None:
 # Code paths
 # ----------------------------------------------------------------------------
 
-# The implementations of one step; ``DampedOptimizer.code_path`` chooses among them.
-NATIVE, COMPILED, FOREACH, SINGLE = "native", "compiled", "foreach", "single"
-PATHS = (NATIVE, COMPILED, FOREACH, SINGLE)
+# The implementations of one step (``PATHS``: native, compiled, foreach, single) are
+# named in ``optimizers/_fused.py``; ``DampedOptimizer.code_path`` chooses among them.
 
 # With ``fused=None`` on CUDA (or on a CPU where the native kernels cannot be
 # built) the compiled kernel is used only when the optimizer holds at least
@@ -365,6 +397,21 @@ def _traceable(group: dict) -> dict:
                         if name in group and not isinstance(group[name], Tensor)}}
 
 
+def _buckets(tuples: list) -> tuple[dict, list]:
+    """``(buckets, mixed)`` of tuples ``(q, g, *states)``: those whose tensors share one
+    device and dtype, by ``(device, dtype)``, and the others (e.g. a gradient in
+    another dtype), which no kernel takes."""
+    buckets: dict = {}
+    mixed = []
+    for tensors in tuples:
+        q = tensors[0]
+        if all(t.dtype == q.dtype and t.device == q.device for t in tensors[1:]):
+            buckets.setdefault((q.device, q.dtype), []).append(tensors)
+        else:
+            mixed.append(tensors)
+    return buckets, mixed
+
+
 def _local(t: Optional[Tensor]) -> Optional[Tensor]:
     """The local shard of a DTensor (FSDP2, tensor parallelism), else ``t`` itself.
 
@@ -395,9 +442,11 @@ class DampedOptimizer(Optimizer):
     A subclass sets ``state_names`` (the per-element state tensors, created as
     zeros the first time a parameter has a gradient) and implements
 
-    - ``_coefficients(group)``: the step's scalar coefficients, computed once per
-      group and step: Python floats, or 0-d tensors where a hyperparameter is a
-      tensor. The first four are common to all (``_motion``);
+    - ``Coefficients``: the named tuple of its step's scalar coefficients
+      (``coefficient_tuple``), whose first four fields are common to all (``MOTION``);
+    - ``_coefficients(group)``: that tuple for a group, computed once per group and
+      step, every derived value (``-h``, ``2 c h``, the exponentials) included:
+      Python floats, or 0-d tensors where a hyperparameter is a tensor;
     - ``_update(q, g, *states, k)``: one step, given the coefficient tuple ``k``,
       for one parameter tensor or, on the foreach path, for lists of them. It
       strings together the sub-steps of this module and is the one statement of
@@ -426,6 +475,8 @@ class DampedOptimizer(Optimizer):
     """
 
     state_names: Sequence[str] = ("momentum",)
+    # The named tuple of ``_coefficients``' values (``coefficient_tuple``); each subclass its own.
+    Coefficients: type
     # The name of the optimizer's kernel in optimizers/_native.c, which restates
     # ``_update`` in C; None where there is none. A subclass that overrides
     # ``_update`` without naming a kernel of its own gets None (``__init_subclass__``),
@@ -472,7 +523,7 @@ class DampedOptimizer(Optimizer):
 
     @staticmethod
     def _motion(group) -> tuple:
-        """``(kick, drift, decay, linear)``, the coefficients every optimizer shares:
+        """``MOTION``'s values ``(kick_step, drift_step, decay, linear)``, the coefficients every optimizer shares:
         the kick's step ``-h`` (``+h`` with maximize), the drift's ``lr h``, the weight
         decay's factor ``exp(-lambda lr h)`` and the linear friction's ``exp(-gamma h)``."""
         h = group["h"]
@@ -506,46 +557,82 @@ class DampedOptimizer(Optimizer):
             for lst, name in zip(states, self.state_names):
                 lst.append(state[name])
 
-    def code_path(self, group: Optional[dict] = None, device: Optional[torch.device] = None,
-                  dtype: Optional[torch.dtype] = None) -> str:
-        """The path (one of ``PATHS``) that ``step`` takes for ``group``'s tensors of
-        ``device`` and ``dtype`` (default: the first param group, its first parameter's).
-
-        This is the one place the choice is made; ``step`` asks it for every
-        (device, dtype) bucket of every group. ``native`` and ``compiled`` are the two
-        implementations of the fused path; where neither can be built, the answer
-        after the first attempt (which warns once) is ``single``.
-        """
-        group = self.param_groups[0] if group is None else group
-        if device is None or dtype is None:
-            first = _local(group["params"][0])
-            device, dtype = first.device, first.dtype
+    def _choose(self, group: dict, device: torch.device, dtype: torch.dtype) -> tuple[str, Optional[_fused.Backend]]:
+        """``(path, backend)`` of ``group``'s tensors of ``device`` and ``dtype``: the eager
+        path chosen by the flags, or the fused path's ``_fused.Backend`` and its path.
+        The one place the choice is made (``code_path``, ``step``)."""
         fused, foreach = group["fused"], group["foreach"]
         if torch.compiler.is_compiling():
             # The step is being traced by an outer torch.compile: give it plain
             # tensor ops to trace rather than a nested compiled kernel.
-            return FOREACH if foreach else SINGLE
-        native = _native.supports(self.native_kernel, device, dtype)
+            return (FOREACH if foreach else SINGLE), None
         fusable = device.type in FUSED_DEVICES and dtype in FUSED_DTYPES
         if fused is None:
             # An explicit foreach choice is a request for that eager path.
             if foreach is None:
-                fused = native or (fusable and sum(p.numel() for g in self.param_groups for p in g["params"])
-                                   >= FUSED_DEFAULT_MIN_NUMEL)
+                fused = _native.supports(self.native_kernel, device, dtype) or (
+                    fusable and sum(p.numel() for g in self.param_groups for p in g["params"])
+                    >= FUSED_DEFAULT_MIN_NUMEL)
             else:
                 fused = False
         elif fused and not fusable:
             raise _fused_support_error(device, dtype)
         if fused:
-            if native:
-                return NATIVE
-            return COMPILED if _fused.compile_failure(device) is None else SINGLE
+            backend = _fused.backend(type(self)._update, self.native_kernel, 2 + len(self.state_names),
+                                     len(self.Coefficients._fields), device, dtype)
+            return backend.path, backend
         if foreach is None:
             # As torch.optim: the foreach path on devices with fast foreach kernels (CUDA).
             from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
 
             foreach = device.type in _get_foreach_kernels_supported_devices()
-        return FOREACH if foreach else SINGLE
+        return (FOREACH if foreach else SINGLE), None
+
+    def code_path(self, group: Optional[dict] = None, device: Optional[torch.device] = None,
+                  dtype: Optional[torch.dtype] = None, param: Optional[Tensor] = None) -> str:
+        """The path (one of ``PATHS``) that ``step`` takes for ``group``'s tensors of
+        ``device`` and ``dtype`` (default: the first param group, its first parameter's),
+        or, given ``param``, for that parameter alone.
+
+        ``native`` and ``compiled`` are the two implementations of the fused path,
+        ``single`` where neither can be built (``_fused.backend``, which warns once).
+        A tensor the fused kernel cannot take (a strided slice, a parameter whose
+        gradient is laid out otherwise, a tensor subclass, a lone one-element tensor
+        for the compiled kernel, a gradient of another dtype) is updated by the
+        single-tensor loop inside the same step: asked for it (``param``), the answer
+        is ``single``, and so it is for ``group``'s tensors of a device and dtype when
+        none of them reaches the kernel. The answer is for the tensors as they stand:
+        the parameters with a gradient where any has one (``step`` updates no other),
+        and a parameter without a gradient yet taken to get one laid out as itself.
+        """
+        if param is not None:
+            group = next((g for g in self.param_groups if any(p is param for p in g["params"])), None)
+            if group is None:
+                raise ValueError("Invalid param: not a parameter of this optimizer's param groups")
+        group = self.param_groups[0] if group is None else group
+        params = [p for p in group["params"] if p.grad is not None] or list(group["params"])
+        if param is not None and not any(p is param for p in params):
+            params.append(param)  # no gradient, while others have one: as if it had
+        tuples = [tuple(_local(t) for t in (p, p.grad if p.grad is not None else p,
+                                            *(self.state.get(p, {}).get(name, p) for name in self.state_names)))
+                  for p in params]
+        buckets, mixed = _buckets(tuples)
+        if param is not None:
+            tensors = tuples[next(i for i, p in enumerate(params) if p is param)]
+            if any(tensors is t for t in mixed):
+                return SINGLE
+            device, dtype = tensors[0].device, tensors[0].dtype
+        elif device is None or dtype is None:
+            first = _local(group["params"][0])
+            device, dtype = first.device, first.dtype
+        path, backend = self._choose(group, device, dtype)
+        bucket = buckets.get((device, dtype), [])
+        paths = backend.paths(bucket) if backend is not None else [path] * len(bucket)
+        if param is not None:
+            return paths[next(i for i, t in enumerate(bucket) if t is tensors)]
+        # The group's tensors of this device and dtype with a gradient of another: ``step``'s ``mixed``.
+        paths += [SINGLE for t in mixed if (t[0].device, t[0].dtype) == (device, dtype)]
+        return path if path in paths or not paths else SINGLE
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -569,22 +656,14 @@ class DampedOptimizer(Optimizer):
             states = [[_local(t) for t in lst] for lst in states]
             _normalise_hyperparameters(group)
             k = self._coefficients(_traceable(group))
-            buckets: dict = {}  # (device, dtype) -> [(q, g, *state), ...]
-            for tensors in zip(params, grads, *states):
-                q = tensors[0]
-                if all(t.dtype == q.dtype and t.device == q.device for t in tensors[1:]):
-                    buckets.setdefault((q.device, q.dtype), []).append(tensors)
-                else:  # e.g. a gradient in another dtype: no kernel takes it
-                    update(*tensors, k)
+            buckets, mixed = _buckets(list(zip(params, grads, *states)))
+            for tensors in mixed:  # e.g. a gradient in another dtype: no kernel takes it
+                update(*tensors, k)
             kernel_ran = False
             for (device, dtype), bucket in buckets.items():
-                path = self.code_path(group, device, dtype)
-                if path == NATIVE:
-                    _fused.native_step(update, self.native_kernel, k, bucket)
-                elif path == COMPILED:
-                    _fused.compiled_step(update, k, bucket, device, dtype,
-                                         native_failure=_fused.native_failure(self.native_kernel, device),
-                                         cache=self._coefficient_cache(index))
+                path, backend = self._choose(group, device, dtype)
+                if backend is not None:
+                    backend.run(k, bucket, cache=self._coefficient_cache(index))
                 elif path == FOREACH:
                     update(*map(list, zip(*bucket)), k)
                 else:
@@ -601,13 +680,13 @@ class DampedOptimizer(Optimizer):
 
     def _coefficient_cache(self, index: int) -> dict:
         """Param group ``index``'s cache of the compiled kernel's coefficient tensors
-        (``_fused.compiled_step``): kept on the instance, not in the state dict."""
+        (``_fused.Backend.run``): kept on the instance, not in the state dict."""
         caches = self.__dict__.setdefault("_coefficient_caches", {})
         return caches.setdefault(index, {})
 
     @staticmethod
     def _coefficients(group) -> tuple:  # pragma: no cover
-        """The step's scalar coefficients for ``_update``: ``_motion(group)`` and more."""
+        """The step's scalar coefficients for ``_update``: ``Coefficients(*_motion(group), ...)``."""
         raise NotImplementedError
 
     @staticmethod

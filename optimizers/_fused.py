@@ -1,7 +1,9 @@
 """The fused path: one pass over each tensor's elements per step.
 
-Two implementations; ``DampedOptimizer.code_path`` picks one for each
-(device, dtype) bucket of a param group's tensors:
+Two implementations. For each optimizer kernel, device type and dtype, one
+cached ``Backend`` (``backend()``) holds the implementation that runs there and
+why the others do not; ``DampedOptimizer.code_path`` reports it, tensor by
+tensor (``Backend.paths``):
 
 1. On the CPU, the native kernels (``optimizers/_native.py``, ``_native.c``):
    hand-written C, one call per param group and dtype, built once per machine.
@@ -21,12 +23,14 @@ Three choices keep the compiled kernel cheap to compile and free of recompiles:
   ``WARMUP_NUMEL`` elements, so the generated code (Inductor decides on
   multithreading from the size it first sees) never depends on which
   parameter happens to come first.
-- The coefficients (``h``, ``exp(-gamma h)``, ...) arrive as one small 1-D
-  tensor on the parameters' device, in float32 (float64 for float64
-  parameters), so a scheduler that changes a hyperparameter changes data, not
-  the graph. It is made (one host-to-device copy) only when a hyperparameter
-  changed since the group's last step, and reused otherwise. (The native kernels take them as C doubles: nothing to recompile.)
-  Hyperparameters given as tensors are stacked into it without leaving the device.
+- The coefficients (the optimizer's coefficient tuple: ``-h``, ``exp(-gamma h)``,
+  ...) arrive as one small 1-D tensor, in the tuple's field order, on the
+  parameters' device, in float32 (float64 for float64 parameters), so a
+  scheduler that changes a hyperparameter changes data, not the graph. It is
+  made (one host-to-device copy) only when a hyperparameter changed since the
+  group's last step, and reused otherwise. (The native kernels take them as C
+  doubles: nothing to recompile.) Hyperparameters given as tensors are stacked
+  into it without leaving the device.
 - Low-precision parameters (bf16, fp16) are loaded into float32 registers,
   updated there and rounded once on the store; the eager paths round after
   every sub-step. State stays in the parameter's dtype. The native kernels do
@@ -34,18 +38,20 @@ Three choices keep the compiled kernel cheap to compile and free of recompiles:
 
 For the compiled kernel, small tensors (biases, LayerNorm weights) are
 concatenated and updated in one call per batch rather than one call each (see
-``compiled_step``). Tensors whose layout differs between the parameter, its
+``Backend.schedule``). Tensors whose layout differs between the parameter, its
 gradient and its state, tensor subclasses other than ``nn.Parameter`` (whose
 data pointer is not their elements'; DTensors arrive here as their local
 shards), and, for the compiled kernel, a lone one-element tensor (dynamo would
 specialise a graph for it; the native kernels take it) go through the same
-``_update`` eagerly. Where neither
+``_update`` eagerly; ``code_path`` reports them as ``single``. Where neither
 implementation is available (no C or C++ compiler, no Triton, an unsupported
-Python) the first fused step warns once and every step runs the eager loop.
+Python) the backend's path is the eager loop, and it warns once (``_warn``, the
+one place this module warns) when it is made.
 """
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -53,8 +59,13 @@ from torch import Tensor
 
 from . import _native
 
-__all__ = ["native_step", "compiled_step", "compile_failure", "native_failure", "compiled_update",
+__all__ = ["Backend", "backend", "compiled_update", "NATIVE", "COMPILED", "FOREACH", "SINGLE", "PATHS",
            "WARMUP_NUMEL", "SMALL_NUMEL", "BATCH_NUMEL"]
+
+# The paths a step can take (``DampedOptimizer.code_path``): the fused path's two
+# implementations, and the two eager paths.
+NATIVE, COMPILED, FOREACH, SINGLE = "native", "compiled", "foreach", "single"
+PATHS = (NATIVE, COMPILED, FOREACH, SINGLE)
 
 WARMUP_NUMEL = 1 << 16
 SMALL_NUMEL = 1 << 15  # tensors below this size are updated in concatenated batches...
@@ -65,9 +76,16 @@ SMALL_NUMEL = 1 << 15  # tensors below this size are updated in concatenated bat
 BATCH_NUMEL = 1 << 16
 
 _compiled: dict[Callable, Callable] = {}  # update function -> its torch.compile wrapper
-_ready: set = set()  # (update, device type, dtype) whose kernel compiled and ran
-_unavailable: dict[str, str] = {}  # device type -> why compiling failed there (warned once)
-_native_warned = False
+# (update, native kernel, native kernels enabled, device type, dtype) -> its Backend
+_backends: dict[tuple, "Backend"] = {}
+_warned: set[str] = set()  # the warnings given (``_warn``)
+
+
+def _warn(message: str) -> None:
+    """The one place the fused path warns: each message once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
 def compiled_update(update: Callable) -> Callable:
@@ -101,45 +119,21 @@ def _why_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
-def _kernel(update: Callable, device: torch.device, dtype: torch.dtype, n_tensors: int, n_coefficients: int,
-            native_failure: Optional[str] = None):
-    """The compiled kernel for this device and dtype, compiling it on scratch tensors
-    the first time; None (after one warning per device type) where compiling fails.
-
-    ``native_failure`` is why the native kernels could not take these tensors
-    (None where they were not asked for): it is part of the one warning, either
-    way, so that a machine without compilers hears of it once."""
-    global _native_warned
-    if device.type in _unavailable:
-        return None
+def _compile(update: Callable, device: torch.device, dtype: torch.dtype, n_tensors: int,
+             n_coefficients: int) -> tuple[Optional[Callable], Optional[str]]:
+    """``(kernel, None)``: ``update`` compiled for this device and dtype, and run once on
+    scratch tensors; ``(None, why)`` where that fails."""
+    reason = _why_unavailable(device)
+    if reason is not None:
+        return None, reason
     kernel = compiled_update(update)
-    key = (update, device.type, dtype)
-    if key not in _ready:
-        reason = _why_unavailable(device)
-        if reason is None:
-            scratch = [torch.zeros(WARMUP_NUMEL, dtype=dtype, device=device) for _ in range(n_tensors)]
-            k = torch.ones(n_coefficients, dtype=coefficient_dtype(dtype), device=device)
-            try:
-                kernel(*scratch, k)
-            except Exception as error:  # any failure to compile means: use the eager loop
-                reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-        if reason is not None:
-            _unavailable[device.type] = reason
-            if native_failure is not None:
-                reason = f"native kernels: {native_failure}; torch.compile: {reason}"
-            warnings.warn(
-                f"fused optimizer step unavailable on {device.type} ({reason}); "
-                "falling back to the single-tensor loop",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            return None
-        _ready.add(key)
-    if native_failure is not None and not _native_warned:
-        _native_warned = True
-        warnings.warn(f"native CPU optimizer kernels unavailable ({native_failure}); "
-                      "the fused step uses torch.compile instead", RuntimeWarning, stacklevel=4)
-    return kernel
+    scratch = [torch.zeros(WARMUP_NUMEL, dtype=dtype, device=device) for _ in range(n_tensors)]
+    try:
+        kernel(*scratch, torch.ones(n_coefficients, dtype=coefficient_dtype(dtype), device=device))
+    except Exception as error:  # any failure to compile means: use the eager loop
+        message = str(error).strip()
+        return None, f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"
+    return kernel, None
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -184,19 +178,6 @@ def _run_batch(kernel: Callable, batch: list[tuple[Tensor, ...]], k: Tensor) -> 
         torch._foreach_copy_(list(columns[i]), pieces)
 
 
-def compile_failure(device: torch.device) -> Optional[str]:
-    """Why the compiled kernel failed on this device type (it then warned once); None
-    where it has not failed (yet)."""
-    return _unavailable.get(device.type)
-
-
-def native_failure(native: Optional[str], device: torch.device) -> Optional[str]:
-    """Why the native kernels cannot run where they would have been used; else None."""
-    if native is None or device.type != "cpu" or not _native.ENABLED:
-        return None
-    return _native.why_unavailable()
-
-
 def _plain(tensors: Sequence[Tensor]) -> bool:
     """True for plain tensors (and Parameters), whose data pointers address their elements."""
     return all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
@@ -226,54 +207,137 @@ def _as_tensor(coefficients: tuple, dtype: torch.dtype, device: torch.device, ca
     return k
 
 
-def native_step(update: Callable, native: str, coefficients: tuple, bucket: list[tuple[Tensor, ...]]) -> None:
-    """One step of the native kernel ``native`` on CPU tensors of one dtype, each tuple
-    ``(q, g, *states)``; tensors it cannot take get ``update`` eagerly."""
-    flat = []
-    for tensors in bucket:
-        if _plain(tensors) and dense_alike(tensors):
-            flat.append(tensors)
-        else:
-            update(*tensors, coefficients)
-    if flat:
-        _native.step(native, flat[0][0].dtype, _as_floats(coefficients), flat)
+@dataclass(frozen=True)
+class Backend:
+    """The fused step of one optimizer kernel on one device type and dtype (``backend()``).
 
-
-def compiled_step(update: Callable, coefficients: tuple, bucket: list[tuple[Tensor, ...]],
-                  device: torch.device, dtype: torch.dtype, native_failure: Optional[str] = None,
-                  cache: Optional[dict] = None) -> None:
-    """One step of ``update`` compiled by ``torch.compile``, on tensors of one device and dtype.
-
-    Tensors of at least ``SMALL_NUMEL`` elements get a kernel call each, on flat
-    aliases (no copies); smaller ones are concatenated into batches of at most
-    ``BATCH_NUMEL`` elements and updated by one call per batch, which saves the
-    per-call overhead (tens of microseconds, and a multithreaded region) on the
-    many bias and LayerNorm vectors of a transformer. Where compiling fails, the
-    whole bucket runs ``update`` eagerly (after one warning). ``cache`` keeps the
-    coefficient tensor from step to step (``_as_tensor``).
+    ``path`` is what runs: ``NATIVE`` (the C kernel named ``native``), ``COMPILED``
+    (``kernel``: ``update`` compiled by ``torch.compile``) or, where neither could be
+    built, ``SINGLE`` (``update`` eagerly, tensor by tensor). ``why_not`` maps each
+    implementation that was wanted here and not taken to the reason. Inside a step,
+    a tensor the implementation cannot take goes through ``update`` eagerly:
+    ``schedule`` decides which, and ``paths`` reports it.
     """
-    kernel = _kernel(update, device, dtype, len(bucket[0]), len(coefficients), native_failure)
-    if kernel is None:
-        for tensors in bucket:
-            update(*tensors, coefficients)
-        return
-    k = _as_tensor(coefficients, dtype, device, cache)
-    batch, batch_numel = [], 0
-    for tensors in bucket:
-        numel = tensors[0].numel()
-        if not _plain(tensors):
-            update(*tensors, coefficients)
-        elif numel < SMALL_NUMEL:
-            if batch_numel + numel > BATCH_NUMEL:
-                _run_batch(kernel, batch, k)
-                batch, batch_numel = [], 0
-            batch.append(tensors)
-            batch_numel += numel
-        elif _flattenable(tensors):
-            kernel(*[_flat(t) for t in tensors], k)
+
+    path: str
+    update: Callable
+    native: Optional[str] = None
+    kernel: Optional[Callable] = None
+    why_not: dict = field(default_factory=dict)
+
+    def schedule(self, bucket: Sequence[tuple[Tensor, ...]]) -> tuple[list[list[int]], list[int]]:
+        """``(calls, eager)`` for ``bucket``, tuples ``(q, g, *states)`` of this device and
+        dtype: the kernel calls, each a list of indices into ``bucket``, and the indices
+        of the tuples that go through ``update`` eagerly.
+
+        The native kernel takes every tuple of plain, dense-alike tensors in one call.
+        The compiled kernel takes a tensor of ``SMALL_NUMEL`` elements or more in a call
+        of its own (on flat aliases), and smaller ones in batches of at most
+        ``BATCH_NUMEL`` elements (concatenated); a last batch of fewer than 2 elements
+        (a lone one-element tensor: a graph of its own is not worth compiling) goes
+        eagerly. Tensor subclasses, and tensors whose layouts differ, go eagerly.
+        """
+        calls: list[list[int]] = []
+        eager: list[int] = []
+        if self.path == NATIVE:
+            call = []
+            for i, tensors in enumerate(bucket):
+                (call if _plain(tensors) and dense_alike(tensors) else eager).append(i)
+            return ([call] if call else []), eager
+        if self.path != COMPILED:
+            return [], list(range(len(bucket)))
+        batch, batch_numel = [], 0
+        for i, tensors in enumerate(bucket):
+            numel = tensors[0].numel()
+            if not _plain(tensors):
+                eager.append(i)
+            elif numel < SMALL_NUMEL:
+                if batch_numel + numel > BATCH_NUMEL:
+                    calls.append(batch)
+                    batch, batch_numel = [], 0
+                batch.append(i)
+                batch_numel += numel
+            elif _flattenable(tensors):
+                calls.append([i])
+            else:
+                eager.append(i)
+        if batch_numel >= 2:
+            calls.append(batch)
         else:
-            update(*tensors, coefficients)
-    if batch_numel >= 2:
-        _run_batch(kernel, batch, k)
-    elif batch:  # a lone one-element tensor: a graph of its own is not worth compiling
-        update(*batch[0], coefficients)
+            eager.extend(batch)
+        return calls, eager
+
+    def paths(self, bucket: Sequence[tuple[Tensor, ...]]) -> list[str]:
+        """The path each tuple of ``bucket`` takes (``schedule``): ``path``, or ``SINGLE``."""
+        eager = set(self.schedule(bucket)[1])
+        return [SINGLE if i in eager else self.path for i in range(len(bucket))]
+
+    def run(self, coefficients: tuple, bucket: Sequence[tuple[Tensor, ...]], cache: Optional[dict] = None) -> None:
+        """One step over ``bucket`` as ``schedule`` says, given the optimizer's coefficient
+        tuple. ``cache`` keeps the compiled kernel's coefficient tensor from step to step
+        (``_as_tensor``)."""
+        calls, eager = self.schedule(bucket)
+        for i in eager:
+            self.update(*bucket[i], coefficients)
+        if not calls:
+            return
+        if self.path == NATIVE:
+            _native.step(self.native, bucket[0][0].dtype, _as_floats(coefficients), [bucket[i] for i in calls[0]])
+            return
+        q = bucket[0][0]
+        k = _as_tensor(coefficients, q.dtype, q.device, cache)
+        for call in calls:
+            if len(call) == 1 and bucket[call[0]][0].numel() >= SMALL_NUMEL:
+                self.kernel(*[_flat(t) for t in bucket[call[0]]], k)
+            else:
+                _run_batch(self.kernel, [bucket[i] for i in call], k)
+
+
+def backend(update: Callable, native: Optional[str], n_tensors: int, n_coefficients: int, device: torch.device,
+            dtype: torch.dtype) -> Backend:
+    """The fused step of the optimizer whose ``_update`` is ``update`` and whose native
+    kernel is ``native`` (None: none), on ``device``'s type and ``dtype``: made the first
+    time it is asked for, then cached.
+
+    The native kernel where there is one, on the CPU, unless switched off
+    (``NONLINEAR_DAMPING_NATIVE=0``); else ``update`` compiled, on scratch tensors of
+    ``n_tensors`` ``(q, g, *states)`` and ``n_coefficients`` coefficients, unless
+    compiling already failed on this device type; else the eager loop. Making it warns
+    (``_warn``) where an implementation that should exist could not be built.
+    """
+    key = (update, native, _native.ENABLED, device.type, dtype)
+    if key in _backends:
+        return _backends[key]
+    why_not = {}
+    native_failure = None  # why the native kernels could not be built: said in the warning
+    if native is None:
+        why_not[NATIVE] = "the optimizer has no native kernel (it has an _update of its own)"
+    elif device.type != "cpu":
+        why_not[NATIVE] = "the native kernels run on the CPU only"
+    elif not _native.ENABLED:
+        why_not[NATIVE] = "switched off by NONLINEAR_DAMPING_NATIVE=0"
+    elif _native.supports(native, device, dtype):
+        _backends[key] = Backend(NATIVE, update, native, why_not={COMPILED: "the native kernel runs here"})
+        return _backends[key]
+    else:
+        native_failure = _native.why_unavailable()
+        why_not[NATIVE] = native_failure or f"the native library has no {native} kernel for {dtype}"
+    # Compiling failed on this device type before: do not spend seconds failing again.
+    failed = [b.why_not[COMPILED] for k, b in _backends.items() if k[3] == device.type and b.path == SINGLE]
+    if failed:
+        kernel, compile_failure = None, failed[0]
+    else:
+        kernel, compile_failure = _compile(update, device, dtype, n_tensors, n_coefficients)
+    if kernel is not None:
+        if native_failure is not None:
+            _warn(f"native CPU optimizer kernels unavailable ({native_failure}); "
+                  "the fused step uses torch.compile instead")
+        _backends[key] = Backend(COMPILED, update, native, kernel, why_not)
+    else:
+        why_not[COMPILED] = compile_failure
+        reasons = compile_failure
+        if native_failure is not None:
+            reasons = f"native kernels: {native_failure}; torch.compile: {compile_failure}"
+        _warn(f"fused optimizer step unavailable on {device.type} ({reasons}); falling back to the single-tensor loop")
+        _backends[key] = Backend(SINGLE, update, native, None, why_not)
+    return _backends[key]

@@ -10,10 +10,13 @@
  * ptrs holds, per tensor, the data pointers of q (the parameter), g (its
  * gradient) and the optimizer's state tensors in the order of its state_names,
  * all dense with one and the same layout, so that element i of each is at
- * index i. k is the optimizer's coefficient tuple (its _coefficients(group),
- * in that order). The elements of all n tensors are split into `threads`
- * contiguous, equal ranges, one per OpenMP thread: one parallel region per
- * call, whatever the number of tensors.
+ * index i. k is the optimizer's coefficient tuple (its _coefficients(group), a
+ * named tuple), indexed by constants named after the kernel and the field:
+ * CD_TWO_C_H is the index of CD's two_c_h. optimizers/_native.py generates them
+ * from the tuples' fields at build time (-D flags), so the order is stated once,
+ * in Python, where every value is computed. The elements of all n tensors are
+ * split into `threads` contiguous, equal ranges, one per OpenMP thread: one
+ * parallel region per call, whatever the number of tensors.
  *
  * The arithmetic is that of the optimizer's _update in the same order, sub-step
  * by sub-step (the macros below are optimizers/_base.py's single-tensor
@@ -34,6 +37,10 @@
 #endif
 
 #define DAMPED_API __attribute__((visibility("default")))
+
+#ifndef CD_TWO_C_H
+#error "build with optimizers/_native.py: it defines the coefficient indices (CD_TWO_C_H, ...)"
+#endif
 
 /* Below this many elements per thread, waking another thread costs more than it saves. */
 #define MIN_ELEMENTS_PER_THREAD 16384
@@ -176,12 +183,19 @@ static void run(segment_fn segment, int width, int64_t n, const int64_t *numel, 
  * The optimizers: each loop body is the optimizer's _update, in its order.
  * -------------------------------------------------------------------------- */
 
-/* LDHD (optimizers/ldhd.py): k = (kick step -h, drift step lr h, exp(-lambda lr h), exp(-gamma h)); state p. */
+/* The four coefficients every optimizer takes first (optimizers/_base.py's MOTION):
+ * the kick's step -h (+h to maximize), the drift's lr h, the weight decay's
+ * exp(-lambda lr h) and the linear friction's exp(-gamma h). */
+#define MOTION(OPT, DT)                                                                            \
+    const DT##_acc kick_step = k[OPT##_KICK_STEP], drift_step = k[OPT##_DRIFT_STEP],               \
+                   decay = k[OPT##_DECAY], linear = k[OPT##_LINEAR]
+
+/* LDHD (optimizers/ldhd.py): k = LDHDCoefficients, the motion's four; state p. */
 #define LDHD_KERNEL(DT)                                                                            \
     static void ldhd_##DT##_segment(int64_t lo, int64_t hi, void *const *t, const double *k) {     \
         DT##_t *restrict qs = t[0], *restrict ps = t[2];                                           \
         const DT##_t *restrict gs = t[1];                                                          \
-        const DT##_acc kick_step = k[0], drift_step = k[1], decay = k[2], linear = k[3];           \
+        MOTION(LDHD, DT);                                                                          \
         for (int64_t i = lo; i < hi; i++) {                                                        \
             DT##_acc q = DT##_load(qs, i), g = DT##_load(gs, i), p = DT##_load(ps, i);             \
             q = scale(q, decay);                                                                   \
@@ -195,13 +209,13 @@ static void run(segment_fn segment, int width, int64_t n, const int64_t *numel, 
     EXPORT(ldhd, DT, 3)
 ALL_DTYPES(LDHD_KERNEL)
 
-/* CD (optimizers/cd.py): k = (kick step, drift step, exp(-lambda lr h), exp(-gamma h), h, c); state p. */
+/* CD (optimizers/cd.py): k = CDCoefficients, the motion's four and 2 c h; state p. */
 #define CD_KERNEL(DT)                                                                              \
     static void cd_##DT##_segment(int64_t lo, int64_t hi, void *const *t, const double *k) {       \
         DT##_t *restrict qs = t[0], *restrict ps = t[2];                                           \
         const DT##_t *restrict gs = t[1];                                                          \
-        const DT##_acc kick_step = k[0], drift_step = k[1], decay = k[2], linear = k[3],           \
-                       two_c_h = 2.0 * k[5] * k[4];                                                \
+        MOTION(CD, DT);                                                                            \
+        const DT##_acc two_c_h = k[CD_TWO_C_H];                                                    \
         for (int64_t i = lo; i < hi; i++) {                                                        \
             DT##_acc q = DT##_load(qs, i), g = DT##_load(gs, i), p = DT##_load(ps, i);             \
             q = scale(q, decay);                                                                   \
@@ -216,14 +230,16 @@ ALL_DTYPES(LDHD_KERNEL)
     EXPORT(cd, DT, 3)
 ALL_DTYPES(CD_KERNEL)
 
-/* iKFAD (optimizers/ikfad.py): k = (kick step, drift step, exp(-lambda lr h), exp(-gamma h), h,
- * exp(-alpha h), (1 - exp(-alpha h)) / (alpha mu)); state p, xi. */
+/* iKFAD (optimizers/ikfad.py): k = iKFADCoefficients, the motion's four, -h/2, exp(-alpha h)
+ * and (1 - exp(-alpha h)) / (alpha mu); state p, xi. friction's exponent is in base 2
+ * (EXP2), so -h/2 is scaled by log2 e here, once per call. */
 #define IKFAD_KERNEL(DT)                                                                           \
     static void ikfad_##DT##_segment(int64_t lo, int64_t hi, void *const *t, const double *k) {    \
         DT##_t *restrict qs = t[0], *restrict ps = t[2], *restrict xis = t[3];                     \
         const DT##_t *restrict gs = t[1];                                                          \
-        const DT##_acc kick_step = k[0], drift_step = k[1], decay = k[2], linear = k[3],           \
-                       half_step = -(k[4] / 2) * LOG2E, relax_decay = k[5], source_weight = k[6];  \
+        MOTION(IKFAD, DT);                                                                         \
+        const DT##_acc half_step = k[IKFAD_MINUS_HALF_H] * LOG2E,                                  \
+                       relax_decay = k[IKFAD_RELAX_DECAY], source_weight = k[IKFAD_SOURCE_WEIGHT]; \
         const float exp2_lower = exp2_lower_bound, exp2_upper = exp2_upper_bound;                  \
         for (int64_t i = lo; i < hi; i++) {                                                        \
             DT##_acc q = DT##_load(qs, i), g = DT##_load(gs, i), p = DT##_load(ps, i);             \
@@ -243,15 +259,15 @@ ALL_DTYPES(CD_KERNEL)
     EXPORT(ikfad, DT, 4)
 ALL_DTYPES(IKFAD_KERNEL)
 
-/* CADAM (optimizers/cadam.py): k = (kick step, drift step, exp(-lambda lr h), exp(-gamma h),
- * exp(-alpha h), (1 - exp(-alpha h)) / alpha, h, c, eps); state p, zeta. */
+/* CADAM (optimizers/cadam.py): k = CADAMCoefficients, the motion's four, exp(-alpha h),
+ * (1 - exp(-alpha h)) / alpha, 2 c h and eps; state p, zeta. */
 #define CADAM_KERNEL(DT)                                                                           \
     static void cadam_##DT##_segment(int64_t lo, int64_t hi, void *const *t, const double *k) {    \
         DT##_t *restrict qs = t[0], *restrict ps = t[2], *restrict zetas = t[3];                   \
         const DT##_t *restrict gs = t[1];                                                          \
-        const DT##_acc kick_step = k[0], drift_step = k[1], decay = k[2], linear = k[3],           \
-                       relax_decay = k[4], source_weight = k[5], two_c_h = 2.0 * k[7] * k[6],      \
-                       eps = k[8];                                                                 \
+        MOTION(CADAM, DT);                                                                         \
+        const DT##_acc relax_decay = k[CADAM_RELAX_DECAY], source_weight = k[CADAM_SOURCE_WEIGHT], \
+                       two_c_h = k[CADAM_TWO_C_H], eps = k[CADAM_EPS];                             \
         for (int64_t i = lo; i < hi; i++) {                                                        \
             DT##_acc q = DT##_load(qs, i), g = DT##_load(gs, i), p = DT##_load(ps, i);             \
             DT##_acc zeta = DT##_load(zetas, i);                                                   \

@@ -16,10 +16,15 @@ The library is built on first use with the system C compiler (``$CC``, else
 to on this CPU (``torch.backends.cpu.get_cpu_capability()``), and cached on
 disk: ``$NONLINEAR_DAMPING_CACHE``, else ``$XDG_CACHE_HOME/nonlinear-damping``
 (``~/.cache/nonlinear-damping``), under a name that hashes the source, the
-compiler and the flags. So a machine builds it once, and nodes of a cluster
+compiler and the flags (the coefficient indices among them, below). So a machine builds it once, and nodes of a cluster
 that share a home directory but differ in instruction set each get their own
 build. ``NONLINEAR_DAMPING_NATIVE=0`` switches it off (the fused path then
 compiles ``_update`` with ``torch.compile`` on the CPU too).
+
+Each kernel takes its optimizer's coefficients as an array of doubles in the
+order of the optimizer's coefficient tuple (``CD.Coefficients``, a named tuple),
+and reads them by name: the build defines the index of each field as a constant
+named after the kernel and the field (``-DCD_TWO_C_H=4``; ``coefficient_indices``).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["ENABLED", "library", "why_unavailable", "supports", "step", "cache_dir"]
+__all__ = ["ENABLED", "library", "why_unavailable", "supports", "step", "cache_dir", "kernels", "coefficient_indices"]
 
 SOURCE = Path(__file__).with_name("_native.c")
 DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -77,14 +82,36 @@ def _isa_flags() -> list[str]:
     return []
 
 
+def kernels() -> dict[str, type]:
+    """Each kernel of ``_native.c`` (the optimizer's ``native_kernel``) -> its optimizer's
+    coefficient tuple."""
+    # Imported here: the optimizer modules import this one.
+    from .cadam import CADAM
+    from .cd import CD
+    from .ikfad import iKFAD
+    from .ldhd import LDHD
+
+    return {cls.native_kernel: cls.Coefficients for cls in (LDHD, CD, iKFAD, CADAM)}
+
+
+def coefficient_indices() -> dict[str, int]:
+    """The C constant of each coefficient's index in a kernel's ``k`` -> that index, from
+    the fields of the optimizers' coefficient tuples: ``{"CD_KICK_STEP": 0, ...,
+    "CD_TWO_C_H": 4, ...}``."""
+    return {f"{kernel.upper()}_{field.upper()}": index
+            for kernel, coefficients in kernels().items() for index, field in enumerate(coefficients._fields)}
+
+
 def _flags() -> list[str]:
     # No -ffast-math: the kernels must round as the eager paths do, NaNs included.
     # -fno-math-errno lets sqrt be one instruction; -fno-trapping-math (the
     # kernels never enable FP exceptions) lets GCC if-convert the clamps of
     # exp2_float, which it otherwise does only with AVX-512's masked moves, so
     # that the loops vectorise with AVX2 and SSE too. Neither changes a result.
+    # The -D flags define the coefficient indices, and so enter the library's cache key.
     return ["-O3", "-std=gnu11", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math",
-            "-fvisibility=hidden", *_isa_flags()]
+            "-fvisibility=hidden", *_isa_flags(),
+            *(f"-D{name}={index}" for name, index in coefficient_indices().items())]
 
 
 def _build(compiler: str, target: Path) -> None:
@@ -165,7 +192,9 @@ def supports(kernel: Optional[str], device: torch.device, dtype: torch.dtype) ->
 
 def step(kernel: str, dtype: torch.dtype, coefficients: tuple, tensors: list[tuple[Tensor, ...]]) -> None:
     """One step of ``kernel`` over CPU tensors of ``dtype``, each tuple ``(q, g, *states)``
-    laid out alike (``_fused.dense_alike``); ``coefficients`` are the optimizer's, for their group."""
+    laid out alike (``_fused.dense_alike``); ``coefficients`` are the optimizer's coefficient
+    tuple for their group, as floats in its field order (which the kernel's index constants,
+    ``coefficient_indices``, name)."""
     fn = _function(kernel, dtype)
     n, width = len(tensors), len(tensors[0])
     numel = (ctypes.c_int64 * n)(*[t[0].numel() for t in tensors])

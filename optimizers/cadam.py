@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import math
 
-from ._base import DampedOptimizer, check_positive_lr, cubic_damping, decay_factor, kick, preconditioned_drift, relax, relax_weight, scale
+from ._base import (DampedOptimizer, check_positive_lr, coefficient_tuple, cubic_damping, decay_factor, kick, named,
+                    preconditioned_drift, relax, relax_weight, scale)
 
-__all__ = ["CADAM"]
+__all__ = ["CADAM", "CADAMCoefficients"]
+
+# ``MOTION``'s four, then the relaxation's decay and source weight, cubic damping's 2 c h and
+# the preconditioner's eps (``CADAM._coefficients``).
+CADAMCoefficients = coefficient_tuple("CADAMCoefficients", "relax_decay", "source_weight", "two_c_h", "eps")
 
 
 class CADAM(DampedOptimizer):
@@ -42,6 +47,7 @@ class CADAM(DampedOptimizer):
 
     state_names = ("momentum", "zeta")
     native_kernel = "cadam"
+    Coefficients = CADAMCoefficients
 
     def __init__(self, params, h=1e-3, gamma=1.0, c=1.0, alpha=1.0, eps=1e-8, lr=1.0, weight_decay=0.0,
                  maximize=False, foreach=None, fused=None):
@@ -74,23 +80,24 @@ class CADAM(DampedOptimizer):
         return cls(params, h=h, gamma=-math.log(beta1) / h, c=c, alpha=alpha, eps=eps / math.sqrt(alpha), **kwargs)
 
     @staticmethod
-    def _coefficients(group):
+    def _coefficients(group) -> CADAMCoefficients:
+        """The motion's four (``DampedOptimizer._motion``), ``relax_decay = exp(-alpha h)``,
+        ``source_weight = (1 - exp(-alpha h)) / alpha``, ``two_c_h = 2 c h`` and ``eps``."""
         h, alpha = group["h"], group["alpha"]
-        return (
+        return CADAMCoefficients(
             *DampedOptimizer._motion(group),
-            decay_factor(alpha, h),
-            relax_weight(alpha, h),  # the source is g^2
-            h,
-            group["c"],
-            group["eps"],
+            relax_decay=decay_factor(alpha, h),
+            source_weight=relax_weight(alpha, h),  # the source is g^2
+            two_c_h=2.0 * group["c"] * h,
+            eps=group["eps"],
         )
 
     @staticmethod
     def _update(q, g, p, zeta, k):
-        kick_step, drift_step, decay, linear, relax_decay, source_weight, h, c, eps = k
-        scale(q, decay)
-        kick(p, g, kick_step)
-        relax(zeta, g, relax_decay, source_weight)
-        preconditioned_drift(q, p, zeta, drift_step, eps)
-        cubic_damping(p, c, h)
-        scale(p, linear)
+        k = named(k, CADAMCoefficients)
+        scale(q, k.decay)
+        kick(p, g, k.kick_step)
+        relax(zeta, g, k.relax_decay, k.source_weight)
+        preconditioned_drift(q, p, zeta, k.drift_step, k.eps)
+        cubic_damping(p, k.two_c_h)
+        scale(p, k.linear)

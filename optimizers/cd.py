@@ -1,9 +1,12 @@
 """CD: cubic damping."""
 from __future__ import annotations
 
-from ._base import DampedOptimizer, cubic_damping, drift, kick, scale, sgd_time_step
+from ._base import DampedOptimizer, coefficient_tuple, cubic_damping, drift, kick, named, scale, sgd_time_step
 
-__all__ = ["CD"]
+__all__ = ["CD", "CDCoefficients"]
+
+# ``MOTION``'s four, then cubic damping's 2 c h (``CD._coefficients``).
+CDCoefficients = coefficient_tuple("CDCoefficients", "two_c_h")
 
 
 class CD(DampedOptimizer):
@@ -39,6 +42,7 @@ class CD(DampedOptimizer):
 
     state_names = ("momentum",)
     native_kernel = "cd"
+    Coefficients = CDCoefficients
 
     def __init__(self, params, h=1e-3, gamma=1.0, c=1.0, lr=1.0, weight_decay=0.0, maximize=False,
                  foreach=None, fused=None):
@@ -56,14 +60,15 @@ class CD(DampedOptimizer):
         return cls(params, h=h, gamma=gamma, c=c, **kwargs)
 
     @staticmethod
-    def _coefficients(group):
-        return (*DampedOptimizer._motion(group), group["h"], group["c"])
+    def _coefficients(group) -> CDCoefficients:
+        """The motion's four (``DampedOptimizer._motion``) and ``two_c_h = 2 c h``."""
+        return CDCoefficients(*DampedOptimizer._motion(group), two_c_h=2.0 * group["c"] * group["h"])
 
     @staticmethod
     def _update(q, g, p, k):
-        kick_step, drift_step, decay, linear, h, c = k
-        scale(q, decay)
-        kick(p, g, kick_step)
-        drift(q, p, drift_step)
-        cubic_damping(p, c, h)
-        scale(p, linear)
+        k = named(k, CDCoefficients)
+        scale(q, k.decay)
+        kick(p, g, k.kick_step)
+        drift(q, p, k.drift_step)
+        cubic_damping(p, k.two_c_h)
+        scale(p, k.linear)

@@ -1,9 +1,14 @@
 """iKFAD: individual kinetic friction-adaptive descent."""
 from __future__ import annotations
 
-from ._base import DampedOptimizer, decay_factor, drift, friction, kick, relax, relax_weight, scale
+from ._base import (DampedOptimizer, coefficient_tuple, decay_factor, drift, friction, kick, named, relax,
+                    relax_weight, scale)
 
-__all__ = ["iKFAD"]
+__all__ = ["iKFAD", "iKFADCoefficients"]
+
+# ``MOTION``'s four, then the half friction step's -h/2 and the relaxation's decay and
+# source weight (``iKFAD._coefficients``).
+iKFADCoefficients = coefficient_tuple("iKFADCoefficients", "minus_half_h", "relax_decay", "source_weight")
 
 
 class iKFAD(DampedOptimizer):
@@ -40,6 +45,7 @@ class iKFAD(DampedOptimizer):
 
     state_names = ("momentum", "xi")
     native_kernel = "ikfad"
+    Coefficients = iKFADCoefficients
 
     def __init__(self, params, h=1e-3, alpha=1.0, mu=1.0, gamma=1.0, lr=1.0, weight_decay=0.0, maximize=False,
                  foreach=None, fused=None):
@@ -47,22 +53,25 @@ class iKFAD(DampedOptimizer):
                          maximize, foreach, fused)
 
     @staticmethod
-    def _coefficients(group):
+    def _coefficients(group) -> iKFADCoefficients:
+        """The motion's four (``DampedOptimizer._motion``), ``minus_half_h = -h/2`` (each
+        half friction step's), ``relax_decay = exp(-alpha h)`` and
+        ``source_weight = (1 - exp(-alpha h)) / (alpha mu)``."""
         h, alpha = group["h"], group["alpha"]
-        return (
+        return iKFADCoefficients(
             *DampedOptimizer._motion(group),
-            h,
-            decay_factor(alpha, h),
-            relax_weight(alpha, h) / group["mu"],  # the source is p^2 / mu
+            minus_half_h=-(h / 2),
+            relax_decay=decay_factor(alpha, h),
+            source_weight=relax_weight(alpha, h) / group["mu"],  # the source is p^2 / mu
         )
 
     @staticmethod
     def _update(q, g, p, xi, k):
-        kick_step, drift_step, decay, linear, h, relax_decay, source_weight = k
-        scale(q, decay)
-        kick(p, g, kick_step)
-        drift(q, p, drift_step)
-        friction(p, xi, h / 2)
-        relax(xi, p, relax_decay, source_weight)
-        friction(p, xi, h / 2)
-        scale(p, linear)
+        k = named(k, iKFADCoefficients)
+        scale(q, k.decay)
+        kick(p, g, k.kick_step)
+        drift(q, p, k.drift_step)
+        friction(p, xi, k.minus_half_h)
+        relax(xi, p, k.relax_decay, k.source_weight)
+        friction(p, xi, k.minus_half_h)
+        scale(p, k.linear)

@@ -1,9 +1,12 @@
 """LDHD: linearly damped Hamiltonian dynamics (the momentum-SGD baseline)."""
 from __future__ import annotations
 
-from ._base import DampedOptimizer, drift, kick, scale, sgd_time_step
+from ._base import DampedOptimizer, coefficient_tuple, drift, kick, named, scale, sgd_time_step
 
-__all__ = ["LDHD"]
+__all__ = ["LDHD", "LDHDCoefficients"]
+
+# ``MOTION``'s four alone (``LDHD._coefficients``).
+LDHDCoefficients = coefficient_tuple("LDHDCoefficients")
 
 
 class LDHD(DampedOptimizer):
@@ -33,6 +36,7 @@ class LDHD(DampedOptimizer):
 
     state_names = ("momentum",)
     native_kernel = "ldhd"
+    Coefficients = LDHDCoefficients
 
     def __init__(self, params, h=1e-3, gamma=0.1, lr=1.0, weight_decay=0.0, maximize=False, foreach=None,
                  fused=None):
@@ -50,14 +54,15 @@ class LDHD(DampedOptimizer):
         return cls(params, h=h, gamma=gamma, **kwargs)
 
     @staticmethod
-    def _coefficients(group):
-        return DampedOptimizer._motion(group)
+    def _coefficients(group) -> LDHDCoefficients:
+        """The motion's four (``DampedOptimizer._motion``)."""
+        return LDHDCoefficients(*DampedOptimizer._motion(group))
 
     @staticmethod
     def _update(q, g, p, k):
-        kick_step, drift_step, decay, linear = k
-        scale(q, decay)
-        kick(p, g, kick_step)
-        scale(p, linear)
-        drift(q, p, drift_step)
+        k = named(k, LDHDCoefficients)
+        scale(q, k.decay)
+        kick(p, g, k.kick_step)
+        scale(p, k.linear)
+        drift(q, p, k.drift_step)
 

@@ -348,7 +348,8 @@ def _break_native(monkeypatch):
     monkeypatch.setattr(_native, "_library", None)
     monkeypatch.setattr(_native, "_failure", None)
     monkeypatch.setattr(_native, "_functions", {})
-    monkeypatch.setattr(_fused, "_native_warned", False)
+    monkeypatch.setattr(_fused, "_backends", {})
+    monkeypatch.setattr(_fused, "_warned", set())
 
 
 def _train_cd(fused):
@@ -384,8 +385,6 @@ def test_falls_back_with_one_warning_when_compilation_fails(monkeypatch, failure
         return kernel
 
     _break_native(monkeypatch)
-    monkeypatch.setattr(_fused, "_ready", set())
-    monkeypatch.setattr(_fused, "_unavailable", {})
     if failure == "compile error":
         monkeypatch.setattr(_fused, "compiled_update", broken)
     else:
@@ -431,3 +430,167 @@ def test_fused_optimizer_inside_a_compiled_training_step():
         train_step(ref_net, opt_ref)
     for a, b in zip(net.parameters(), ref_net.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- named coefficients (issue 28)
+
+def test_coefficients_are_named_and_derived_once():
+    """Each optimizer's coefficients are its named tuple, the derived values computed
+    once, by hand here: h = 0.5, lr = 2, gamma = 2, lambda = 0.1, c = 3, alpha = 4, mu = 0.25."""
+    import math
+
+    group = dict(h=0.5, lr=2.0, gamma=2.0, weight_decay=0.1, c=3.0, alpha=4.0, mu=0.25, eps=1e-8, maximize=False)
+    motion = dict(kick_step=-0.5, drift_step=1.0, decay=math.exp(-0.1), linear=math.exp(-1.0))
+    expected = {
+        LDHD: motion,
+        CD: {**motion, "two_c_h": 3.0},
+        iKFAD: {**motion, "minus_half_h": -0.25, "relax_decay": math.exp(-2.0),
+                "source_weight": (1 - math.exp(-2.0)) / (4.0 * 0.25)},
+        CADAM: {**motion, "relax_decay": math.exp(-2.0), "source_weight": (1 - math.exp(-2.0)) / 4.0,
+                "two_c_h": 3.0, "eps": 1e-8},
+    }
+    for cls in OURS:
+        k = cls._coefficients(group)
+        assert type(k) is cls.Coefficients and k._fields == tuple(expected[cls]), cls
+        for name, value in expected[cls].items():
+            assert getattr(k, name) == pytest.approx(value, rel=1e-15), (cls, name)
+    assert CD._coefficients({**group, "maximize": True}).kick_step == 0.5
+
+
+def _kernel_bodies() -> dict[str, str]:
+    """Each optimizer kernel's macro in optimizers/_native.c, by kernel name: ``{"cd": "...", ...}``."""
+    import re
+
+    source = _native.SOURCE.read_text()
+    bodies = re.findall(r"#define (\w+)_KERNEL\(DT\)(.*?)\n(?:ALL_DTYPES|$)", source, re.S)
+    return {name.lower(): body for name, body in bodies}
+
+
+def test_native_kernels_read_each_coefficient_by_its_name_once():
+    """_native.c indexes k by no number, only by the constants _native.py generates from
+    the coefficient tuples' fields; each kernel reads each field of its tuple exactly
+    once, and nothing else (so every value crosses to C once and none is left unread)."""
+    import re
+
+    source = _native.SOURCE.read_text()
+    assert not re.search(r"\bk\[\s*\d", source), "a coefficient indexed by number"
+    motion = re.search(r"#define MOTION\(OPT, DT\)(.*?)\n\n", source, re.S).group(1)
+    motion_fields = re.findall(r"k\[OPT##_(\w+)\]", motion)
+    bodies = _kernel_bodies()
+    assert set(bodies) == set(_native.kernels()) == {cls.native_kernel for cls in OURS}
+    for kernel, coefficients in _native.kernels().items():
+        body = bodies[kernel]
+        direct = re.findall(rf"k\[{kernel.upper()}_(\w+)\]", body)
+        assert len(re.findall(r"\bk\[", body)) == len(direct), kernel  # every read names its field
+        read = direct + (motion_fields if f"MOTION({kernel.upper()}, DT)" in body else [])
+        assert sorted(read) == sorted(f.upper() for f in coefficients._fields), kernel
+    indices = _native.coefficient_indices()
+    assert indices["CD_TWO_C_H"] == CD.Coefficients._fields.index("two_c_h") == 4
+    assert indices["CADAM_EPS"] == len(CADAM.Coefficients._fields) - 1
+
+
+def test_native_cache_key_covers_the_source_and_the_coefficient_order(tmp_path, monkeypatch):
+    """A changed _native.c, or a coefficient tuple in another order, is a new library
+    name in the cache, so it is built rather than an old build loaded."""
+    compiler = _native._compiler()
+    if compiler is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("NONLINEAR_DAMPING_CACHE", str(tmp_path))
+    original = _native._target(compiler)
+    edited = tmp_path / "_native.c"
+    edited.write_text(_native.SOURCE.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(_native, "SOURCE", edited)
+    assert _native._target(compiler) != original
+    monkeypatch.undo()
+    monkeypatch.setenv("NONLINEAR_DAMPING_CACHE", str(tmp_path))
+    assert _native._target(compiler) == original
+    swapped = dict(_native.coefficient_indices(), CD_TWO_C_H=3, CD_LINEAR=4)
+    monkeypatch.setattr(_native, "coefficient_indices", lambda: swapped)
+    assert _native._target(compiler) != original
+
+
+# ---------------------------------------------------------------- one backend choice (issue 28)
+
+def test_code_path_reports_the_tensors_the_kernel_cannot_take(fused_backend, monkeypatch):
+    """A parameter the fused kernel cannot take (a column slice, not dense, large enough
+    for the compiled kernel to give it a call of its own) runs the single-tensor loop
+    inside the fused step, and code_path says so: for it, and for a group of it alone.
+    A lone one-element tensor: the native kernel takes it, the compiled one does not.
+    What reached the native kernel is counted."""
+    handed = []
+    real_step = _native.step
+    monkeypatch.setattr(_native, "step", lambda kernel, dtype, k, tensors: (handed.extend(t[0] for t in tensors),
+                                                                           real_step(kernel, dtype, k, tensors)))
+    dense, lone = torch.randn(6, 5, requires_grad=True), torch.randn(1, requires_grad=True)
+    sliced = torch.randn(200, 300)[:, :200].requires_grad_()
+    kernel = fused_backend.name
+    for params, paths in (([sliced], ["single"]), ([dense, sliced], [kernel, "single"]),
+                          ([lone], ["native" if kernel == "native" else "single"])):
+        for p in params:
+            p.grad = None  # the last case's: code_path answers for the tensors that have one
+        opt = CD(params, h=0.1, c=2.0, fused=True)
+        reference = CD([p.detach().clone().requires_grad_() for p in params], h=0.1, c=2.0, fused=False)
+        assert opt.code_path() == (kernel if kernel in paths else "single")
+        assert [opt.code_path(param=p) for p in params] == paths
+        handed.clear()
+        for o in (opt, reference):
+            for p in o.param_groups[0]["params"]:
+                p.grad = torch.ones_like(p)
+            o.step()
+        assert [opt.code_path(param=p) for p in params] == paths  # with gradients and state now
+        if kernel == "native":
+            assert [any(t is p for t in handed) for p in params] == [path == "native" for path in paths]
+        for p, q in zip(params, reference.param_groups[0]["params"]):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_code_path_reports_the_single_tensor_loop_for_a_gradient_of_another_dtype(fused_backend):
+    """A float32 parameter with a float64 gradient (``grad_dtype=None`` allows it): no
+    kernel takes the pair, the step updates it eagerly, and code_path says ``single``
+    for it and for its group, not the fused path it would take otherwise."""
+    params = []
+    for _ in range(2):
+        p = torch.ones(4, requires_grad=True)
+        p.grad_dtype = None
+        p.grad = torch.full((4,), 2.0, dtype=torch.float64)
+        params.append(p)
+    fused, eager = CD([params[0]], h=0.1, c=2.0, fused=True), CD([params[1]], h=0.1, c=2.0, fused=False)
+    fused.step()
+    eager.step()
+    assert torch.equal(params[0], params[1]) and params[0][0].item() == pytest.approx(1 - 0.01 * 2)
+    assert fused.code_path() == "single"
+    assert fused.code_path(param=params[0]) == "single"
+
+
+def test_code_path_reports_the_fallback_before_the_first_step(monkeypatch):
+    """Where neither fused implementation can be built, code_path says ``single`` from
+    the start (the backend is made, and warns, when first asked for), and the backend
+    says why neither was taken."""
+    _break_native(monkeypatch)
+    monkeypatch.setattr(_fused, "_why_unavailable", lambda device: "no C++ compiler")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = CD([torch.zeros(3, requires_grad=True)], fused=True)
+        assert opt.code_path() == "single"
+        opt.param_groups[0]["params"][0].grad = torch.ones(3)
+        opt.step()
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    backend = _fused.backend(CD._update, "cd", 3, 5, torch.device("cpu"), torch.float32)
+    assert backend.path == "single"
+    assert backend.why_not == {"native": "no C compiler (set CC, or install cc, gcc or clang)",
+                               "compiled": "no C++ compiler"}
+
+
+@needs_compiler
+def test_compiled_step_updates_every_tensor_of_a_small_last_batch(monkeypatch):
+    """An empty parameter beside a one-element one: the compiled kernel's last batch
+    holds fewer than two elements, so both go through the eager loop, the
+    one-element parameter included."""
+    monkeypatch.setattr(_native, "ENABLED", False)
+    params = [torch.zeros(0, requires_grad=True), torch.ones(1, requires_grad=True)]
+    opt = CD(params, h=0.1, fused=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert params[1].item() == pytest.approx(1 - 0.01 * 1)  # q + h * (-h g) from p = 0
+    assert opt.code_path(param=params[1]) == "single"

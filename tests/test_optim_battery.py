@@ -423,7 +423,8 @@ def test_compiled_fused_step_makes_its_coefficient_tensor_once_per_change(monkey
     changed (a host-to-device copy per step on CUDA otherwise). Counted on the CPU, with
     the kernel run eagerly (what is counted is the tensor creation, not the compiler)."""
     monkeypatch.setattr(_native, "ENABLED", False)
-    monkeypatch.setattr(_fused, "_kernel", lambda update, *args, **kwargs: update)
+    monkeypatch.setattr(_fused, "_backends", {})
+    monkeypatch.setattr(_fused, "_compile", lambda update, *args: (update, None))
     made = []
     real = torch.tensor
 
