@@ -154,7 +154,8 @@ def test_load_with_mmap_leaves_the_tensors_in_the_file(tmp_path, monkeypatch):
     mapped, read = ckpt.load(path, mmap=True)["w"], ckpt.load(path)["w"]
     assert torch.equal(mapped, read) and torch.equal(read, torch.arange(6.0))
     ckpt.load_latest(path, mmap=True)
-    assert calls == [("cpu", True, True), ("cpu", True, False), ("cpu", True, True)]
+    ckpt.load_latest(path)  # read into memory unless asked
+    assert calls == [("cpu", True, True), ("cpu", True, False), ("cpu", True, True), ("cpu", True, False)]
 
 
 def _rewrite_pickle(src: Path, dst: Path, old: bytes, new: bytes) -> None:
@@ -299,6 +300,21 @@ def test_remove_stale_temps_removes_only_the_writers_temp_files(tmp_path):
     ckpt.remove_stale_temps(run)
     assert files(run) == [".config.yaml.tmp5", ".notes.txt.tmp1", ".summary.json.tmp7", "checkpoint.pt"]
     assert outside.read_bytes() == b"someone else's"
+
+
+def test_remove_stale_temps_takes_a_temp_file_gone_meanwhile_in_its_stride(tmp_path, monkeypatch):
+    (tmp_path / ".checkpoint.pt.tmp1").write_bytes(b"x")
+    real_scandir = os.scandir
+
+    def scandir(folder):  # the entries as listed, their files removed before the cleaner gets to them
+        entries = list(real_scandir(folder))
+        for entry in entries:
+            os.unlink(entry.path)
+        return iter(entries)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    ckpt.remove_stale_temps(tmp_path)
+    assert files(tmp_path) == []
 
 
 # --------------------------------------------------------------------------- random-number generators

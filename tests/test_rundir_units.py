@@ -134,6 +134,10 @@ def test_last_record_reads_exactly_the_last_tail_bytes(tmp_path):
     # line, which the reader cannot tell from a piece) is dropped: no record.
     run.metrics_file.write_text(lines({"step": 0}) + line_of(4096))
     assert run.last_record() is None
+    # One byte longer than the tail: the tail starts at the file's second byte, inside the first line.
+    first = lines({"step": 0})
+    run.metrics_file.write_text(first + line_of(4097 - len(first)))
+    assert run.last_record()["step"] == 1
 
 
 def test_records_after_at_the_end_and_beyond(tmp_path):
@@ -148,6 +152,15 @@ def test_records_after_at_the_end_and_beyond(tmp_path):
     assert run.records_after(len(text) + 8) == ([{"a": 1}, {"a": 2}], len(text))  # longer: read from the start
 
 
+def test_the_readers_name_the_file_of_a_corrupt_line(tmp_path):
+    run = RunDir(tmp_path)
+    run.metrics_file.write_text("not json\n" + lines({"a": 1}))
+    for read in (run.records, lambda: run.records_after(0)):
+        with pytest.raises(UsageError) as e:
+            read()
+        assert str(e.value) == f"{run.metrics_file}: line 1 is not a JSON record (only an unfinished last line may be)"
+
+
 def test_progress_edges(tmp_path):
     run = RunDir(tmp_path)
     run.metrics_file.write_text(lines({"step": 30, "epoch": 1}))
@@ -157,6 +170,8 @@ def test_progress_edges(tmp_path):
     assert run.progress({"epochs": 0.5}) == 1.0  # at most 1
     assert run.progress({}) == 1.0  # max_iters missing: 1
     assert run.progress({"max_iters": 0}) == 1.0  # never a division by 0
+    run.metrics_file.write_text(lines({"step": 1}))
+    assert run.progress({}) == 1.0 and run.progress({"max_iters": 0}) == 1.0 and run.progress({"max_iters": 1}) == 1.0
     run.metrics_file.write_text(lines({"epoch": 0}))
     assert run.progress({"max_iters": 10}) == 0.0  # no step: 0
     run.metrics_file.write_text(lines({"step": 3}))
@@ -287,6 +302,12 @@ def test_lock_held_by_another_is_one_line_naming_it(tmp_path, held):
         assert held == {} and run.lock_file.read_text() == "node7 4242\n"  # nothing of it changed
         os.ftruncate(fd, 0)  # a holder that has not written its name yet
         with pytest.raises(UsageError, match=r"\(host \?, pid \?\)"):
+            run.lock()
+        os.pwrite(fd, b"node7", 0)  # ... or only part of it
+        with pytest.raises(UsageError, match=r"\(host node7, pid node7\)"):
+            run.lock()
+        os.pwrite(fd, b"\xffnode 42\n", 0)  # bytes that are not UTF-8: replaced, still one line
+        with pytest.raises(UsageError, match="\\(host \ufffdnode, pid 42\\)"):
             run.lock()
     finally:
         os.close(fd)
