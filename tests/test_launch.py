@@ -144,10 +144,18 @@ class FakeRun:
 class World:
     def __init__(self, monkeypatch, outcome=None, on_sleep=None):
         self.outcome, self.on_sleep = outcome or {}, on_sleep
-        self.started, self.running, self.most = [], 0, 0
+        self.started, self.running, self.most, self.sleeps = [], 0, 0, 0
         monkeypatch.setattr(launch.processes, "start", lambda *a: FakeRun(self, *a))
-        monkeypatch.setattr(launch.time, "sleep", lambda s: self.on_sleep and self.on_sleep(self))
+        monkeypatch.setattr(launch.time, "sleep", self.sleep)
         monkeypatch.setattr(launch, "available_cpus", lambda: 4)
+
+    def sleep(self, seconds):
+        # Each fake run ends by its second poll: a launch still looping after 1000 looks never ends.
+        self.sleeps += 1
+        if self.sleeps > 1000:
+            raise AssertionError("the launch kept polling runs that had all ended")
+        if self.on_sleep:
+            self.on_sleep(self)
 
 
 def finish(run_dir, status):
