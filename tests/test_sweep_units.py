@@ -81,14 +81,16 @@ def test_a_preset_takes_the_other_keys_from_its_base(tmp_path):
     ("seed: 1.0\n", "seed must be a non-negative integer, got 1.0"),
     ("seed_per_trial: 1\n", "seed_per_trial must be true or false, got 1"),
     ("objective: worst\n", "objective must be one of best, final, best_epoch_end, got 'worst'"),
-    ("optimizers:\n  adamw: {lr: [0.1, 1]}\n", "unknown optimizer 'adamw'; valid: "),
-    ("optimizers:\n  cd: {momentum: [0.1, 1]}\n", "cd.momentum: cd has no hyperparameter momentum; valid: "),
+    ("optimizers:\n  adamw: {lr: [0.1, 1]}\n",
+     "unknown optimizer 'adamw'; valid: adam, msgd, ldhd, cd, cd0, ikfad, ikfad0, cadam, cadam0"),
+    ("optimizers:\n  cd: {momentum: [0.1, 1]}\n", "cd.momentum: cd has no hyperparameter momentum; valid: h, gamma, c, lr, weight_decay, maximize, foreach, fused"),
     ("optimizers:\n  cd: {h: 0.1}\n", "cd.h: expected [low, high] or [low, high, log|uniform], got 0.1"),
     ("optimizers:\n  cd: {h: [0.1]}\n", "cd.h: expected [low, high] or [low, high, log|uniform], got [0.1]"),
     ("optimizers:\n  cd: {h: [0.1, 1, log, x]}\n",
      "cd.h: expected [low, high] or [low, high, log|uniform], got [0.1, 1, 'log', 'x']"),
     ("optimizers:\n  cd: {h: [0.5, 0.5]}\n", "cd.h: expected numbers low < high, got [0.5, 0.5]"),
     ("optimizers:\n  cd: {h: [0.5, 0.1]}\n", "cd.h: expected numbers low < high, got [0.5, 0.1]"),
+    ("optimizers:\n  cd: {h: [0.5, 0.1, log]}\n", "cd.h: expected numbers low < high, got [0.5, 0.1]"),
     ("optimizers:\n  cd: {h: [a, 1]}\n", "cd.h: expected numbers low < high, got ['a', 1]"),
     ("optimizers:\n  cd: {h: [0.1, b]}\n", "cd.h: expected numbers low < high, got [0.1, 'b']"),
     ("optimizers:\n  cd: {h: [false, true]}\n", "cd.h: expected numbers low < high, got [False, True]"),
@@ -101,7 +103,7 @@ def test_a_bad_space_is_one_line_naming_the_file_and_the_key(tmp_path, text, mes
     path = write(tmp_path, text)
     with pytest.raises(UsageError) as e:
         sweep.load_space(NANO, str(path))
-    assert str(e.value).startswith(f"{path}: {message}") and "\n" not in str(e.value)
+    assert str(e.value) == f"{path}: {message}"
 
 
 def test_a_missing_space_names_the_file(tmp_path):
@@ -159,7 +161,7 @@ def test_best_params_is_the_lowest_completed_trials():
 
 
 def test_export_best_writes_the_documented_file(tmp_path):
-    out = tmp_path / "new" / "tuned.yaml"
+    out = tmp_path / "new" / "deeper" / "tuned.yaml"  # folders made as needed
     assert sweep.export_best(study_with([3.0, 2.5]), NANO, "cd", out) == out
     assert out.read_text() == ("# Best of study nano-cd: trial 1, best val loss 2.5, run /runs/trial-1.\n"
                                f"# Use with: python -m nano.train --optimizer cd --config {out}\n"
