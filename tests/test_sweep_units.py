@@ -182,12 +182,21 @@ def test_write_best_replaces_a_block_entry_and_keeps_every_other_line(tmp_path):
     sweep.write_best(path, "cd", {"h": 0.25})
     # c (read by YAML 1.1 as the string "1e3") is kept, as the float it means.
     assert path.read_text() == "# tuned\ncd0: {h: 0.3}\ncd: {h: 0.25, c: 1000.0}\n\nikfad: {h: 0.1}  # kept\n"
+    sweep.write_best(path, "cd0", {"h": 0.5})  # a flow entry
+    assert path.read_text() == "# tuned\ncd0: {h: 0.5}\ncd: {h: 0.25, c: 1000.0}\n\nikfad: {h: 0.1}  # kept\n"
+    # A block entry of one indented line right before the next entry, and one that ends the file.
+    path.write_text("cd:\n  h: 0.5\nikfad: {h: 0.1}\nldhd:\n  h: 0.2\n  gamma: 1.0\n")
+    sweep.write_best(path, "cd", {"h": 0.25})
+    sweep.write_best(path, "ldhd", {"gamma": 2})
+    assert path.read_text() == "cd: {h: 0.25}\nikfad: {h: 0.1}\nldhd: {h: 0.2, gamma: 2.0}\n"
 
 
 def test_write_best_appends_a_new_entry(tmp_path):
     path = write(tmp_path, "adam: {lr: 0.001}", "best.yaml")  # no newline at the end
     sweep.write_best(path, "cd", {"h": 0.25, "c": 3})
     assert path.read_text() == "adam: {lr: 0.001}\ncd: {h: 0.25, c: 3.0}\n"
+    sweep.write_best(path, "ldhd", {"h": 0.5})  # after a last line that has its newline: no blank line
+    assert path.read_text() == "adam: {lr: 0.001}\ncd: {h: 0.25, c: 3.0}\nldhd: {h: 0.5}\n"
     new = tmp_path / "none.yaml"
     sweep.write_best(new, "cd", {"h": 0.25})
     assert new.read_text() == "cd: {h: 0.25}\n"
