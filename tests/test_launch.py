@@ -68,6 +68,7 @@ def test_plan_slots_limits(monkeypatch):
     assert launch.plan_slots([], cpus=32) == ([None] * 8, 4)  # at most 8 CPU runs by default
     assert launch.plan_slots([], parallel=1, cpus=5) == ([None], 5)
     assert launch.plan_slots(["0"], runs_per_gpu=1) == (["0"], 6)
+    assert launch.plan_slots(["0", "1"]) == (["0", "1"], 3)  # one run per GPU by default
     assert launch.plan_slots(["0", "1", "2", "3"], runs_per_gpu=2, cpus=4) == (["0", "1", "2", "3"] * 2, 1)
     with pytest.raises(UsageError) as e:
         launch.plan_slots([], parallel=0)
@@ -85,6 +86,8 @@ def test_task_runs(capsys):
     assert capsys.readouterr().out == ""
     assert launch._task_runs(everything, 3, 3) is None
     assert capsys.readouterr().out == "task index 3 is out of range (0-2 for 7 runs, 3 per task): nothing to do\n"
+    assert launch._task_runs(everything[:6], 2, 3) is None  # its first run would be the 7th of 6
+    assert capsys.readouterr().out == "task index 2 is out of range (0-1 for 6 runs, 3 per task): nothing to do\n"
     assert launch._task_runs(everything, -1, 1) is None
     assert capsys.readouterr().out == "task index -1 is out of range (0-6 for 7 runs, 1 per task): nothing to do\n"
     with pytest.raises(UsageError) as e:
@@ -110,7 +113,8 @@ def test_progress_prints_one_line_per_finished_run(capsys, monkeypatch):
 # --------------------------------------------------------------------------- runs played by fakes
 
 class FakeRun:
-    """A run started by ``processes.start``: alive for one poll, then it writes its summary
+    """A run started by ``processes.start``: it writes one record (step 15) at once, is alive for
+    ``world.lengths[(optimizer, seed)]`` polls less one (default 2), then it writes its summary
     (``status``; none when it crashed) and exits ``rc``; a SIGTERM makes it exit 75, interrupted."""
 
     def __init__(self, world, cmd, log, env, note):
@@ -120,6 +124,9 @@ class FakeRun:
         self.status, self.returncode, self.polls = *world.outcome.get((self.name, self.seed), ("completed", 0)), 0
         world.started.append(self)
         world.running += 1
+        self.length = world.lengths.get((self.name, self.seed), 2)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "metrics.jsonl").write_text(json.dumps({"split": "train", "step": 15}) + "\n")
         world.most = max(world.most, world.running)
 
     def _finish(self):
@@ -130,9 +137,9 @@ class FakeRun:
 
     def poll(self):
         self.polls += 1
-        if self.polls == 1:
+        if self.polls < self.length:
             return None
-        if self.polls == 2:
+        if self.polls == self.length:
             self._finish()
         return self.returncode
 
@@ -142,15 +149,29 @@ class FakeRun:
 
 
 class World:
-    def __init__(self, monkeypatch, outcome=None, on_sleep=None):
-        self.outcome, self.on_sleep = outcome or {}, on_sleep
-        self.started, self.running, self.most, self.sleeps = [], 0, 0, 0
+    def __init__(self, monkeypatch, outcome=None, on_sleep=None, lengths=None):
+        self.outcome, self.on_sleep, self.lengths = outcome or {}, on_sleep, lengths or {}
+        self.started, self.running, self.most, self.sleeps, self.updates = [], 0, 0, 0, []
+        progress = launch.Progress
+        world = self
+
+        class Watched(progress):  # what the launch shows as it goes
+            def __init__(self, total, desc):
+                world.progress = (total, desc)
+                super().__init__(total, desc)
+
+            def update(self, running_fraction):
+                world.updates.append(running_fraction)
+                super().update(running_fraction)
+
+        monkeypatch.setattr(launch, "Progress", Watched)
         monkeypatch.setattr(launch.processes, "start", lambda *a: FakeRun(self, *a))
         monkeypatch.setattr(launch.time, "sleep", self.sleep)
         monkeypatch.setattr(launch, "available_cpus", lambda: 4)
 
     def sleep(self, seconds):
         # Each fake run ends by its second poll: a launch still looping after 1000 looks never ends.
+        assert isinstance(seconds, float) and 0 < seconds <= 5, seconds  # what time.sleep takes; runs polled often
         self.sleeps += 1
         if self.sleeps > 1000:
             raise AssertionError("the launch kept polling runs that had all ended")
@@ -194,6 +215,10 @@ def test_launch_runs_what_is_not_finished_a_few_at_a_time(monkeypatch, tmp_path,
     assert launch.main(argv(runs, "--parallel", "2")) == 1
     assert [(r.name, r.seed) for r in world.started] == [("adam", 1), ("cd", 1), ("cd", 2)]
     assert world.most == 2 and all(r.env["OMP_NUM_THREADS"] == "2" for r in world.started)
+    assert [r.note for r in world.started] == [f"# harness.launch: slot {k}, CUDA_VISIBLE_DEVICES=, OMP_NUM_THREADS=2"
+                                               for k in (0, 1, 0)]
+    # Each poll shows the running runs' fractions, 15 of smoke.yaml's 30 steps each.
+    assert world.progress == (3, "nano") and world.updates == [1.0, 0.0, 0.5, 0.0]
     out, err = capsys.readouterr()
     lines = out.splitlines()
     assert lines[0] == f"nano: 3 runs to do (1 already finished) on the CPU, 2 at a time x 2 threads; runs in {runs}"
@@ -202,6 +227,15 @@ def test_launch_runs_what_is_not_finished_a_few_at_a_time(monkeypatch, tmp_path,
     assert [line.split(" [")[1].split(",")[0] for line in lines[1:]] == ["1/3 done", "2/3 done", "3/3 done"]
     assert err == f"1 runs did not finish (see {runs / 'logs'}): cd seed 2 (exit 1)\n"
     assert (runs / "logs").is_dir()
+
+
+def test_a_free_slot_takes_the_next_run_while_the_others_still_run(monkeypatch, tmp_path, capsys):
+    World(monkeypatch, lengths={("adam", 1): 5})  # adam seed 1 runs long; cd seed 1 ends at its second poll
+    runs = tmp_path / "runs"
+    assert launch.main(argv(runs, "--parallel", "2", "--optimizers", "adam", "cd", "--seeds", "1", "2")) == 0
+    finished = [line.split(":")[0].strip() for line in capsys.readouterr().out.splitlines()[1:]]
+    # adam 1 (slot 0) and adam 2 (slot 1) start; adam 2 ends, slot 1 takes cd 1, then cd 2, while adam 1 runs.
+    assert finished == ["adam seed 2", "cd seed 1", "adam seed 1", "cd seed 2"]
 
 
 def test_launch_spreads_runs_over_the_gpus(monkeypatch, tmp_path, capsys, gpus):
