@@ -338,3 +338,34 @@ def test_no_report_without_a_finished_run_or_with_no_report(monkeypatch, tmp_pat
     taken = tmp_path / "taken"
     taken.write_text("")
     assert launch.main([*argv(runs), "--report", str(taken)]) == 1  # --no-report: --report is not even checked
+
+
+def test_help_names_the_command_every_option_and_the_examples(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps the usage to the terminal's width
+    text = launch._parser().format_help()
+    lines = text.splitlines()
+    assert text.startswith("usage: python -m harness.launch [-h]")
+    assert "[--set KEY=VALUE]" in text
+    assert lines[lines.index("") + 1] == "Run many trainings of one experiment: every optimizer x seed, a few at a time."
+    assert "Each run is an ordinary" not in text  # the module docstring's first paragraph only
+    # The examples as written, one per line (not re-wrapped), at the end.
+    assert lines[-6:] == ["examples:", "  python -m harness.launch nano --list",
+                          "  python -m harness.launch nano --optimizers adam cadam --seeds 1337 1338 --gpus 0,1",
+                          "  python -m harness.launch nano --runs-per-gpu 4",
+                          "  python -m harness.launch cifar --seeds 1 2 --set train.epochs=2",
+                          "  python -m harness.launch bert/sst2 --set train.epochs=1"]
+    # Every option but --config and --set says what it does; those with a default say which.
+    helps = {a.dest: a.help for a in launch._parser()._actions}
+    assert all(helps[d] for d in ("experiment", "optimizers", "seeds", "gpus", "runs_per_gpu", "parallel", "runs_dir",
+                                  "report", "no_report", "list", "index", "runs_per_task"))
+    for dest, default in (("optimizers", "best.yaml"), ("seeds", "paper.yaml"), ("gpus", "default: all visible"),
+                          ("runs_per_gpu", "default 1"), ("parallel", "default: one per core, at most 8"),
+                          ("runs_dir", "default runs/<experiment>"), ("report", "default results/<experiment>"),
+                          ("runs_per_task", "INDEX*N .. INDEX*N+N-1")):
+        assert default in helps[dest], dest
+    assert "nano" in helps["experiment"] and "bert/sst2" in helps["experiment"]
+
+
+def test_seeds_are_numbers(capsys):
+    assert launch.main(["nano", "--optimizers", "cd", "--seeds", "007", "+8", "--list"]) == 0
+    assert capsys.readouterr().out == "0 cd 7\n1 cd 8\n"
