@@ -97,7 +97,7 @@ def test_task_runs(capsys):
 
 def test_progress_prints_one_line_per_finished_run(capsys, monkeypatch):
     progress = launch.Progress(3, "nano")
-    assert progress.bar.disable  # stderr is no terminal here: no bar
+    assert progress.bar.disable and progress.bar.total == 3  # stderr is no terminal here: no bar
     now = [progress.started + 0.9]  # a clock of our own: a loaded machine's pauses change no line
     monkeypatch.setattr(launch.time, "time", lambda: now[0])
     progress.finished("adam seed 1: completed (exit 0)")
