@@ -369,3 +369,9 @@ def test_help_names_the_command_every_option_and_the_examples(monkeypatch):
 def test_seeds_are_numbers(capsys):
     assert launch.main(["nano", "--optimizers", "cd", "--seeds", "007", "+8", "--list"]) == 0
     assert capsys.readouterr().out == "0 cd 7\n1 cd 8\n"
+
+
+def test_an_index_alone_is_one_run(monkeypatch, tmp_path):
+    world = World(monkeypatch)
+    assert launch.main(argv(tmp_path / "runs", "--index", "2")) == 0  # the third of --list's 0 adam 1, 1 adam 2, 2 cd 1, 3 cd 2
+    assert [(r.name, r.seed) for r in world.started] == [("cd", 1)]
