@@ -56,7 +56,7 @@ _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp[0-9]+$")
 def stale_temp(name: str) -> bool:
     """True for exactly the temp names the atomic writer makes for a run file
     (``.<run file>.tmp<pid>``, ``checkpoint.temp_name``): the only files the kit removes unasked."""
-    match = _TEMP.match(name)
+    match = _TEMP.fullmatch(name)  # not match: its $ also matches before a final newline
     return bool(match) and match["name"] in RUN_FILES
 
 

@@ -61,14 +61,14 @@ def write_best(best_yaml: Path, optimizer: str, params: dict) -> None:
     before = yaml.safe_load(text) or {}
     merged = {**(before.get(optimizer) or {}), **params}
     lines = text.splitlines(keepends=True)
-    pattern = re.compile(rf"^{re.escape(optimizer)}\s*:\s*")
+    pattern = re.compile(rf"^{re.escape(optimizer)}[ \t]*:[ \t]*")  # not \s: a block entry's key ends its line
     for i, line in enumerate(lines):
         match = pattern.match(line)
         if match:
             end = i + 1  # a block-style entry continues on indented lines
             while end < len(lines) and lines[end][:1] in (" ", "\t") and lines[end].strip():
                 end += 1
-            lines[i:end] = [f"{match.group(0)}{flow_entry(merged)}\n"]
+            lines[i:end] = [f"{match.group(0).rstrip()} {flow_entry(merged)}\n"]
             break
     else:
         if lines and not lines[-1].endswith("\n"):
