@@ -233,8 +233,10 @@ def check_records(saved: RunDir) -> None:
 
 
 def _stamp(saved: RunDir) -> tuple:
-    """What identifies the files a start reads before it takes the lock (checkpoints, summary)."""
-    files = (saved.checkpoint_file, previous(saved.checkpoint_file), saved.summary_file)
+    """What identifies the files a start reads before it takes the lock (config, checkpoints,
+    summary) and the records another process would have appended meanwhile."""
+    files = (saved.config_file, saved.checkpoint_file, previous(saved.checkpoint_file), saved.summary_file,
+             saved.metrics_file)
     stats = [f.stat() if f.exists() else None for f in files]
     return tuple(s and (s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
 
@@ -305,9 +307,9 @@ def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Opti
     one-line UsageError naming the keys that differ; its ``config.yaml``, if missing or
     damaged, is rewritten). Bad input raises a one-line ``UsageError`` (the command exits
     with status 2; see ``harness.errors.command``). Otherwise nothing is read from the run
-    directory but whether it holds a finished run, and nothing is written: the training
-    loop opens it (``Run.open``), so a start that fails later (a missing dataset, say)
-    leaves no trace.
+    directory but whether it is the kit's (``RunDir.check_own``) and holds a finished run,
+    and nothing is written: the training loop opens it (``Run.open``), so a start that fails
+    later (a missing dataset, say) leaves no trace.
     """
     exp = experiment(exp, task_required=False) if isinstance(exp, str) else exp
     exp, argv = _with_task(exp, argv)

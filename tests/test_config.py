@@ -44,6 +44,21 @@ def test_the_schema_refuses_what_no_run_can_use(key, value, message):
         TrainConfig.from_section({"batch_size": 4, key: value})
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("train.precision", "fp8", "train.precision must be fp32, fp16 or bf16, got 'fp8'"),
+    ("train.cpu_precision", "fp16", "train.cpu_precision must be fp32 or bf16, got 'fp16'"),
+    ("train.parallel", "zero3", "train.parallel must be ddp or fsdp2, got 'zero3'"),
+    ("train.eval_batches", "[fresh, fresh]", "train.eval_batches must be a non-empty list of distinct "
+                                             "estimators from fixed, fresh, got ['fresh', 'fresh']"),
+])
+def test_resolving_a_config_refuses_a_bad_train_value_in_one_line(key, value, message):
+    # resolve() is what launch, the sweep and the robustness study check a config with before
+    # they start anything: a train value no run can use is refused there, in one line.
+    with pytest.raises(UsageError) as refused:
+        config_lib.resolve("nano", "adam", 1, None, [f"{key}={value}"], ROOT / "nano" / "configs")
+    assert str(refused.value) == message
+
+
 def test_the_schema_defaults_what_a_config_leaves_out():
     train = TrainConfig.from_section({"batch_size": 4, "grad_clip": None})  # null: the default
     assert (train.gradient_accumulation_steps, train.grad_clip, train.precision, train.parallel,
