@@ -10,14 +10,44 @@ The model's forward takes the collated batch (``model(**batch)``) and returns
 ``logits`` (B, 2) and, given ``labels``, ``loss``: the mean cross-entropy in nats.
 Random initialisation draws from torch's global generator: seed it before building.
 """
+from dataclasses import dataclass
+from typing import Optional
+
 from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
+from harness.config import check_count, check_multiple, check_probability
 from harness.errors import UsageError
 
 from .data import check_task
 
 NUM_LABELS = 2
 DEFAULT_PRETRAINED = "distilbert-base-uncased"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ``model`` section of bert's configs: ``pretrained`` (qnli's weights) and
+    ``DistilBertConfig`` fields, None meaning DistilBERT's default (the pretrained config's,
+    for qnli). A value no model can use is a one-line UsageError naming its key when the
+    config is made."""
+
+    pretrained: Optional[str] = None
+    vocab_size: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    dim: Optional[int] = None
+    n_layers: Optional[int] = None
+    n_heads: Optional[int] = None
+    hidden_dim: Optional[int] = None
+    dropout: Optional[float] = None
+    attention_dropout: Optional[float] = None
+    seq_classif_dropout: Optional[float] = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "max_position_embeddings", "dim", "n_layers", "n_heads", "hidden_dim"):
+            check_count(f"model.{name}", getattr(self, name))
+        check_multiple("model.dim", self.dim, "model.n_heads", self.n_heads)
+        for name in ("dropout", "attention_dropout", "seq_classif_dropout"):
+            check_probability(f"model.{name}", getattr(self, name))
 
 
 def build_model(task, pretrained=DEFAULT_PRETRAINED, config_overrides=None):

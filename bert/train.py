@@ -41,7 +41,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bert.data import collate_fn, glue_splits, load_tokenizer
-from bert.model import build_model
+from bert.model import ModelConfig, build_model
+from harness.config import check_count
 from harness.data import EpochBatches, classification_evaluate, eval_loader
 from harness.errors import OtherRankFailed, UsageError, command
 from harness.loop import fit
@@ -49,6 +50,14 @@ from harness.run import Run, start
 
 # model.* keys that are not DistilBertConfig fields.
 NOT_CONFIG_FIELDS = ("pretrained",)
+
+
+def check_config(cfg: dict) -> None:
+    """bert's own keys: the model section by its model config (``bert.model.ModelConfig``) and
+    the sequence length; a one-line UsageError for a value no run can use (called by
+    ``harness.config.resolve``)."""
+    ModelConfig(**cfg["model"])
+    check_count("data.max_length", cfg["data"]["max_length"])
 
 
 @contextlib.contextmanager
@@ -121,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if run is None:
         return 0
     task = run.experiment.task
-    d, m, t = run.cfg["data"], run.cfg["model"], run.cfg["train"]
+    d, m, t = run.cfg["data"], run.cfg["model"], run.train
     micro = run.micro_batch_size()
     with fetch_hint(run.experiment.prepare):
         tokenizer = load_tokenizer(d["tokenizer"])
@@ -138,14 +147,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     collate = collate_fn(tokenizer)
     train = EpochBatches(splits["train"], micro, run.seed, run.rank, run.world_size, collate_fn=collate)
-    accumulation = run.train.gradient_accumulation_steps
+    accumulation = t.gradient_accumulation_steps
     steps_per_epoch = math.ceil(train.steps_per_epoch / accumulation)
     # Every steps_per_epoch // evals_per_epoch steps (counted from the start of training, as the
     # release's global_step % log_interval), plus the untrained model's at step 0 and each epoch's
     # end: the interval need not divide an epoch, and the last evaluation must follow the last step.
-    eval_interval = max(1, steps_per_epoch // int(t["evals_per_epoch"]))
-    total_steps = int(t["epochs"]) * steps_per_epoch
-    loaders = {name: eval_loader(run, by_length(splits[name]), int(t["eval_batch_size"]), collate_fn=collate)
+    eval_interval = max(1, steps_per_epoch // t.evals_per_epoch)
+    total_steps = t.epochs * steps_per_epoch
+    loaders = {name: eval_loader(run, by_length(splits[name]), t.eval_batch_size, collate_fn=collate)
                for name in ("val", "test")}
     fit(
         run, model, train,

@@ -9,8 +9,22 @@ stage widths (``width`` x 1-2-4-8); 64 is ResNet-18, smaller values exist only f
 fast smoke tests. Convolutions have no bias
 (each is followed by BatchNorm); the PyTorch default initialisation is kept.
 """
+from dataclasses import dataclass
+
 import torch.nn as nn
 import torch.nn.functional as F
+
+from harness.config import check_count
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """The ``model`` section of cifar's configs; a width below 1 is a one-line UsageError."""
+
+    width: int = 64  # the first stage's channels (ResNet-18's 64; smaller only for smoke tests)
+
+    def __post_init__(self):
+        check_count("model.width", self.width)
 
 
 class BasicBlock(nn.Module):
@@ -72,6 +86,7 @@ class ResNet(nn.Module):
         return self.linear(out)
 
 
-def resnet18(num_classes=10, width=64):
-    """CIFAR ResNet-18: BasicBlock x [2, 2, 2, 2], stage widths ``width`` x (1, 2, 4, 8)."""
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, width=width)
+def resnet18(num_classes=10, **model):
+    """CIFAR ResNet-18: BasicBlock x [2, 2, 2, 2], stage widths ``width`` x (1, 2, 4, 8)
+    (``model``: ``ResNetConfig``'s fields)."""
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, width=ResNetConfig(**model).width)

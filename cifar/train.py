@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from cifar.model import resnet18
+from cifar.model import ResNetConfig, resnet18
 from harness.errors import command
-from harness.image_classification import NUM_CLASSES, train
+from harness.image_classification import BEHAVIOUR_OF_OLDER_RUNS, NUM_CLASSES, config_check, train  # noqa: F401
+
+check_config = config_check(ResNetConfig)  # the model section by cifar's model config, and the data's
 
 
 def build_model(model_cfg: dict) -> torch.nn.Module:

@@ -13,34 +13,51 @@ of each sequence (the model shifts the labels itself).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from harness.config import check_count, check_multiple, check_probability
 from harness.errors import UsageError
 from harness.gpt2_tokenizer import HUB_GPT2, VOCAB_SIZE
 
 DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 
 
-def build_model(pretrained: str = HUB_GPT2, from_scratch: bool = False, n_layer: int = 12, n_head: int = 12,
-                n_embd: int = 768, n_positions: int = 1024, vocab_size: int = VOCAB_SIZE,
-                dropout: Optional[float] = None) -> GPT2LMHeadModel:
-    """The fp32 GPT-2 language model (see the module docstring).
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ``model`` section of gpt2's configs (``build_model``'s arguments but the data's
+    ``n_positions`` and ``vocab_size``); a value no model can use is a one-line UsageError
+    naming its key when the config is made."""
 
-    ``n_layer``, ``n_head``, ``n_embd``, ``n_positions`` and ``vocab_size`` shape a
+    pretrained: str = HUB_GPT2
+    from_scratch: bool = False
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: Optional[float] = None  # None: the config's (0.1 for GPT-2)
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd"):
+            check_count(f"model.{name}", getattr(self, name))
+        check_multiple("model.n_embd", self.n_embd, "model.n_head", self.n_head)
+        check_probability("model.dropout", self.dropout)
+
+
+def build_model(cfg: ModelConfig, n_positions: int = 1024, vocab_size: int = VOCAB_SIZE) -> GPT2LMHeadModel:
+    """The fp32 GPT-2 language model of ``cfg`` (see the module docstring).
+
+    ``cfg.n_layer``, ``n_head``, ``n_embd``, and ``n_positions`` and ``vocab_size`` shape a
     ``from_scratch`` model only; a pretrained one has its checkpoint's shape.
-    ``dropout`` (None: the config's, 0.1 for GPT-2) sets the residual, embedding and
+    ``cfg.dropout`` (None: the config's, 0.1 for GPT-2) sets the residual, embedding and
     attention dropout rates of either. Random initialisation draws from torch's global
     generator: seed it before building.
     """
-    rates = {} if dropout is None else {name: float(dropout) for name in DROPOUT_FIELDS}
-    if dropout is not None and not 0.0 <= dropout < 1.0:
-        raise UsageError(f"model dropout = {dropout} must lie in [0, 1) (or null for the config's)")
-    if from_scratch:
-        if n_embd % n_head:
-            raise UsageError(f"model n_embd = {n_embd} must be a multiple of n_head = {n_head}")
-        config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+    rates = {} if cfg.dropout is None else {name: float(cfg.dropout) for name in DROPOUT_FIELDS}
+    pretrained = cfg.pretrained
+    if cfg.from_scratch:
+        config = GPT2Config(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=n_positions,
                             vocab_size=vocab_size, **rates)
         model = GPT2LMHeadModel(config)
     else:

@@ -34,11 +34,21 @@ from torch.utils.data import Subset
 
 from gpt2 import PREPARE
 from gpt2 import data as wikitext
-from gpt2.model import build_model, flops_per_token
+from gpt2.model import ModelConfig, build_model, flops_per_token
+from harness.config import check_count
 from harness.data import EpochBatches, eval_loader, move, reduce_sum
 from harness.errors import UsageError, command
 from harness.loop import fit
 from harness.run import Run, start
+
+
+def check_config(cfg: dict) -> None:
+    """gpt2's own keys: the model section by its model config (``gpt2.model.ModelConfig``) and
+    the block length; a one-line UsageError for a value no run can use (called by
+    ``harness.config.resolve``)."""
+    ModelConfig(**cfg["model"])
+    check_count("data.block_size", cfg["data"]["block_size"])
+
 
 def load_blocks(cache_dir: str, block_size: int) -> tuple[dict, dict]:
     """(``{"train", "val"}`` LMBlocks, the cache's meta) from a prepared cache; never builds one."""
@@ -81,14 +91,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     run = start("gpt2", argv)
     if run is None:
         return 0
-    d, m, t = run.cfg["data"], run.cfg["model"], run.cfg["train"]
+    d, m, t = run.cfg["data"], run.cfg["model"], run.train
     block = int(d["block_size"])
     micro = run.micro_batch_size()
     splits, meta = load_blocks(d["cache_dir"], block)
     # Seeded by start(): every rank draws the same initial weights (from scratch).
-    model = build_model(m["pretrained"], from_scratch=m["from_scratch"], n_layer=m["n_layer"],
-                        n_head=m["n_head"], n_embd=m["n_embd"], n_positions=max(block, 1024),
-                        vocab_size=meta["vocab_size"], dropout=m["dropout"])
+    model = build_model(ModelConfig(**m), n_positions=max(block, 1024), vocab_size=meta["vocab_size"])
     if meta["vocab_size"] > model.config.vocab_size:
         raise UsageError(f"{d['cache_dir']} holds token ids up to {meta['vocab_size'] - 1}, beyond the "
                          f"model's vocabulary of {model.config.vocab_size}; prepare it with the model's tokenizer")
@@ -105,18 +113,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     # of the uninterrupted run (the loaders use no workers: a block is a slice of a memmap).
     loader_kwargs = {"generator": torch.Generator(), "pin_memory": run.device.type == "cuda"}
     train = EpochBatches(splits["train"], micro, run.seed, run.rank, run.world_size, loader_kwargs=loader_kwargs)
-    accumulation = run.train.gradient_accumulation_steps
-    n_val = min(len(splits["val"]), int(t["eval_iters"]) * int(t["batch_size"]))
-    val_loader = eval_loader(run, Subset(splits["val"], range(n_val)), max(1, int(t["batch_size"]) // run.world_size),
+    accumulation = t.gradient_accumulation_steps
+    n_val = min(len(splits["val"]), t.eval_iters * t.batch_size)
+    val_loader = eval_loader(run, Subset(splits["val"], range(n_val)), max(1, t.batch_size // run.world_size),
                              loader_kwargs={"pin_memory": run.device.type == "cuda"})
     fit(
         run, model, train,
         loss_fn=loss_fn,
         evaluate=lambda model, step: evaluate(run, model, val_loader),
-        total_steps=int(t["max_iters"]),
-        eval_interval=int(t["eval_interval"]),
+        total_steps=t.max_iters,
+        eval_interval=t.eval_interval,
         steps_per_epoch=math.ceil(train.steps_per_epoch / accumulation),
-        tokens_per_step=int(t["batch_size"]) * block,
+        tokens_per_step=t.batch_size * block,
         flops_per_step=flops_per_token(model, block) * block * micro * accumulation,
         select=("val", "loss", "min"),
     )

@@ -18,12 +18,19 @@ It is built, in order of increasing precedence, from
 
 Only keys that exist in paper.yaml (or, under ``optimizer.``, the chosen
 optimizer's hyperparameters) are accepted, and a value must have the type of
-the default it replaces (an int is accepted for a float).
+the default it replaces (an int is accepted for a float). Values are then
+checked where their meaning is stated: the optimizer's by its constructor, the
+``train`` section by its schema here (``TrainConfig``, kept on ``Run.train``),
+the ``model`` section (and an experiment's own ``data`` keys) by the
+experiment's model config (``experiment_module``).
 """
 from __future__ import annotations
 
 import copy
+import importlib
+from dataclasses import dataclass, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterable, Optional, Sequence
 
 import yaml
@@ -154,15 +161,19 @@ def _overrides(config_file: Optional[str], sets: Iterable[str], name: str, names
         yield (*parse_set(item), "--set")
 
 
-def resolve(
+def resolve_run(
     experiment: str,
     optimizer: str,
     seed: int,
     config_file: Optional[str] = None,
     sets: Iterable[str] = (),
     configs_dir: Optional[Path] = None,
-) -> dict:
-    """The fully resolved config of one run; raises UsageError on any bad key or value."""
+) -> tuple[dict, "TrainConfig"]:
+    """The fully resolved config of one run and its ``train`` section as the schema
+    (``TrainConfig``); raises UsageError on any bad key or value, before anything is written:
+    the keys and types against paper.yaml, the optimizer's hyperparameters, the ``train``
+    section by the schema and the experiment's own sections by the experiment
+    (``experiment_module(...).check_config``: its model config)."""
     import optimizers  # here, not at the top: tools that only read configs need no torch
 
     configs_dir = Path(configs_dir) if configs_dir else REPO / experiment / "configs"
@@ -198,53 +209,170 @@ def resolve(
     except ValueError as e:
         raise UsageError(str(e)) from None
     cfg["optimizer"] = {"name": name, **hyper}
-    check_values(cfg)
-    return cfg
+    train = TrainConfig.from_section(cfg.get("train") or {})
+    experiment_module(experiment).check_config(cfg)
+    return cfg, train
 
 
-# Values that make no sense whatever the experiment (the keys an experiment's paper.yaml holds):
-# counts of at least 1, amounts of at least 0, and probabilities.
-AT_LEAST_1 = ("train.batch_size", "train.eval_interval", "train.eval_iters", "train.eval_batch_size",
-              "train.log_interval", "train.gradient_accumulation_steps", "train.epochs", "train.evals_per_epoch",
-              "data.block_size", "data.max_length", "model.block_size", "model.vocab_size", "model.n_layer",
-              "model.n_head", "model.n_embd", "model.n_layers", "model.n_heads", "model.dim", "model.hidden_dim",
-              "model.img_size", "model.patch_size", "model.embed_dim", "model.depth", "model.num_heads",
-              "model.width", "model.max_position_embeddings")
-AT_LEAST_0 = ("train.max_iters", "train.grad_clip", "data.subset")
-PROBABILITIES = ("model.dropout", "model.drop_rate", "model.attention_dropout", "model.seq_classif_dropout")
-# Keys with a fixed set of values (nano/model.py SCALED_INIT: which residual projections get
-# GPT-2's scaled init; harness/cifar10.py NORMALIZE: the images' per-channel statistics).
-CHOICES = {"model.scaled_init": ("all", "mlp"), "data.normalize": ("fixed", "computed")}
-# (width, heads): attention splits the width evenly over the heads.
-DIVISIBLE = (("model.n_embd", "model.n_head"), ("model.dim", "model.n_heads"), ("model.embed_dim", "model.num_heads"),
-             ("model.img_size", "model.patch_size"))
+def resolve(experiment: str, optimizer: str, seed: int, config_file: Optional[str] = None,
+            sets: Iterable[str] = (), configs_dir: Optional[Path] = None) -> dict:
+    """The fully resolved config of one run (``resolve_run``'s, without the schema)."""
+    return resolve_run(experiment, optimizer, seed, config_file, sets, configs_dir)[0]
 
 
-def check_values(cfg: dict) -> None:
-    """A one-line UsageError for a value no run can use: a count below 1 (an evaluation
-    interval of 0, say), a negative amount, a dropout outside [0, 1), a width its heads do not
-    divide, a ``train.diverge_factor`` other than 0 (off) or above 1. Null means "the
-    model's default" where a key allows it, and is not checked."""
-    flat = flatten(cfg)
-    for keys, low, what in ((AT_LEAST_1, 1, "an integer >= 1"), (AT_LEAST_0, 0, "a number >= 0")):
-        for key in keys:
-            value = flat.get(key)
-            if value is not None and not (value >= low and (low == 0 or isinstance(value, int))):
-                raise UsageError(f"{key} must be {what}, got {value!r}")
-    for key in PROBABILITIES:
-        value = flat.get(key)
-        if value is not None and not 0 <= value < 1:
-            raise UsageError(f"{key} must be in [0, 1), got {value!r}")
-    for width, heads in DIVISIBLE:
-        if flat.get(width) and flat.get(heads) and flat[width] % flat[heads]:
-            raise UsageError(f"{width} = {flat[width]} must be a multiple of {heads} = {flat[heads]}")
-    for key, valid in CHOICES.items():
-        if key in flat and flat[key] not in valid:
-            raise UsageError(f"{key} must be one of {', '.join(valid)}, got {flat[key]!r}")
-    factor = flat.get("train.diverge_factor")
-    if factor is not None and not (factor == 0 or factor > 1):
-        raise UsageError(f"train.diverge_factor must be 0 (off) or above 1 (x the first evaluated loss), "
-                         f"got {factor!r}")
+def experiment_module(experiment: str) -> ModuleType:
+    """The training module of ``experiment`` (``nano`` -> ``nano.train``, ``bert-sst2`` ->
+    ``bert.train``): what the harness knows of an experiment's own config sections comes
+    from it, so that the harness names none of their keys:
+
+    - ``check_config(cfg)``: a one-line UsageError for a ``model`` (or the experiment's own
+      ``data``) value no run can use, raised by the experiment's model config (e.g.
+      ``nano.model.GPTConfig.__post_init__``);
+    - ``BEHAVIOUR_OF_OLDER_RUNS``: its keys added after runs were started (see the harness's
+      ``BEHAVIOUR_OF_OLDER_RUNS``)."""
+    return importlib.import_module(f"{experiment.partition('-')[0]}.train")
+
+
+# ---------------------------------------------------------------- value checks
+# The one wording of each rule, for the schema below and for the experiments' model configs.
+
+def check_count(key: str, value: Any) -> None:
+    """A count: an integer >= 1. None (the default, where a key allows it) is not checked."""
+    if value is not None and not (isinstance(value, int) and value >= 1):
+        raise UsageError(f"{key} must be an integer >= 1, got {value!r}")
+
+
+def check_amount(key: str, value: Any) -> None:
+    """An amount: a number >= 0. None (the default, where a key allows it) is not checked."""
+    if value is not None and not value >= 0:
+        raise UsageError(f"{key} must be a number >= 0, got {value!r}")
+
+
+def check_probability(key: str, value: Any) -> None:
+    """A dropout rate in [0, 1); None (the model's default) is not checked."""
+    if value is not None and not 0 <= value < 1:
+        raise UsageError(f"{key} must be in [0, 1), got {value!r}")
+
+
+def check_multiple(width_key: str, width: Any, heads_key: str, heads: Any) -> None:
+    """``width`` divisible by ``heads`` (attention splits the width evenly over the heads);
+    not checked when either is unset (None or 0: refused by ``check_count``)."""
+    if width and heads and width % heads:
+        raise UsageError(f"{width_key} = {width} must be a multiple of {heads_key} = {heads}")
+
+
+def check_choice(key: str, value: Any, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise UsageError(f"{key} must be one of {', '.join(valid)}, got {value!r}")
+
+
+# ---------------------------------------------------------------- the train schema
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+CPU_PRECISIONS = ("fp32", "bf16")  # CPU autocast in fp16 is emulated: slow, and not what the paper's GPUs did
+# How a language model's validation loss is estimated (``train.eval_batches``, read by
+# ``harness.data.LMEvaluation``):
+#   fixed  the same ``eval_iters`` batches at every evaluation (a generator seeded by the run
+#          seed), so successive points of a curve differ only through the model;
+#   fresh  new random batches at every evaluation (nanoGPT's ``estimate_loss``, the paper's
+#          estimator), from a generator whose state is checkpointed, so a resumed run draws
+#          what the uninterrupted one would have. The minimum over a run of such noisy
+#          estimates is biased low, which is why both can be recorded.
+ESTIMATORS = ("fixed", "fresh")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The ``train`` section, typed and checked: every key an experiment's paper.yaml may
+    hold, with the value a config without it gets. Built once per run (``resolve_run``) and
+    kept on ``Run.train``; paper.yaml states each experiment's values, ``resolve`` the types.
+
+    The length of a run is ``max_iters`` optimizer steps (nano, owt, gpt2) or ``epochs``
+    passes over the training set (vit, cifar, bert); the keys an experiment does not use
+    are None.
+    """
+
+    batch_size: int  # examples (sequences, images) per optimizer step: the global batch, over all
+    #                  ranks and micro-batches (``Run.micro_batch_size``)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step on each rank
+    grad_clip: float = 0.0  # global grad-norm clipping; 0 = none
+    log_interval: int = 10  # steps between divergence checks and progress updates
+    compile: bool = False  # torch.compile the model
+    parallel: str = "ddp"  # with several processes: ddp (replicas) or fsdp2 (sharded)
+    precision: str = "fp32"  # on CUDA: fp32, fp16 (autocast + GradScaler) or bf16
+    cpu_precision: str = "fp32"  # on the CPU: fp32, or bf16 (autocast; to measure what low precision changes)
+    diverge_factor: float = 0.0  # an evaluated loss above this x the first evaluation's: diverged; 0 = off
+    tf32: bool = False  # on CUDA: TF32 tensor cores for float32 matmuls; false = torch's default (off)
+    max_iters: Optional[int] = None  # optimizer steps in all
+    epochs: Optional[int] = None  # passes over the training set
+    eval_interval: Optional[int] = None  # steps between evaluations
+    eval_iters: Optional[int] = None  # validation batches per evaluation
+    eval_batches: tuple[str, ...] = ("fixed",)  # validation estimators (``ESTIMATORS``); the first is ``loss``
+    eval_batch_size: Optional[int] = None  # examples per evaluation batch
+    evals_per_epoch: Optional[int] = None  # evaluations per epoch
+    keep_best: bool = False  # keep the best validation weights and test them at the end (cifar)
+
+    def __post_init__(self):
+        from .parallel import PARALLEL
+
+        for name in ("batch_size", "eval_interval", "eval_iters", "eval_batch_size", "log_interval",
+                     "gradient_accumulation_steps", "epochs", "evals_per_epoch"):
+            check_count(f"train.{name}", getattr(self, name))
+        for name in ("max_iters", "grad_clip"):
+            check_amount(f"train.{name}", getattr(self, name))
+        factor = self.diverge_factor
+        if not (factor == 0 or factor > 1):
+            raise UsageError(f"train.diverge_factor must be 0 (off) or above 1 (x the first evaluated loss), "
+                             f"got {factor!r}")
+        if self.parallel not in PARALLEL:
+            raise UsageError(f"train.parallel must be {' or '.join(PARALLEL)}, got {self.parallel!r}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"train.precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
+                             f"got {self.precision!r}")
+        if self.cpu_precision not in CPU_PRECISIONS:
+            raise UsageError(f"train.cpu_precision must be fp32 or bf16, got {self.cpu_precision!r}")
+        value = self.eval_batches
+        names = [value] if isinstance(value, str) else list(value or [])
+        if not names or len(set(names)) != len(names) or not set(names) <= set(ESTIMATORS):
+            raise UsageError(f"train.eval_batches must be a non-empty list of distinct estimators from "
+                             f"{', '.join(ESTIMATORS)}, got {value!r}")
+        object.__setattr__(self, "eval_batches", tuple(names))
+
+    @classmethod
+    def from_section(cls, train: dict) -> "TrainConfig":
+        """The schema of a resolved config's ``train`` section; null means the default."""
+        keys = {f.name for f in fields(cls)}
+        unknown = sorted(set(train) - keys)
+        if unknown:
+            raise UsageError(f"train.{unknown[0]} is not a key of the train schema (harness.config.TrainConfig); "
+                             f"valid: {', '.join(f'train.{k}' for k in sorted(keys))}")
+        if train.get("batch_size") is None:
+            raise UsageError("train.batch_size must be an integer >= 1, got None")
+        return cls(**{k: v for k, v in train.items() if v is not None})
+
+
+# Keys added to the configs after runs were started, with the value that does what those
+# runs did: a saved config without the key matches a config holding that value. The
+# experiments' own keys are in their training modules' BEHAVIOUR_OF_OLDER_RUNS.
+BEHAVIOUR_OF_OLDER_RUNS = {"train.diverge_factor": 0.0, "train.parallel": "ddp", "train.eval_batches": ["fixed"],
+                           "train.cpu_precision": "fp32", "train.tf32": True}
+
+
+def config_mismatch(where: Path, old: Optional[dict], cfg: dict, older: Optional[dict] = None) -> None:
+    """A one-line UsageError naming the keys that differ when ``old`` (a config found in
+    ``where``) is not ``cfg``; nothing when ``old`` is None or equal. A key ``old`` lacks
+    matches the value of ``BEHAVIOUR_OF_OLDER_RUNS`` (and of ``older``: the experiment's)."""
+    if old is None or old == cfg:
+        return
+    a, b = flatten(old), flatten(cfg)
+    missing = object()
+    compatible = {**BEHAVIOUR_OF_OLDER_RUNS, **(older or {})}
+    diff = sorted(k for k in set(a) | set(b) if a.get(k, missing) != b.get(k, missing)
+                  and not (k not in a and b[k] == compatible.get(k, missing)))
+    if not diff:
+        return
+    raise UsageError(f"{where} holds a run with a different config ({', '.join(diff)}); "
+                     "resume it with the same arguments or choose another --out")
 
 
 def dump(cfg: dict) -> str:

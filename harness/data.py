@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import UsageError
 from .run import Run
 
 
@@ -75,15 +74,6 @@ class RandomTokenBatches:
         set_generator_state(self.generator, state["generator"])
 
 
-# How a validation loss is estimated (``train.eval_batches``):
-#   fixed  the same ``eval_iters`` batches at every evaluation (a generator seeded by the run
-#          seed), so successive points of a curve differ only through the model;
-#   fresh  new random batches at every evaluation (nanoGPT's ``estimate_loss``, the paper's
-#          estimator), from a generator whose state is checkpointed, so a resumed run draws
-#          what the uninterrupted one would have. The minimum over a run of such noisy
-#          estimates is biased low, which is why both can be recorded.
-ESTIMATORS = ("fixed", "fresh")
-
 # Tokens per evaluation forward pass on a GPU: several batches of a small model go through
 # at once (fewer, larger kernels; the same per-batch losses to rounding). On a CPU one batch
 # per pass: timed on one core with nano's model, 2, 4 or 8 batches per pass were no faster
@@ -91,20 +81,12 @@ ESTIMATORS = ("fixed", "fresh")
 EVAL_TOKENS_PER_FORWARD = {"cuda": 1 << 14}
 
 
-def check_estimators(value) -> tuple[str, ...]:
-    """``train.eval_batches`` as a tuple: a non-empty list of distinct names from ``ESTIMATORS``."""
-    names = [value] if isinstance(value, str) else list(value or [])
-    if not names or len(set(names)) != len(names) or not set(names) <= set(ESTIMATORS):
-        raise UsageError(f"train.eval_batches must be a non-empty list of distinct estimators from "
-                         f"{', '.join(ESTIMATORS)}, got {value!r}")
-    return tuple(names)
-
-
 class LMEvaluation:
     """The validation loss of a language model (``model(x, y)`` returns ``(logits, loss)``).
 
     Each evaluation is one ``val`` record: ``loss`` is the mean loss over ``eval_iters``
-    batches by the first of ``estimators`` (see ``ESTIMATORS``), and with more than one,
+    batches by the first of ``estimators`` (``train.eval_batches``: see
+    ``harness.config.ESTIMATORS``), and with more than one,
     ``loss_<estimator>`` holds each one's value. Batches are split over ranks (rank r
     computes batches r, r + K, ...), so a K-GPU run reports what one GPU would.
     ``state_dict`` holds the fresh batches' generator (the training loop checkpoints it).
@@ -114,7 +96,7 @@ class LMEvaluation:
                  estimators=("fixed",), split: str = "val"):
         self.run, self.bins, self.split = run, bins, split
         self.batch_size, self.block_size, self.eval_iters = batch_size, block_size, eval_iters
-        self.estimators = check_estimators(estimators)
+        self.estimators = tuple(estimators)  # checked by the config's schema (harness.config.TrainConfig)
         self.fresh = torch.Generator().manual_seed(derive_seed(run.seed, 2))
 
     def _generator(self, estimator: str) -> torch.Generator:

@@ -43,7 +43,8 @@ from torch.utils.data import Subset
 
 from . import checkpoint as ckpt
 from . import parallel
-from .cifar10 import cifar10_splits, loader_kwargs
+from .cifar10 import NORMALIZE, cifar10_splits, loader_kwargs
+from .config import check_amount, check_choice
 from .data import EpochBatches, classification_evaluate, eval_loader
 from .errors import OtherRankFailed, UsageError
 from .logging import write_summary
@@ -52,6 +53,23 @@ from .run import Run, start
 
 BEST_MODEL = "best_model.pt"  # with train.keep_best: the weights with the best validation accuracy so far
 NUM_CLASSES = 10
+# The recipe's keys added after runs were started, at the value that does what those runs did
+# (see harness.config.BEHAVIOUR_OF_OLDER_RUNS; vit's and cifar's training modules state it).
+BEHAVIOUR_OF_OLDER_RUNS = {"data.normalize": "fixed"}
+
+
+def config_check(model_config: Callable[..., object]) -> Callable[[dict], None]:
+    """An experiment's ``check_config`` (see ``harness.config.experiment_module``): its model
+    section by ``model_config`` (the experiment's model config, which raises a one-line
+    UsageError for a value no model can use), then the recipe's data keys: a negative
+    ``data.subset`` or an unknown ``data.normalize`` is a one-line UsageError too."""
+
+    def check_config(cfg: dict) -> None:
+        model_config(**cfg["model"])
+        check_amount("data.subset", cfg["data"]["subset"])
+        check_choice("data.normalize", cfg["data"].get("normalize", "fixed"), NORMALIZE)
+
+    return check_config
 
 
 def load_cifar10(run: Run) -> dict:
@@ -129,7 +147,7 @@ def best_weights_on_test(run: Run, raw: torch.nn.Module, model: torch.nn.Module,
 def _schedule(run: Run, train: EpochBatches) -> tuple[int, int]:
     """``(optimizer steps per epoch, evaluations per epoch)``; a one-line error unless the
     accumulation steps divide an epoch's micro-batches and the evaluations its steps."""
-    accumulation, evals = run.train.gradient_accumulation_steps, int(run.cfg["train"]["evals_per_epoch"])
+    accumulation, evals = run.train.gradient_accumulation_steps, run.train.evals_per_epoch
     steps_per_epoch, uneven = divmod(train.steps_per_epoch, accumulation)
     if uneven or steps_per_epoch == 0:
         raise UsageError(f"train.gradient_accumulation_steps={accumulation} must divide the "
@@ -162,8 +180,8 @@ def train(experiment: str, argv, build_model: Callable[[dict], torch.nn.Module])
     run = start(experiment, argv)
     if run is None:
         return 0
-    t = run.cfg["train"]
-    keep_best = bool(t.get("keep_best", False))
+    t = run.train
+    keep_best = t.keep_best
     micro_batch = run.micro_batch_size()
     splits = load_cifar10(run)
 
@@ -171,7 +189,7 @@ def train(experiment: str, argv, build_model: Callable[[dict], torch.nn.Module])
     kwargs = loader_kwargs(run.device)
     train = EpochBatches(splits["train"], micro_batch, run.seed, run.rank, run.world_size, loader_kwargs=kwargs)
     steps_per_epoch, evals = _schedule(run, train)
-    total_steps = t["epochs"] * steps_per_epoch
+    total_steps = t.epochs * steps_per_epoch
     loaders = {name: eval_loader(run, splits[name], micro_batch, loader_kwargs=kwargs) for name in ("val", "test")}
 
     def evaluate(net, step):
@@ -185,8 +203,8 @@ def train(experiment: str, argv, build_model: Callable[[dict], torch.nn.Module])
     n_params = sum(p.numel() for p in model.parameters())
     run.print(f"{experiment}: {type(model).__name__} with {n_params / 1e6:.2f}M parameters; CIFAR-10 "
               + "/".join(f"{len(splits[s])}" for s in ("train", "val", "test")) + " train/val/test images; "
-              f"batch {t['batch_size']} ({micro_batch} per rank and micro-batch), {steps_per_epoch} steps/epoch "
-              f"x {t['epochs']} epochs; optimizer {run.cfg['optimizer']}; device {run.device} ({run.precision})")
+              f"batch {t.batch_size} ({micro_batch} per rank and micro-batch), {steps_per_epoch} steps/epoch "
+              f"x {t.epochs} epochs; optimizer {run.cfg['optimizer']}; device {run.device} ({run.precision})")
 
     summary = fit(
         run, model, train, loss_fn=loss_fn, evaluate=evaluate,

@@ -36,7 +36,7 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from . import processes
-from .config import read_yaml, resolve
+from .config import TrainConfig, read_yaml, resolve_run
 from .cpu import available_cpus
 from .errors import UsageError, command
 from .experiments import Experiment, experiment, paper_seeds, train_command
@@ -180,7 +180,7 @@ def _start_run(exp: Experiment, name: str, seed: int, runs_dir: Path, slot: int,
     return processes.start(cmd, runs_dir / "logs" / f"{name}-seed{seed}.log", env, note)
 
 
-def run_all(exp: Experiment, jobs: list, slots: list, threads: int, runs_dir: Path, train_cfg: dict,
+def run_all(exp: Experiment, jobs: list, slots: list, threads: int, runs_dir: Path, train_cfg: dict[str, TrainConfig],
             args) -> tuple[list, bool]:
     """Run ``jobs`` (optimizer, seed) on ``slots``; returns (the runs that did not finish as
     (optimizer, seed, exit status), whether a stop request ended it). A stop request reaches
@@ -218,8 +218,7 @@ def main(argv=None) -> int:
     names = [n.lower() for n in (args.optimizers or list(read_yaml(exp.configs / "best.yaml")))]
     seeds = args.seeds or paper_seeds(exp)
     # Fails fast, before launching anything, on any bad name, key or value.
-    train_cfg = {n: resolve(exp.name, n, seeds[0], args.config, args.sets, exp.configs).get("train", {})
-                 for n in names}
+    train_cfg = {n: resolve_run(exp.name, n, seeds[0], args.config, args.sets, exp.configs)[1] for n in names}
     everything = list(itertools.product(names, seeds))
     if args.list:
         for i, (name, seed) in enumerate(everything):

@@ -39,7 +39,7 @@ from .cpu import matmul_peak_flops
 from .data import move
 from .errors import UsageError
 from .logging import MetricsLog, start_wandb, versions, write_summary
-from .run import Run, config_mismatch
+from .run import Run
 from .rundir import RunDir, best_record
 from .signals import EXIT_INTERRUPTED, Interrupted, StopFlag  # noqa: F401 (EXIT_INTERRUPTED: for callers)
 
@@ -166,7 +166,9 @@ class Trainer:
         # FSDP2 shards the parameters (DTensors) before the optimizer sees them; a single
         # process has nothing to shard or replicate.
         self.fsdp = run.distributed and self.cfg.parallel == "fsdp2"
-        run.write_config()
+        # The run starts here: its directory is opened (checked, locked, config saved) and its
+        # checkpoint read, once; resume() loads it.
+        self.resume_from = run.open(usable=self._records_kept, mmap=self.fsdp)
         self.raw = model.to(run.device)
         if self.fsdp:
             par.fully_shard_model(self.raw, run.device, run.world_size)
@@ -222,21 +224,21 @@ class Trainer:
     # ---------------------------------------------------------------- its steps
 
     def resume(self) -> None:
-        """Load the checkpoint if there is one (else start the metrics afresh), then wrap the model.
+        """Load the checkpoint ``Run.open`` read if there was one (else start the metrics afresh),
+        then wrap the model.
 
-        The checkpoint is read weights-only onto the CPU (``ckpt.load``; under FSDP2 memory-mapped,
+        The checkpoint was read weights-only onto the CPU (``ckpt.load``; under FSDP2 memory-mapped,
         so a rank reads little more than its shards): ``load_state_dict`` copies the model and
         optimizer tensors to the run's device (under FSDP2 each rank copies only its shards,
         ``par.load_full_state_dicts``: the full state never reaches a GPU), and the data,
         evaluation and RNG states stay CPU byte tensors, as ``Generator.set_state`` needs them.
-        Of ``checkpoint.pt`` and ``checkpoint.prev.pt``, the newest whose records are all in
-        ``metrics.jsonl`` is used (a node crash can lose records a checkpoint counted; the
-        records are fsynced before a checkpoint counts them since); neither: a one-line error.
+        Of ``checkpoint.pt`` and ``checkpoint.prev.pt``, it is the newest whose records are all in
+        ``metrics.jsonl`` (``_records_kept``: a node crash can lose records a checkpoint counted;
+        the records are fsynced before a checkpoint counts them since); neither: a one-line error.
         """
         run, state = self.run, self.state
-        if self.ckpt_path.exists() or ckpt.previous(self.ckpt_path).exists():
-            saved = ckpt.load_latest(self.ckpt_path, mmap=self.fsdp, usable=self._records_kept)
-            config_mismatch(self.ckpt_path, saved.get("config"), run.cfg)
+        saved, self.resume_from = self.resume_from, None  # held no longer than needed
+        if saved is not None:
             self._check_scaler(saved["scaler"])
             if self.fsdp:  # the full state dicts, as saved: each rank keeps its shards
                 par.load_full_state_dicts(self.raw, self.optimizer, saved["model"], saved["optimizer"])

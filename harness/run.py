@@ -19,7 +19,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -28,44 +28,11 @@ import torch.distributed as dist
 import optimizers
 
 from . import config as config_lib
-from .checkpoint import previous, remove_stale_temps, write_text_atomic
+from .checkpoint import load_latest, previous, remove_stale_temps, write_text_atomic
+from .config import TrainConfig, config_mismatch
 from .errors import OtherRankFailed, UsageError
 from .experiments import Experiment, experiment
-from .parallel import PARALLEL
 from .rundir import RunDir, check_folder
-
-PRECISIONS = ("fp32", "fp16", "bf16")
-CPU_PRECISIONS = ("fp32", "bf16")  # CPU autocast in fp16 is emulated: slow, and not what the paper's GPUs did
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The ``train`` keys the harness itself acts on, typed and read once (``Run.train``);
-    the experiments read the same object. Each experiment's paper.yaml holds every key."""
-
-    batch_size: int  # sequences (examples) per optimizer step: the global batch, over all ranks
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step on each rank
-    grad_clip: float = 0.0  # global grad-norm clipping; 0 = none
-    log_interval: int = 10  # steps between divergence checks and progress updates
-    compile: bool = False  # torch.compile the model
-    parallel: str = "ddp"  # with several processes: ddp (replicas) or fsdp2 (sharded)
-    precision: str = "fp32"  # on CUDA: fp32, fp16 (autocast + GradScaler) or bf16
-    cpu_precision: str = "fp32"  # on the CPU: fp32, or bf16 (autocast; to measure what low precision changes)
-    diverge_factor: float = 0.0  # an evaluated loss above this x the first evaluation's: diverged; 0 = off
-    tf32: bool = False  # on CUDA: TF32 tensor cores for float32 matmuls; false = torch's default (off)
-
-    @classmethod
-    def from_config(cls, train: dict) -> "TrainConfig":
-        return cls(batch_size=int(train["batch_size"]),
-                   gradient_accumulation_steps=int(train.get("gradient_accumulation_steps", 1) or 1),
-                   grad_clip=float(train.get("grad_clip", 0.0) or 0.0),
-                   log_interval=int(train.get("log_interval", 10) or 10),
-                   compile=bool(train.get("compile", False)),
-                   parallel=train.get("parallel", "ddp"),
-                   precision=train.get("precision", "fp32"),
-                   cpu_precision=train.get("cpu_precision", "fp32"),
-                   diverge_factor=float(train.get("diverge_factor", 0.0) or 0.0),
-                   tf32=bool(train.get("tf32", False)))
 
 
 @dataclass
@@ -78,6 +45,11 @@ class Run:
     world_size: int = 1
     precision: str = "fp32"  # what is actually used on this device
     experiment: Optional[Experiment] = None  # what was started: its task, configs, prepare command
+    train: Optional[TrainConfig] = None  # the train section's schema (start() passes resolve_run's)
+
+    def __post_init__(self):
+        if self.train is None and "train" in self.cfg:
+            self.train = TrainConfig.from_section(self.cfg["train"])
 
     @property
     def is_main(self) -> bool:
@@ -98,11 +70,6 @@ class Run:
             dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
             return torch.autocast(self.device.type, dtype=dtype)
         return contextlib.nullcontext()
-
-    @property
-    def train(self) -> TrainConfig:
-        """The ``train`` section's harness keys, typed (see ``TrainConfig``)."""
-        return TrainConfig.from_config(self.cfg["train"])
 
     @property
     def parallel(self) -> str:
@@ -135,24 +102,18 @@ class Run:
         hp = {k: v for k, v in self.cfg["optimizer"].items() if k != "name"}
         return optimizers.build(self.cfg["optimizer"]["name"], params, **hp)
 
-    def write_config(self) -> None:
-        """Create the run directory, take its writer lock (``RunDir.lock``: a second process
-        is refused before it writes anything), check again under the lock that the directory
-        holds no other run (``check_resumable``), remove the temp files of killed writers
-        and save the resolved config (rank 0)."""
-        error = None
-        if self.is_main:
-            try:
-                saved = RunDir(self.dir)
-                saved.lock()
-                remove_stale_temps(saved.path)
-                check_resumable(saved, self.cfg, warn=False)  # start() warned
-                write_text_atomic(saved.config_file, config_lib.dump(self.cfg))
-            except UsageError as e:
-                error = e
-        # Every rank stops when rank 0 is refused (the others would wait at its next collective).
+    def open(self, usable: Optional[Callable[[dict], Optional[str]]] = None, mmap: bool = False) -> Optional[dict]:
+        """``open_run_dir`` for this run, on every rank (rank 0 writes): the checkpoint to resume
+        from, or None. When it fails on any rank, every rank stops (the others would wait at
+        rank 0's next collective)."""
+        error, saved = None, None
+        try:
+            saved = open_run_dir(self.dir, self.cfg, writer=self.is_main, usable=usable, mmap=mmap)
+        except UsageError as e:
+            error = e
         if self.any_rank(error is not None):
-            raise error or OtherRankFailed(f"rank 0 could not start {self.dir}")
+            raise error or OtherRankFailed(f"another rank could not open {self.dir}")
+        return saved
 
     def print(self, *args, **kwargs):
         if self.is_main:
@@ -234,28 +195,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# Keys added to the configs after runs were started, with the value that does what those
-# runs did: a saved config without the key matches a config holding that value.
-BEHAVIOUR_OF_OLDER_RUNS = {"train.diverge_factor": 0.0, "train.parallel": "ddp", "train.eval_batches": ["fixed"],
-                           "train.cpu_precision": "fp32", "train.tf32": True, "model.scaled_init": "all",
-                           "data.normalize": "fixed", "data.check_source": True}
-
-
-def config_mismatch(where: Path, old: Optional[dict], cfg: dict) -> None:
-    """A one-line UsageError naming the keys that differ when ``old`` (a config found in
-    ``where``) is not ``cfg``; nothing when ``old`` is None or equal."""
-    if old is None or old == cfg:
-        return
-    a, b = config_lib.flatten(old), config_lib.flatten(cfg)
-    missing = object()
-    diff = sorted(k for k in set(a) | set(b) if a.get(k, missing) != b.get(k, missing)
-                  and not (k not in a and b[k] == BEHAVIOUR_OF_OLDER_RUNS.get(k, missing)))
-    if not diff:
-        return
-    raise UsageError(f"{where} holds a run with a different config ({', '.join(diff)}); "
-                     "resume it with the same arguments or choose another --out")
-
-
 def saved_config(saved: RunDir, warn: bool = True) -> Optional[dict]:
     """The directory's ``config.yaml``; None when it is missing or damaged (not YAML, not
     UTF-8, empty, or cut short: the resolved config is written with ``optimizer`` last, so a
@@ -277,28 +216,9 @@ def saved_config(saved: RunDir, warn: bool = True) -> Optional[dict]:
     return None
 
 
-def check_resumable(saved: RunDir, cfg: dict, warn: bool = True) -> None:
-    """A one-line UsageError (naming the keys that differ) when ``saved`` holds a run with
-    another config, by any of its files: ``config.yaml`` (unless damaged: ``saved_config``),
-    the copy in its checkpoint (or the previous one), and what its ``summary.json`` records
-    (experiment, optimizer, seed, hyperparameters: all a completed sweep trial keeps once its
-    checkpoint is deleted). A resume must use the same arguments."""
-    config_mismatch(saved.path, saved_config(saved, warn), cfg)
-    if saved.checkpoint_file.exists() or previous(saved.checkpoint_file).exists():
-        from .checkpoint import load_latest
-
-        config_mismatch(saved.checkpoint_file, load_latest(saved.checkpoint_file, mmap=True).get("config"), cfg)
-    summary = saved.summary()
-    if summary is not None:
-        recorded = {"experiment": summary.get("experiment"), "seed": summary.get("seed"),
-                    "optimizer": {"name": summary.get("optimizer"), **(summary.get("hyperparameters") or {})}}
-        config_mismatch(saved.summary_file, recorded, {k: cfg.get(k) for k in recorded})
-
-
-def check_finished(saved: RunDir, cfg: dict) -> None:
+def check_records(saved: RunDir) -> None:
     """A finished run's records must be there: a one-line UsageError when ``metrics.jsonl`` is
-    missing, empty or damaged (nothing can rebuild it: the run must be redone). A damaged
-    ``config.yaml`` is rewritten (it was checked against the checkpoint and summary)."""
+    missing, empty or damaged (nothing can rebuild it: the run must be redone)."""
     status, redo = saved.status(), f"delete {saved.path} to redo the run"
     try:
         records = saved.records()
@@ -310,9 +230,68 @@ def check_finished(saved: RunDir, cfg: dict) -> None:
         f.seek(-1, 2)
         if f.read(1) != b"\n":
             raise UsageError(f"{saved.metrics_file} ends in a torn line but the run is {status}: {redo}")
-    if saved_config(saved, warn=False) is None and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+
+
+def _stamp(saved: RunDir) -> tuple:
+    """What identifies the files a start reads before it takes the lock (config, checkpoints,
+    summary) and the records another process would have appended meanwhile."""
+    files = (saved.config_file, saved.checkpoint_file, previous(saved.checkpoint_file), saved.summary_file,
+             saved.metrics_file)
+    stats = [f.stat() if f.exists() else None for f in files]
+    return tuple(s and (s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+
+def open_run_dir(run_dir: Path, cfg: dict, writer: bool = True, finished: bool = False,
+                 usable: Optional[Callable[[dict], Optional[str]]] = None, mmap: bool = False) -> Optional[dict]:
+    """Open the run directory ``run_dir`` for the run of ``cfg``: the one place where a run
+    directory's saved configs are compared, its config written and its checkpoint read. Called
+    once per start: by the training loop (``Run.open``), or by ``start`` for a finished run.
+
+    1. ``cfg`` is compared with every config the directory records, a one-line UsageError
+       naming the keys that differ (a resume must use the same arguments): ``config.yaml``
+       (unless damaged: ``saved_config``, with a warning), the copy in the checkpoint, and what
+       ``summary.json`` records (experiment, optimizer, seed, hyperparameters: all a completed
+       sweep trial keeps once its checkpoint is deleted). The checkpoint is read here, once,
+       weights-only onto the CPU (``checkpoint.load_latest``; ``mmap``: its tensors stay on disk
+       until used; ``usable``: why one cannot be resumed from, to fall back to the previous).
+    2. A ``finished`` run (completed or diverged: not redone) must have whole records
+       (``check_records``); its ``config.yaml``, when missing or damaged, is rewritten (after
+       the checks of 1) by a single process. Nothing else is written.
+    3. Else the ``writer`` (rank 0) takes the directory's lock (``RunDir.lock``, creating it: a
+       second process is refused before it writes anything), checks that no other process
+       changed the files read in 1 meanwhile, removes the temp files of killed writers and
+       saves ``config.yaml``.
+
+    Returns the checkpoint of 1 (None without one): the one a training run resumes from.
+    """
+    saved = RunDir(run_dir)
+    older = getattr(config_lib.experiment_module(cfg["experiment"]), "BEHAVIOUR_OF_OLDER_RUNS", {})
+    before = _stamp(saved)
+    config = saved_config(saved, warn=writer)
+    config_mismatch(saved.path, config, cfg, older)
+    checkpoint = None
+    if saved.checkpoint_file.exists() or previous(saved.checkpoint_file).exists():
+        checkpoint = load_latest(saved.checkpoint_file, mmap=mmap or finished, usable=usable)
+        config_mismatch(saved.checkpoint_file, checkpoint.get("config"), cfg, older)
+    summary = saved.summary()
+    if summary is not None:
+        recorded = {"experiment": summary.get("experiment"), "seed": summary.get("seed"),
+                    "optimizer": {"name": summary.get("optimizer"), **(summary.get("hyperparameters") or {})}}
+        config_mismatch(saved.summary_file, recorded, {k: cfg.get(k) for k in recorded}, older)
+    if finished:
+        check_records(saved)
+        if config is None and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+            saved.lock()
+            write_text_atomic(saved.config_file, config_lib.dump(cfg))
+        return checkpoint
+    if writer:
         saved.lock()
+        if _stamp(saved) != before:
+            raise UsageError(f"{saved.path} was changed by another process while this one started; "
+                             "run the command again")
+        remove_stale_temps(saved.path)
         write_text_atomic(saved.config_file, config_lib.dump(cfg))
+    return checkpoint
 
 
 def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Optional[Run]:
@@ -323,11 +302,14 @@ def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Opti
     its config folder and its default run directory (``runs/<exp>/{optimizer}/seed{seed}``);
     for a folder of tasks (``bert``) the command line names the task (``--task sst2``).
 
-    Returns None when the run directory already holds a completed or diverged
-    run (nothing to do). Bad input raises a one-line ``UsageError`` (the command
-    exits with status 2; see ``harness.errors.command``).
-    Nothing is written here: the run directory is created by the training loop,
-    so a start that fails later (a missing dataset, say) leaves no trace.
+    Returns None when the run directory already holds a completed or diverged run
+    (nothing to do), after checking it was made with this config (``open_run_dir``: a
+    one-line UsageError naming the keys that differ; its ``config.yaml``, if missing or
+    damaged, is rewritten). Bad input raises a one-line ``UsageError`` (the command exits
+    with status 2; see ``harness.errors.command``). Otherwise nothing is read from the run
+    directory but whether it is the kit's (``RunDir.check_own``) and holds a finished run,
+    and nothing is written: the training loop opens it (``Run.open``), so a start that fails
+    later (a missing dataset, say) leaves no trace.
     """
     exp = experiment(exp, task_required=False) if isinstance(exp, str) else exp
     exp, argv = _with_task(exp, argv)
@@ -335,25 +317,15 @@ def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Opti
     if args.seed is None:
         seeds = config_lib.read_yaml(exp.configs / "paper.yaml").get("seeds") or [0]
         args.seed = int(seeds[0])
-    cfg = config_lib.resolve(exp.name, args.optimizer, args.seed, args.config, args.sets, exp.configs)
+    cfg, train = config_lib.resolve_run(exp.name, args.optimizer, args.seed, args.config, args.sets, exp.configs)
     run_dir = Path(args.out or exp.default_out.format(optimizer=cfg["optimizer"]["name"], seed=args.seed))
-    train = cfg.get("train", {})
-    if train.get("parallel", "ddp") not in PARALLEL:
-        raise UsageError(f"train.parallel must be {' or '.join(PARALLEL)}, got {train['parallel']!r}")
-    if train.get("precision", "fp32") not in PRECISIONS:
-        raise UsageError(f"train.precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
-                         f"got {train['precision']!r}")
-    if train.get("cpu_precision", "fp32") not in CPU_PRECISIONS:
-        raise UsageError(f"train.cpu_precision must be fp32 or bf16, got {train['cpu_precision']!r}")
     if cfg.get("wandb") and importlib.util.find_spec("wandb") is None:
         raise UsageError("wandb=true but wandb is not installed: pip install wandb (or --set wandb=false)")
     check_folder(run_dir, "--out")
     saved = RunDir(run_dir)
     saved.check_own("--out")
-    check_resumable(saved, cfg)
-
     if saved.finished():
-        check_finished(saved, cfg)
+        open_run_dir(run_dir, cfg, finished=True)
         print(f"{run_dir}: already {saved.status()}; nothing to do", flush=True)
         return None
 
@@ -361,7 +333,7 @@ def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Opti
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())  # srun binding 1 GPU per task: cuda:0
         torch.cuda.set_device(device)
-        set_tf32(TrainConfig.from_config(train).tf32)
+        set_tf32(train.tf32)
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
@@ -369,7 +341,7 @@ def start(exp: Union[str, Experiment], argv: Optional[list[str]] = None) -> Opti
         # Tear the group down before the interpreter does: a rank that exits with its
         # connections still open can make its peers abort (SIGABRT in gloo/NCCL).
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    precision = train.get("precision", "fp32") if device.type == "cuda" else train.get("cpu_precision", "fp32")
+    precision = train.precision if device.type == "cuda" else train.cpu_precision
     seed_everything(args.seed)
     return Run(cfg=cfg, dir=run_dir, device=device, rank=rank, local_rank=local_rank,
-               world_size=world_size, precision=precision, experiment=exp)
+               world_size=world_size, precision=precision, experiment=exp, train=train)

@@ -29,9 +29,12 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -255,15 +258,15 @@ class RunDir:
         """The record of ``split`` with the best finite ``key`` (see ``best_record``), or None."""
         return best_record(self.records(), split, key, mode)
 
-    def progress(self, train_cfg: dict) -> float:
+    def progress(self, train: "TrainConfig") -> float:
         """How far the run is, 0 to 1, from its last record: ``epoch / train.epochs`` where both
         exist, else ``step / train.max_iters``; 0 with no readable record."""
         last = self.last_record()
         if last is None:
             return 0.0
-        if "epoch" in last and train_cfg.get("epochs"):
-            return min(1.0, last["epoch"] / train_cfg["epochs"])
-        return min(1.0, last.get("step", 0) / max(1, train_cfg.get("max_iters", 1)))
+        if "epoch" in last and train.epochs:
+            return min(1.0, last["epoch"] / train.epochs)
+        return min(1.0, last.get("step", 0) / max(1, train.max_iters or 1))
 
     @staticmethod
     def find(root: Path, unfinished: bool = False) -> list["RunDir"]:

@@ -19,13 +19,16 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from harness.errors import UsageError
+from harness.config import check_choice, check_count, check_multiple, check_probability
 
 
 @dataclass
 class GPTConfig:
+    """The ``model`` section of nano's and owt's configs; a value no model can use is a
+    one-line UsageError naming its key (``model.<field>``) when the config is made."""
+
     block_size: int = 64  # longest context, in tokens
-    vocab_size: int = 65  # tokens the embedding and the head cover
+    vocab_size: int = 65  # tokens the embedding and the head cover (None in a config: the data's)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128  # model width; n_embd / n_head is the width of one head
@@ -36,6 +39,13 @@ class GPTConfig:
     # only, the attention projection keeps std 0.02: what the authors' release ran, its attention
     # projection being named `wo`, which its `c_proj.weight` rule misses).
     scaled_init: str = "all"
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            check_count(f"model.{name}", getattr(self, name))
+        check_multiple("model.n_embd", self.n_embd, "model.n_head", self.n_head)
+        check_probability("model.dropout", self.dropout)
+        check_choice("model.scaled_init", self.scaled_init, tuple(SCALED_INIT))
 
 
 # model.scaled_init -> the parameter names (suffixes) that get the scaled init.
@@ -111,18 +121,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if getattr(config, name) < 1:
-                raise UsageError(f"model {name} = {getattr(config, name)} must be a positive integer")
-        if config.n_embd % config.n_head:
-            raise UsageError(f"model n_embd = {config.n_embd} must be a multiple of n_head = {config.n_head}")
-        if not 0.0 <= config.dropout < 1.0:
-            raise UsageError(f"model dropout = {config.dropout} must lie in [0, 1)")
-        if config.scaled_init not in SCALED_INIT:
-            raise UsageError(f"model scaled_init = {config.scaled_init!r}; valid: {', '.join(SCALED_INIT)}")
-        self.config = config
+        self.config = config  # checked when it was made (GPTConfig.__post_init__)
 
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -192,8 +193,9 @@ class GPT(nn.Module):
     def estimate_flops_per_iter(self, fwdbwd_per_iter):
         """Model FLOPs of one training iteration (forward + backward), as nanoGPT's ``estimate_mfu``.
 
-        ``fwdbwd_per_iter`` is the number of block_size-token sequences per
-        iteration (batch size x gradient-accumulation steps). Per token the
+        ``fwdbwd_per_iter`` is the number of block_size-token sequences one process
+        feeds per iteration: its micro-batch x gradient-accumulation steps, i.e.
+        ``train.batch_size`` (the global batch) / the number of ranks. Per token the
         PaLM paper (Chowdhery et al. 2022, appendix B) counts 6 N for the
         weights (N = non-embedding parameters; 2 FLOPs per multiply-add, forward
         plus twice that backward) and 12 L H Q T for attention (L layers, H

@@ -23,6 +23,7 @@ one GPU, 2 per GPU on 8; ``gradient_accumulation_steps`` only splits them furthe
 from __future__ import annotations
 
 import owt
+from nano.train import BEHAVIOUR_OF_OLDER_RUNS, check_config  # noqa: F401 (owt's configs: nano's model)
 from nano.train import main as nano_main
 
 

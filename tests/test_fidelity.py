@@ -3,6 +3,7 @@ paper's numbers depend on it: TF32 per experiment, and what reports say of diver
 import pytest
 import torch
 
+from harness import config as config_lib
 from harness import run as run_lib
 
 # The release: nano/train.py and owt/train.py (nanoGPT's) set torch.backends.cuda.matmul.allow_tf32
@@ -55,9 +56,9 @@ def test_an_older_run_without_the_key_resumes_only_with_tf32_on(tmp_path):
     # Runs started before train.tf32 existed ran with TF32 on (harness/run.py set it for every
     # CUDA run): they match a config with tf32 true (nano, owt) and are refused with false.
     old = {"train": {"batch_size": 64}}
-    run_lib.config_mismatch(tmp_path, old, {"train": {"batch_size": 64, "tf32": True}})
+    config_lib.config_mismatch(tmp_path, old, {"train": {"batch_size": 64, "tf32": True}})
     with pytest.raises(run_lib.UsageError, match=r"\(train.tf32\)"):
-        run_lib.config_mismatch(tmp_path, old, {"train": {"batch_size": 64, "tf32": False}})
+        config_lib.config_mismatch(tmp_path, old, {"train": {"batch_size": 64, "tf32": False}})
 
 
 def write_run(path, seed, status, val_losses, optimizer="cd"):

@@ -282,7 +282,7 @@ def test_diverge_factor_ends_a_finite_blow_up_as_diverged_across_a_resume(nano_d
 
 def test_a_key_added_later_at_its_old_behaviour_is_no_difference(tmp_path):
     from harness.errors import UsageError
-    from harness.run import config_mismatch
+    from harness.config import config_mismatch
 
     new = {"train": {"max_iters": 5, "diverge_factor": 0.0, "eval_batches": ["fresh", "fixed"]}}
     config_mismatch(tmp_path, {"train": {"max_iters": 5, "eval_batches": ["fresh", "fixed"]}}, new)  # no error

@@ -7,10 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from harness.config import TrainConfig
 from harness.errors import UsageError
 from harness.rundir import TAIL_BYTES, RunDir, best_record, parse_records
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(**keys) -> TrainConfig:
+    """A run's train section (the schema ``RunDir.progress`` reads), of one example per step."""
+    return TrainConfig(batch_size=1, **keys)
 
 
 def lines(*records) -> str:
@@ -52,11 +58,11 @@ def test_a_corrupt_line_before_the_last_is_a_one_line_error(tmp_path):
 def test_an_empty_or_missing_run_reads_as_nothing(tmp_path):
     empty = make_run(tmp_path / "empty", "")
     assert empty.records() == [] and empty.best() is None and empty.last_record() is None
-    assert empty.progress({"max_iters": 100}) == 0.0 and empty.status() == "completed" and empty.finished()
+    assert empty.progress(train(max_iters=100)) == 0.0 and empty.status() == "completed" and empty.finished()
     missing = RunDir(tmp_path / "nope")
     assert missing.records() == [] and missing.records_after(0) == ([], 0)
     assert missing.summary() is None and missing.status() is None and not missing.finished()
-    assert missing.config() is None and missing.best() is None and missing.progress({"max_iters": 100}) == 0.0
+    assert missing.config() is None and missing.best() is None and missing.progress(train(max_iters=100)) == 0.0
     assert RunDir.find(tmp_path) == [empty]
     assert (missing.config_file.name, missing.checkpoint_file.name, missing.log_file.name) == \
         ("config.yaml", "checkpoint.pt", "train.log")
@@ -86,10 +92,10 @@ def test_progress_reads_only_the_tail(tmp_path):
     with pytest.raises(UsageError):
         run.records()
     assert run.last_record()["step"] == 99
-    assert run.progress({"max_iters": 198}) == pytest.approx(0.5)
+    assert run.progress(train(max_iters=198)) == pytest.approx(0.5)
     run.metrics_file.write_text(lines({"step": 7, "split": "val", "loss": 1.0, "epoch": 3}))
-    assert run.progress({"epochs": 4, "max_iters": 1000}) == pytest.approx(0.75)
-    assert run.progress({"max_iters": 5}) == 1.0
+    assert run.progress(train(epochs=4, max_iters=1000)) == pytest.approx(0.75)
+    assert run.progress(train(max_iters=5)) == 1.0
 
 
 def test_records_after_leaves_an_unfinished_line_for_the_next_look(tmp_path):

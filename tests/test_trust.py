@@ -18,6 +18,7 @@ from conftest import records
 from harness import checkpoint as ckpt
 from harness import launch
 from harness import loop as harness_loop
+from harness import run as run_lib
 from harness.errors import EXIT_USAGE, UsageError
 from harness.loop import EXIT_INTERRUPTED, STOP_AFTER_ENV, TrainState, Trainer
 from harness.token_bins import TokenBins
@@ -259,6 +260,8 @@ def test_an_fsdp2_resume_loads_to_the_cpu(nano_data, stopped20, monkeypatch):
     devices, loads = set(), []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: (loads.append(k), real_load(*a, **k))[1])
+    # What Run.open reads on a rank of an FSDP2 run (rank 1: reads, writes nothing), then resumes from.
+    trainer.resume_from = run_lib.open_run_dir(stopped20, saved["config"], writer=False, mmap=True)
 
     def spy(model, optimizer, model_state, optim_state):
         devices.update(v.device.type for v in model_state.values())

@@ -14,19 +14,45 @@ applied only to the pooled features before the classifier; the position, attenti
 projection and path dropouts keep timm's default of 0 (the release's ``drop_rate=0.1``,
 its ``vit/model.py``, is this one argument).
 """
+from dataclasses import dataclass
+
 from timm.models.vision_transformer import VisionTransformer
 
+from harness.config import check_count, check_multiple, check_probability
 
-def build_vit(num_classes=10, img_size=32, patch_size=4, embed_dim=192, depth=9, num_heads=3, drop_rate=0.1):
-    """ViT-tiny as in the paper: maps (B, 3, img_size, img_size) images to (B, num_classes) logits."""
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """The ``model`` section of vit's configs (the paper's ViT-tiny by default); a value no
+    model can use is a one-line UsageError naming its key when the config is made."""
+
+    img_size: int = 32
+    patch_size: int = 4
+    embed_dim: int = 192
+    depth: int = 9
+    num_heads: int = 3
+    drop_rate: float = 0.1
+
+    def __post_init__(self):
+        for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+            check_count(f"model.{name}", getattr(self, name))
+        check_multiple("model.embed_dim", self.embed_dim, "model.num_heads", self.num_heads)
+        check_multiple("model.img_size", self.img_size, "model.patch_size", self.patch_size)
+        check_probability("model.drop_rate", self.drop_rate)
+
+
+def build_vit(num_classes=10, **model):
+    """ViT-tiny as in the paper (``model``: ``ViTConfig``'s fields, its defaults where left out):
+    maps (B, 3, img_size, img_size) images to (B, num_classes) logits."""
+    cfg = ViTConfig(**model)
     return VisionTransformer(
-        img_size=img_size,
-        patch_size=patch_size,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
         in_chans=3,
         num_classes=num_classes,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=num_heads,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
         mlp_ratio=4.0,
-        drop_rate=drop_rate,
+        drop_rate=cfg.drop_rate,
     )

@@ -20,8 +20,10 @@ from __future__ import annotations
 import torch
 
 from harness.errors import command
-from harness.image_classification import NUM_CLASSES, train
-from vit.model import build_vit
+from harness.image_classification import BEHAVIOUR_OF_OLDER_RUNS, NUM_CLASSES, config_check, train  # noqa: F401
+from vit.model import ViTConfig, build_vit
+
+check_config = config_check(ViTConfig)  # the model section by vit's model config, and the data's
 
 
 def build_model(model_cfg: dict) -> torch.nn.Module:
