@@ -77,7 +77,7 @@ class Run:
     local_rank: int = 0
     world_size: int = 1
     precision: str = "fp32"  # what is actually used on this device
-    experiment: Optional[Experiment] = None  # what was started: its task, configs, prepare command
+    experiment: Optional[Experiment] = None  # what was started: its task, configs, runs folder
 
     @property
     def is_main(self) -> bool:
