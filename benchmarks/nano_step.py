@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import nano  # noqa: E402
 import optimizers  # noqa: E402
 from harness import outputs  # noqa: E402
 from harness.config import resolve  # noqa: E402
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
     outputs.check(md, basis, args.force, [md.with_suffix(".json")])
     torch.set_num_threads(args.threads)
 
-    bins = TokenBins(args.data, prepare_hint="python -m nano.prepare --source tinyshakespeare")
+    bins = TokenBins(args.data, nano.DATA)
     base = resolve("nano", "adam", 1337)
     t, block = base["train"], base["model"]["block_size"]
     batch, iters, total = t["batch_size"], t["eval_iters"], t["max_iters"]

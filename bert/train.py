@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from bert import PREPARE
 from bert.data import collate_fn, glue_splits, load_tokenizer
 from bert.model import ModelConfig, build_model
 from harness.config import check_count
@@ -80,7 +81,7 @@ def load_splits(run: Run, task: str, tokenizer, data_cfg: dict) -> dict:
     splits, error = None, None
     if run.is_main:
         try:
-            with fetch_hint(run.experiment.prepare, "; or --set data.raw=DIR, a save_to_disk copy of GLUE"):
+            with fetch_hint(PREPARE.format(task=task), "; or --set data.raw=DIR, a save_to_disk copy of GLUE"):
                 splits = glue_splits(task, tokenizer, **kwargs)
         except UsageError as e:
             error = str(e)
@@ -132,11 +133,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     task = run.experiment.task
     d, m, t = run.cfg["data"], run.cfg["model"], run.train
     micro = run.micro_batch_size()
-    with fetch_hint(run.experiment.prepare):
+    with fetch_hint(PREPARE.format(task=task)):
         tokenizer = load_tokenizer(d["tokenizer"])
     splits = load_splits(run, task, tokenizer, d)
     # Seeded by start(): every rank draws the same initial weights.
-    with fetch_hint(run.experiment.prepare):
+    with fetch_hint(PREPARE.format(task=task)):
         model = build_model(task, pretrained=m.get("pretrained"),
                             config_overrides=model_overrides(m, task, len(tokenizer)))
     n_params = sum(p.numel() for p in model.parameters())

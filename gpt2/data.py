@@ -19,9 +19,11 @@ cut into ``block_size`` blocks, dropping the final partial block (the
 articles as in GPT-2 pretraining).
 
 Cache: the token stream of each split is saved once (``train.npy``,
-``val.npy``, uint16 for GPT-2) and the marker ``meta.json`` last, each via a
-rename, so an interrupted first run is redone and never half-read. Later calls
-(any ``block_size``) memory-map the cache and need neither network nor tokenizer.
+``val.npy``, uint16 for GPT-2) and the marker ``meta.json`` last, each with the
+harness's atomic writer (``harness.checkpoint.write_atomic``: a temp file renamed
+when complete; one a killed build left is removed by the next), so an
+interrupted first run is redone and never half-read. Later calls (any
+``block_size``) memory-map the cache and need neither network nor tokenizer.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from harness.checkpoint import remove_stale_temps, write_atomic, write_text_atomic
 from harness.errors import UsageError, command
 from harness.gpt2_tokenizer import hf_gpt2_tokenizer
 
@@ -163,6 +166,7 @@ def _build_cache(cache_dir: Path, raw, tokenizer) -> dict:
     docs = {split: articles(_rows(raw, split)) for split in SPLITS}  # fail on input before writing
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / MARKER).unlink(missing_ok=True)  # the directory reads as unfinished from here on
+    remove_stale_temps(cache_dir, tuple(f"{split}.npy" for split in SPLITS))  # a killed build's
     meta = {
         "source": f"{DATASET} {CONFIG}" if raw is None else (str(raw) if isinstance(raw, (str, os.PathLike)) else "in-memory"),
         "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
@@ -172,15 +176,11 @@ def _build_cache(cache_dir: Path, raw, tokenizer) -> dict:
     }
     for split, split_docs in docs.items():
         tokens = tokenize_stream(split_docs, tokenizer, desc=f"tokenizing {split}")
-        tmp = cache_dir / f"{split}.npy.tmp"
-        with open(tmp, "wb") as f:  # a file object, so np.save does not append ".npy" to the name
-            np.save(f, tokens)
-        os.replace(tmp, cache_dir / f"{split}.npy")
+        # np.save to a file object (write_atomic's temp file) adds no ".npy" to the name
+        write_atomic(cache_dir / f"{split}.npy", lambda f: np.save(f, tokens))
         meta.update({f"{split}_file": f"{split}.npy", f"{split}_documents": len(split_docs),
                      f"{split}_tokens": int(len(tokens)), "dtype": str(tokens.dtype)})
-    tmp = cache_dir / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, cache_dir / MARKER)
+    write_text_atomic(cache_dir / MARKER, json.dumps(meta, indent=2) + "\n")
     return _read_cache(cache_dir, None)
 
 

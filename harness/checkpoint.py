@@ -88,15 +88,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, text.encode())
 
 
-def remove_stale_temps(folder: Path) -> None:
-    """Remove the temp files that killed writers left in the run directory ``folder``: exactly
-    the names ``temp_name`` makes for a run file (``rundir.stale_temp``), regular files only
-    (never a link, a folder or anyone else's file). Call it only while holding the folder's lock
-    (``RunDir.lock``), when no other writer is there."""
-    from .rundir import stale_temp
+def remove_stale_temps(folder: Path, files: Optional[tuple[str, ...]] = None) -> None:
+    """Remove the temp files that killed writers left in ``folder``: exactly the names
+    ``temp_name`` makes for one of ``files`` (by default the run files of a run directory,
+    ``rundir.stale_temp``; a prepare step passes its data files), regular files only (never a
+    link, a folder or anyone else's file). Call it only when no other writer is there (a run
+    directory: while holding its lock, ``RunDir.lock``)."""
+    from .rundir import RUN_FILES, stale_temp
 
     for entry in os.scandir(folder):
-        if stale_temp(entry.name) and entry.is_file(follow_symlinks=False):
+        if stale_temp(entry.name, files or RUN_FILES) and entry.is_file(follow_symlinks=False):
             Path(entry.path).unlink(missing_ok=True)
 
 

@@ -22,9 +22,9 @@ class Experiment:
     """How to run one experiment: ``python -m <module> <args...>`` with configs in ``configs``.
 
     ``task`` is None for a one-task folder, else the task (``bert/sst2``); ``tasks`` lists a
-    folder's tasks (empty for a one-task folder). ``prepare`` is the command that prepares
-    its data (the ``PREPARE`` of the experiment's package, ``{task}`` filled in), named in
-    the errors about missing data.
+    folder's tasks (empty for a one-task folder). Its data facts (the prepare command, the
+    metadata file) the experiment states itself and passes to the harness's data readers
+    (``nano.DATA`` to ``harness.token_bins.TokenBins``); an ``Experiment`` holds none.
     """
 
     name: str              # run and study names: "nano", "bert-sst2"
@@ -35,7 +35,6 @@ class Experiment:
     folder: str = ""       # "nano", "bert"
     task: Optional[str] = None
     tasks: tuple[str, ...] = ()
-    prepare: str = ""
 
     @property
     def default_out(self) -> str:
@@ -55,19 +54,18 @@ def experiment(spec: str, task_required: bool = True) -> Experiment:
     if not folder or not (root / "train.py").is_file():
         known = sorted(p.parent.name for p in repo.glob("*/train.py"))
         raise UsageError(f"unknown experiment {spec!r}; valid: {', '.join(known) or 'none yet'}")
-    package = importlib.import_module(folder)
-    found = sorted(p.parent.name for p in (root / "configs").glob("*/paper.yaml"))
-    tasks = tuple(getattr(package, "TASKS", found))  # the package's order, where it states one
-    prepare = getattr(package, "PREPARE", "")
+    tasks = tuple(sorted(p.parent.name for p in (root / "configs").glob("*/paper.yaml")))
+    if tasks:  # a folder of tasks (bert) states their order, the paper's, in its package
+        tasks = tuple(getattr(importlib.import_module(folder), "TASKS", tasks))
     common = dict(module=f"{folder}.train", folder=folder, tasks=tasks)
     if task:
         if task not in tasks:
             raise UsageError(f"unknown {folder} task {task!r}; valid tasks: {', '.join(tasks) or 'none'}")
         return Experiment(f"{folder}-{task}", args=("--task", task), configs=root / "configs" / task,
-                          runs_subdir=f"{folder}/{task}", task=task, prepare=prepare.format(task=task), **common)
+                          runs_subdir=f"{folder}/{task}", task=task, **common)
     if not (root / "configs" / "paper.yaml").is_file() and task_required:
         raise UsageError(f"{folder} has several tasks: name one of " + ", ".join(f"{folder}/{t}" for t in tasks))
-    return Experiment(folder, args=(), configs=root / "configs", runs_subdir=folder, prepare=prepare, **common)
+    return Experiment(folder, args=(), configs=root / "configs", runs_subdir=folder, **common)
 
 
 def paper_seeds(exp: Experiment) -> list[int]:

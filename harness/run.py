@@ -44,7 +44,7 @@ class Run:
     local_rank: int = 0
     world_size: int = 1
     precision: str = "fp32"  # what is actually used on this device
-    experiment: Optional[Experiment] = None  # what was started: its task, configs, prepare command
+    experiment: Optional[Experiment] = None  # what was started: its task, configs, runs folder
     train: Optional[TrainConfig] = None  # the train section's schema (start() passes resolve_run's)
 
     def __post_init__(self):

@@ -56,11 +56,11 @@ TAIL_BYTES = 4096  # what ``progress`` reads of metrics.jsonl: a few records
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp[0-9]+$")
 
 
-def stale_temp(name: str) -> bool:
-    """True for exactly the temp names the atomic writer makes for a run file
-    (``.<run file>.tmp<pid>``, ``checkpoint.temp_name``): the only files the kit removes unasked."""
+def stale_temp(name: str, files=RUN_FILES) -> bool:
+    """True for exactly the temp names the atomic writer makes for one of ``files`` (by default
+    a run file: ``.<run file>.tmp<pid>``, ``checkpoint.temp_name``): the only files the kit removes unasked."""
     match = _TEMP.fullmatch(name)  # not match: its $ also matches before a final newline
-    return bool(match) and match["name"] in RUN_FILES
+    return bool(match) and match["name"] in files
 
 
 def parse_records(data: bytes, where: str = METRICS) -> list[dict]:

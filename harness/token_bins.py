@@ -1,16 +1,22 @@
 """Random-offset batches from nanoGPT-style token files (``train.bin`` / ``val.bin``).
 
 A prepared folder holds each split as one flat array of uint16 token ids and a
-marker file written last by its prepare step (``meta.json``), so that a
-half-written folder is never read. A character-level folder's ``meta.json``
+JSON metadata file written last by its prepare step, the folder's marker, so that
+a half-written folder is never read. A character-level folder's metadata
 (nano's) holds its vocabulary (``vocab_size``, ``itos``, ``stoi``) and what it
 was prepared from (``source``, ...). A batch is ``batch_size`` windows of
 ``block_size + 1`` consecutive tokens at uniformly random offsets; the inputs
 are the first ``block_size`` tokens of each window and the targets the last
 ``block_size`` (the next token at every position).
 
-Nothing in a data folder can run code: ``meta.json`` is JSON, and the
-``meta.pkl`` of folders prepared by earlier versions (or by nanoGPT) is read
+What an experiment's folders are called and hold is the experiment's to say, once:
+its package's ``DATA``, a ``TokenData`` (the prepare command, the metadata file,
+an earlier version's files, what the paper's folder holds), by which its
+``prepare.py`` writes and which its ``train.py`` passes to ``TokenBins``. This
+module imports no experiment.
+
+Nothing in a data folder can run code: the metadata is JSON, and an earlier
+version's pickled metadata (nano's ``meta.pkl``, as nanoGPT writes it) is read
 through an unpickler that builds plain builtins only (``read_legacy_meta``).
 
 The offsets come from a caller-owned ``torch.Generator``: its state is the
@@ -21,7 +27,9 @@ import io
 import json
 import pickle
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -29,9 +37,30 @@ import torch
 from .errors import UsageError
 
 SPLITS = ("train", "val")
-META = "meta.json"
-LEGACY_META = "meta.pkl"  # nanoGPT's, and this kit's before meta.json
-LEGACY_PROVENANCE = "prepare.json"  # what earlier versions recorded of the source, beside meta.pkl
+
+
+@dataclass(frozen=True)
+class TokenData:
+    """What an experiment states about its prepared token folders, once (its package's ``DATA``).
+
+    ``prepare``: the command that prepares the paper's folder, named in every error about a
+    folder (missing, unfinished, unreadable, too short, not the paper's data).
+    ``meta``: the JSON metadata file its prepare step writes last: the folder's marker (a
+    folder without it is unfinished) and its vocabulary and source.
+    ``legacy_meta``: the pickled metadata of folders prepared by an earlier version (or by
+    nanoGPT), read through ``read_legacy_meta`` when ``meta`` is absent; None: there are none.
+    ``legacy_provenance``: the JSON file in which that earlier version recorded the source.
+    ``paper``: what the paper config's data folder holds, as metadata keys and values
+    (nano's ``{"source": "tinyshakespeare", "vocab_size": 65}``; ``expect_paper_data``).
+    """
+
+    prepare: str
+    meta: str
+    legacy_meta: Optional[str] = None
+    legacy_provenance: Optional[str] = None
+    paper: Mapping[str, Any] = field(default_factory=dict)
+
+
 # What an old meta.pkl may build: plain builtins. Protocol 2+ pickles of dicts, lists,
 # tuples, str, int, float and bool need no global at all; older protocols name these.
 _PLAIN = {("builtins", name) for name in ("dict", "list", "str", "int", "float", "tuple", "bool", "set",
@@ -47,14 +76,15 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 def read_legacy_meta(path, prepare_hint) -> dict:
-    """An old ``meta.pkl``, unpickled with nothing but plain builtins (dict, list, tuple, str,
-    int, float, bool): no object of any other type is built and no function called. Anything
-    else is a one-line ``UsageError`` saying to prepare the folder again (which writes meta.json)."""
+    """An old pickled metadata file (nano's ``meta.pkl``), unpickled with nothing but plain
+    builtins (dict, list, tuple, str, int, float, bool): no object of any other type is built
+    and no function called. Anything else is a one-line ``UsageError`` saying to prepare the
+    folder again with ``prepare_hint`` (which writes the JSON metadata)."""
     path = Path(path)
     try:
         meta = _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
     except pickle.UnpicklingError as e:
-        raise UsageError(f"{path} holds objects a meta.pkl never holds ({e}): refused to read it (nothing in it "
+        raise UsageError(f"{path} holds objects a {path.name} never holds ({e}): refused to read it (nothing in it "
                          f"was run); prepare the folder again with `{prepare_hint} --force`") from None
     except Exception as e:  # torn or not a pickle at all
         raise UsageError(f"{path} cannot be read ({type(e).__name__}); prepare the folder again with "
@@ -66,54 +96,57 @@ def read_legacy_meta(path, prepare_hint) -> dict:
 
 
 class TokenBins:
-    """The ``train.bin`` and ``val.bin`` of a prepared folder, read through ``np.memmap``.
+    """The ``train.bin`` and ``val.bin`` of a folder prepared as ``data`` says, read through ``np.memmap``.
 
-    ``prepare_hint`` is the command that prepares ``data_dir``; it is named in
-    the error when a bin or the ``marker`` (the file the prepare step writes
-    last) is missing. A folder prepared by an earlier version, with ``meta.pkl``
-    in place of ``meta.json``, is read too (``read_legacy_meta``).
+    ``data`` (a ``TokenData``, the experiment's ``DATA``) names the metadata file (the
+    marker: without it, or without a bin, the folder is refused in one line naming
+    ``data.prepare``) and, where the experiment had them, an earlier version's files: a
+    folder with ``data.legacy_meta`` in place of ``data.meta`` is read too
+    (``read_legacy_meta``), its source from ``data.legacy_provenance``.
     """
 
-    def __init__(self, data_dir, prepare_hint, marker=META):
+    def __init__(self, data_dir, data: TokenData):
         self.data_dir = Path(data_dir)
-        self.prepare_hint = prepare_hint
-        self.marker = marker
-        legacy = marker == META and not (self.data_dir / META).is_file() and (self.data_dir / LEGACY_META).is_file()
-        for name in (*(f"{split}.bin" for split in SPLITS), LEGACY_META if legacy else marker):
+        self.data = data
+        hint = data.prepare
+        legacy = (data.legacy_meta is not None and not (self.data_dir / data.meta).is_file()
+                  and (self.data_dir / data.legacy_meta).is_file())
+        for name in (*(f"{split}.bin" for split in SPLITS), data.legacy_meta if legacy else data.meta):
             if not (self.data_dir / name).is_file():
                 state = "is not prepared" if not self.data_dir.exists() else f"is unfinished (no {name})"
-                raise UsageError(f"dataset {self.data_dir} {state}; run `{prepare_hint}`")
-        self._meta = None
+                raise UsageError(f"dataset {self.data_dir} {state}; run `{hint}`")
         if legacy:
-            self._meta = read_legacy_meta(self.data_dir / LEGACY_META, prepare_hint)
-            provenance = self.data_dir / LEGACY_PROVENANCE
-            try:
-                recorded = json.loads(provenance.read_text()) if provenance.is_file() else {}
-            except (OSError, ValueError):
-                recorded = {}
+            self._meta = read_legacy_meta(self.data_dir / data.legacy_meta, hint)
+            recorded = {}
+            if data.legacy_provenance and (self.data_dir / data.legacy_provenance).is_file():
+                try:
+                    recorded = json.loads((self.data_dir / data.legacy_provenance).read_text())
+                except (OSError, ValueError):
+                    pass  # unreadable: the folder is taken on its vocabulary, as one without it
             if isinstance(recorded, dict) and "source" in recorded:
                 self._meta = {**self._meta, "source": recorded["source"]}
-        elif (self.data_dir / META).is_file():
-            try:
-                self._meta = json.loads((self.data_dir / META).read_text())
-            except (OSError, ValueError) as e:
-                raise UsageError(f"{self.data_dir / META} is not JSON ({type(e).__name__}); prepare the folder "
-                                 f"again with `{prepare_hint} --force`") from None
-            if not isinstance(self._meta, dict):
-                raise UsageError(f"{self.data_dir / META} is not a JSON object; prepare the folder again with "
-                                 f"`{prepare_hint} --force`")
+            return
+        meta = self.data_dir / data.meta
+        try:
+            self._meta = json.loads(meta.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{meta} is not JSON ({type(e).__name__}); prepare the folder "
+                             f"again with `{hint} --force`") from None
+        if not isinstance(self._meta, dict):
+            raise UsageError(f"{meta} is not a JSON object; prepare the folder again with "
+                             f"`{hint} --force`")
 
     @property
     def vocab_size(self):
         """The character vocabulary's size (a folder whose metadata has ``itos``: nano's), or
         None (e.g. GPT-2 BPE bins, whose model pads the vocabulary itself)."""
-        if self._meta is None or "itos" not in self._meta:
+        if "itos" not in self._meta:
             return None
         return int(self._meta["vocab_size"])
 
     @property
     def meta(self):
-        """The folder's metadata (``meta.json``, or an old ``meta.pkl``), or None."""
+        """The folder's metadata (``data.meta``, or an earlier version's ``data.legacy_meta``)."""
         return self._meta
 
     def check_source(self, expected: dict, strict: bool, override: str) -> None:
@@ -123,12 +156,12 @@ class TokenBins:
         ``override`` (how to train on it anyway); else a warning. A folder that does not record
         its source (prepared by an earlier version or by nanoGPT) is taken on its vocabulary,
         with a note."""
-        meta = self._meta or {}
+        meta = self._meta
         differ = [f"{key} {meta[key]!r}, not {value!r}" for key, value in expected.items()
                   if key in meta and meta[key] != value]
         if differ:
             message = (f"{self.data_dir} holds data prepared with {', '.join(differ)} (the paper's); "
-                       f"prepare the paper's data with `{self.prepare_hint}`")
+                       f"prepare the paper's data with `{self.data.prepare}`")
             if strict:
                 raise UsageError(f"{message}, or pass {override} to train on it anyway")
             print(f"warning: {message}", file=sys.stderr, flush=True)
@@ -158,7 +191,7 @@ class TokenBins:
         if len(data) <= block_size:
             raise UsageError(
                 f"{self.data_dir / f'{split}.bin'} has {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}; "
-                f"lower block_size or prepare more data (`{self.prepare_hint}`)"
+                f"lower block_size or prepare more data (`{self.data.prepare}`)"
             )
         ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
         windows = data[ix.numpy()[:, None] + np.arange(block_size + 1)].astype(np.int64)  # (B, T + 1)
@@ -172,16 +205,15 @@ CHECK_SOURCE = "data.check_source"  # the config key that lets a run train on ot
 def expect_paper_data(bins, run) -> None:
     """Refuse (one line) to train under the paper's config on data that is not the paper's.
 
-    The experiment's package states what its paper config's data folder holds
-    (``PAPER_DATA``, e.g. nano's ``{"source": "tinyshakespeare", "vocab_size": 65}``); a run
-    whose ``data.dir`` is that folder checks the folder's recorded source and vocabulary
-    against it (``TokenBins.check_source``): a ``UsageError``, or with
-    ``--set data.check_source=false`` a warning. Other folders are the user's choice."""
-    import importlib
-
+    The experiment states what its paper config's data folder holds (``bins.data.paper``,
+    e.g. nano's ``{"source": "tinyshakespeare", "vocab_size": 65}``); a run whose
+    ``data.dir`` is that folder (``data.dir`` of the experiment's ``paper.yaml``) checks
+    the folder's recorded source and vocabulary against it (``TokenBins.check_source``): a
+    ``UsageError``, or with ``--set data.check_source=false`` a warning. Other folders are
+    the user's choice."""
     from .config import read_yaml
 
-    expected = getattr(importlib.import_module(run.experiment.folder), "PAPER_DATA", None)
+    expected = bins.data.paper
     if not expected:
         return
     paper_dir = (read_yaml(run.experiment.configs / "paper.yaml").get("data") or {}).get("dir")
@@ -189,4 +221,3 @@ def expect_paper_data(bins, run) -> None:
         return
     strict = bool(run.cfg["data"].get("check_source", True))
     bins.check_source(expected, strict=strict, override=f"--set {CHECK_SOURCE}=false")
-

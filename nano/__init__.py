@@ -4,10 +4,17 @@ prepare.py  text -> nanoGPT's shakespeare_char format (train.bin / val.bin / met
 model.py    nanoGPT's GPT (also used by owt)
 train.py    one training run
 """
+from harness.token_bins import TokenData
 
-# The command that prepares the paper's data, and the file it writes last (harness/token_bins.py).
-PREPARE = "python -m nano.prepare --source tinyshakespeare"
-MARKER = "meta.json"
-# What the paper config's data folder (data/nano) holds: a run there refuses other data
-# (harness.token_bins.expect_paper_data).
-PAPER_DATA = {"source": "tinyshakespeare", "vocab_size": 65}
+# nano's data, stated once: the command that prepares the paper's folder (data/nano), the
+# metadata file written last (the marker), the files of folders prepared by earlier versions
+# or by nanoGPT (meta.pkl, read without running code; prepare.json, their source), and what
+# the paper config's folder holds (a run there refuses other data). prepare.py writes by it;
+# train.py passes it to harness.token_bins.
+DATA = TokenData(
+    prepare="python -m nano.prepare --source tinyshakespeare",
+    meta="meta.json",
+    legacy_meta="meta.pkl",
+    legacy_provenance="prepare.json",
+    paper={"source": "tinyshakespeare", "vocab_size": 65},
+)

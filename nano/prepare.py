@@ -50,14 +50,13 @@ from tqdm import tqdm
 
 from harness.checkpoint import write_atomic
 from harness.errors import UsageError, command
-from harness.token_bins import LEGACY_META, LEGACY_PROVENANCE, META
+from nano import DATA
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TINYSHAKESPEARE_CHARS = 1_115_394
 SOURCES = ("tinyshakespeare", "packaged")
 TRAIN_FRACTION = 0.9
-MARKER = META  # meta.json, written last: its presence means the folder is complete
 DEFAULT_OUT = "data/nano"  # the paper config's data folder: tiny Shakespeare only
 PLAYS_OUT = "data/nano-packaged"  # the packaged plays' default folder
 
@@ -217,7 +216,7 @@ def _describe(provenance):
 def recorded_source(out_dir):
     """What a finished ``out_dir`` was prepared from (``meta.json``, or an earlier version's
     ``prepare.json``), or None when it does not say (a folder made by nanoGPT itself)."""
-    for name in (MARKER, LEGACY_PROVENANCE):
+    for name in (DATA.meta, DATA.legacy_provenance):
         try:
             recorded = json.loads((Path(out_dir) / name).read_text())
         except (OSError, ValueError):
@@ -263,7 +262,7 @@ def prepare(source="packaged", out_dir=None, plays=None, input_file=None, force=
         sha256 = _sha256_file(input_file) if input_file is not None else TINYSHAKESPEARE_SHA256
         wanted = {"source": "tinyshakespeare", "sha256": sha256}
 
-    finished = next((out_dir / name for name in (MARKER, LEGACY_META) if (out_dir / name).exists()), None)
+    finished = next((out_dir / name for name in (DATA.meta, DATA.legacy_meta) if (out_dir / name).exists()), None)
     if finished is not None and not force:
         # Without a record of the source (a folder made by nanoGPT itself) the data is taken as it is.
         recorded = recorded_source(out_dir)
@@ -287,7 +286,7 @@ def prepare(source="packaged", out_dir=None, plays=None, input_file=None, force=
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # Unmark the folder first, so a crash while the bins are being replaced leaves it unfinished.
-    for name in (MARKER, LEGACY_META, LEGACY_PROVENANCE):
+    for name in (DATA.meta, DATA.legacy_meta, DATA.legacy_provenance):
         (out_dir / name).unlink(missing_ok=True)
     write_atomic(out_dir / "train.bin", train_ids.tofile)
     write_atomic(out_dir / "val.bin", val_ids.tofile)
@@ -299,7 +298,7 @@ def prepare(source="packaged", out_dir=None, plays=None, input_file=None, force=
         "train_tokens": int(len(train_ids)),
         "val_tokens": int(len(val_ids)),
     }
-    write_atomic(out_dir / MARKER, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode())
+    write_atomic(out_dir / DATA.meta, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode())
     print(
         f"wrote {out_dir}: {len(text):,} characters, vocab size {meta['vocab_size']}, "
         f"train {len(train_ids):,} tokens, val {len(val_ids):,} tokens"

@@ -16,7 +16,7 @@ from harness.data import LMEvaluation, RandomTokenBatches
 from harness.errors import command
 from harness.loop import fit
 from harness.run import start
-from harness.token_bins import TokenBins, expect_paper_data
+from harness.token_bins import TokenBins, TokenData, expect_paper_data
 from nano.model import GPT, GPTConfig
 
 GPT2_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64, as nanoGPT
@@ -32,13 +32,13 @@ def check_config(cfg: dict) -> None:
 
 
 @command
-def main(argv=None, experiment: str = "nano", marker: str = nano.MARKER) -> int:
-    """Train nano's GPT on the token bins of ``experiment`` (nano, or owt with its ``marker``)."""
+def main(argv=None, experiment: str = "nano", data: TokenData = nano.DATA) -> int:
+    """Train nano's GPT on the token bins of ``experiment``, as its ``data`` says (``nano.DATA``, ``owt.DATA``)."""
     run = start(experiment, argv)
     if run is None:
         return 0
     m, t = run.cfg["model"], run.train
-    bins = TokenBins(run.cfg["data"]["dir"], prepare_hint=run.experiment.prepare, marker=marker)
+    bins = TokenBins(run.cfg["data"]["dir"], data)
     expect_paper_data(bins, run)
     micro = run.micro_batch_size()
     evaluate = LMEvaluation(run, bins, t.batch_size, m["block_size"], t.eval_iters, t.eval_batches)

@@ -1,5 +1,6 @@
 """OpenWebText: nanoGPT's GPT (from nano/) trained on GPT-2 token bins (owt/prepare.py)."""
+from harness.token_bins import TokenData
 
-# The command that prepares the data, and the file it writes last (harness/token_bins.py).
-PREPARE = "python -m owt.prepare"
-MARKER = "meta.json"
+# owt's data, stated once: the command that prepares it and the metadata file it writes last
+# (the marker). prepare.py writes by it; train.py passes it to harness.token_bins.
+DATA = TokenData(prepare="python -m owt.prepare", meta="meta.json")

@@ -18,17 +18,18 @@ Steps (nanoGPT's, with its constants):
    in ``num_proc`` processes;
 4. bins: ``train.bin`` and ``val.bin``, each the flat concatenation of its
    split's token ids as ``uint16`` (raw, no header; read with
-   ``np.memmap(path, dtype=np.uint16, mode="r")``), written through a memmap in
+   ``np.memmap(path, dtype=np.uint16, mode="r")``), written in
    ``min(1024, n_documents)`` contiguous shards so the ~9B-token corpus
    (train ~17 GB, val ~8.5 MB) never sits in memory.
 
-Finish: each bin is written to ``<name>.tmp`` and renamed when complete; the
-marker ``meta.json`` is written last (atomically, with ``harness.checkpoint``'s
-writer, which also fsyncs the folder) and records the source and the token
-counts, so a directory without a valid marker is unfinished and readers must
-refuse it (``read_meta``). Re-running with a finished directory does nothing
-unless ``--force``; re-running an unfinished one starts the bins again (the
-tokenized dataset is reused from the Hugging Face datasets cache).
+Finish: each bin and then the marker ``meta.json`` (``owt.DATA.meta``) are
+written with ``harness.checkpoint``'s atomic writer (a temp file renamed when
+complete, fsynced with its folder; a bin's temp file left by a killed prepare
+is removed by the next, ``remove_stale_temps``); the marker comes last and
+records the source and the token counts, so a directory without a valid marker
+is unfinished and readers must refuse it (``read_meta``). Re-running with a finished directory
+does nothing unless ``--force``; re-running an unfinished one starts the bins
+again (the tokenized dataset is reused from the Hugging Face datasets cache).
 """
 from __future__ import annotations
 
@@ -42,13 +43,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from harness.checkpoint import write_text_atomic
+from harness.checkpoint import remove_stale_temps, write_atomic, write_text_atomic
 from harness.errors import UsageError, command
 from harness.gpt2_tokenizer import EOT_TOKEN, VOCAB_SIZE, tiktoken_gpt2
+from owt import DATA
 
 __all__ = [
     "DATASET",
-    "MARKER",
     "SEED",
     "VAL_FRACTION",
     "load_documents",
@@ -61,7 +62,6 @@ __all__ = [
 ]
 
 DATASET = "Skylion007/openwebtext"
-MARKER = "meta.json"  # written last: its presence (with matching bin sizes) means "finished"
 VAL_FRACTION = 0.0005  # nanoGPT's test_size
 SEED = 2357  # nanoGPT's split seed
 TOTAL_BATCHES = 1024  # nanoGPT's number of write shards per bin
@@ -169,39 +169,38 @@ def tokenize_splits(splits, num_proc: int | None = None):
 def write_bin(tokenized, path, total_batches: int = TOTAL_BATCHES) -> int:
     """Concatenate a tokenized split's ``ids`` into ``path`` as flat uint16; returns the token count.
 
-    The array is a memmap filled one contiguous shard at a time (nanoGPT), so
-    memory holds one shard, not the split. Written to ``path.tmp`` and renamed
-    only when every shard is in, so ``path`` is never a half-written bin.
+    Written one contiguous shard at a time (nanoGPT's shards), so memory holds one shard,
+    not the split, through the harness's atomic writer (``harness.checkpoint.write_atomic``):
+    ``path`` appears only when every shard is in, and is never a half-written bin.
     """
     path = Path(path)
     n_tokens = int(np.sum(tokenized.with_format("numpy")["len"], dtype=np.uint64))
-    tmp = path.with_name(path.name + ".tmp")
-    arr = np.memmap(tmp, dtype=DTYPE, mode="w+", shape=(n_tokens,))
     total_batches = max(1, min(total_batches, len(tokenized)))
-    idx = 0
-    for batch_idx in tqdm(range(total_batches), desc=f"writing {path}"):
-        batch = tokenized.shard(num_shards=total_batches, index=batch_idx, contiguous=True)
-        ids = np.concatenate(batch.with_format("numpy")["ids"])
-        arr[idx : idx + len(ids)] = ids
-        idx += len(ids)
-    if idx != n_tokens:
-        raise RuntimeError(f"wrote {idx} tokens to {tmp}, expected {n_tokens}")
-    arr.flush()
-    del arr
-    os.replace(tmp, path)
+
+    def write(f):
+        written = 0
+        for batch_idx in tqdm(range(total_batches), desc=f"writing {path}"):
+            batch = tokenized.shard(num_shards=total_batches, index=batch_idx, contiguous=True)
+            ids = np.concatenate(batch.with_format("numpy")["ids"]).astype(DTYPE)
+            f.write(ids.tobytes())
+            written += len(ids)
+        if written != n_tokens:
+            raise RuntimeError(f"wrote {written} tokens to {path}, expected {n_tokens}")
+
+    write_atomic(path, write)
     return n_tokens
 
 
-def read_meta(out_dir, marker: str = MARKER) -> dict | None:
-    """The marker of a finished prepare in ``out_dir``, or None if it is not finished.
+def read_meta(out_dir) -> dict | None:
+    """The marker (``DATA.meta``) of a finished prepare in ``out_dir``, or None if it is not finished.
 
     Finished means: the marker parses and every bin it names exists with exactly
-    ``2 * tokens`` bytes. A missing marker, a ``.tmp`` leftover or a bin of the
+    ``2 * tokens`` bytes. A missing marker, a temp-file leftover or a bin of the
     wrong size (interrupted, truncated or replaced) all read as unfinished.
     """
     out_dir = Path(out_dir)
     try:
-        meta = json.loads((out_dir / marker).read_text())
+        meta = json.loads((out_dir / DATA.meta).read_text())
         for split in SPLITS:
             size = (out_dir / meta[f"{split}_file"]).stat().st_size
             if size != meta[f"{split}_tokens"] * np.dtype(meta["dtype"]).itemsize:
@@ -226,7 +225,7 @@ def prepare(
     """
     out_dir = Path(out_dir)
     if read_meta(out_dir) is not None and not force:
-        print(f"{out_dir} is already prepared ({MARKER} present); use --force to redo it")
+        print(f"{out_dir} is already prepared ({DATA.meta} present); use --force to redo it")
         return out_dir
     num_proc = default_num_proc() if num_proc is None else int(num_proc)
     if num_proc < 1:
@@ -239,7 +238,8 @@ def prepare(
     out_dir.mkdir(parents=True, exist_ok=True)
     # Retract the old marker before touching any bin: from here until the new
     # marker lands, the directory reads as unfinished.
-    (out_dir / MARKER).unlink(missing_ok=True)
+    (out_dir / DATA.meta).unlink(missing_ok=True)
+    remove_stale_temps(out_dir, tuple(f"{split}.bin" for split in SPLITS))  # a killed prepare's (~17 GB)
     tokenized = tokenize_splits(split_documents(documents), num_proc=num_proc)
 
     meta = {
@@ -257,7 +257,7 @@ def prepare(
         meta[f"{split}_file"] = f"{split}.bin"
         meta[f"{split}_documents"] = len(tokenized[split])
         meta[f"{split}_tokens"] = write_bin(tokenized[split], out_dir / f"{split}.bin")
-    write_text_atomic(out_dir / MARKER, json.dumps(meta, indent=2) + "\n")  # fsyncs the folder: the bins' renames too
+    write_text_atomic(out_dir / DATA.meta, json.dumps(meta, indent=2) + "\n")
     print(f"wrote {out_dir}: train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens")
     return out_dir
 

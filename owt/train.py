@@ -28,7 +28,7 @@ from nano.train import main as nano_main
 
 
 def main(argv=None) -> int:
-    return nano_main(argv, experiment="owt", marker=owt.MARKER)
+    return nano_main(argv, experiment="owt", data=owt.DATA)
 
 
 if __name__ == "__main__":

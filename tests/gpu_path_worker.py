@@ -63,11 +63,12 @@ def on_both(evaluate, sharded: nn.Module, whole: nn.Module, dist_run: Run, one_r
 
 
 def lm_case(nano_data: str, dist_run: Run, one_run: Run) -> dict:
+    import nano
     from harness.data import LMEvaluation
     from harness.token_bins import TokenBins
     from nano.model import GPT, GPTConfig
 
-    bins = TokenBins(nano_data, prepare_hint="unused")
+    bins = TokenBins(nano_data, nano.DATA)
     torch.manual_seed(0)
     sharded, whole = sharded_and_whole(GPT(GPTConfig(block_size=16, vocab_size=bins.vocab_size, n_layer=2,
                                                      n_head=2, n_embd=16)))

@@ -25,6 +25,7 @@ from harness import data as hdata
 from harness import launch
 from harness.run import Run, start
 from harness.token_bins import TokenBins
+import nano
 from tests.test_sharded import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def test_the_stand_in_fails_as_a_cuda_state_does():
 
 
 def test_generator_states_loaded_onto_a_gpu_restore_the_data_and_evaluation_generators(nano_data, tmp_path):
-    bins = TokenBins(nano_data, prepare_hint="unused")
+    bins = TokenBins(nano_data, nano.DATA)
     run = Run(cfg={"seed": 3}, dir=tmp_path, device=torch.device("cpu"))
     data, evaluation = hdata.RandomTokenBatches(bins, 4, 8, seed=3), hdata.LMEvaluation(run, bins, 4, 8, 2, ["fresh"])
     batches = data.batches()
@@ -161,7 +162,7 @@ class Copies:
 
 
 def test_token_bin_and_bert_batches_are_pinned_before_non_blocking_copies(nano_data, monkeypatch):
-    bins = TokenBins(nano_data, prepare_hint="unused")
+    bins = TokenBins(nano_data, nano.DATA)
     token_batch = next(hdata.RandomTokenBatches(bins, 4, 8, seed=1).batches())
     bert_batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5),
                   "labels": torch.zeros(2, dtype=torch.long)}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import nano
 import optimizers
 from harness.loop import EXIT_INTERRUPTED, STOP_AFTER_ENV
 from conftest import records
@@ -380,7 +381,7 @@ def test_fresh_batches_change_every_evaluation_and_resume_from_their_state(nano_
 
     run = Run(cfg={"seed": 3}, dir=Path("unused"), device=torch.device("cpu"))
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=70)).eval()
-    evaluate = LMEvaluation(run, TokenBins(nano_data, prepare_hint="unused"), 4, 8, 5, ["fresh", "fixed"])
+    evaluate = LMEvaluation(run, TokenBins(nano_data, nano.DATA), 4, 8, 5, ["fresh", "fixed"])
     with torch.no_grad():
         first = evaluate(model, 0)[0]
         state = evaluate.state_dict()
@@ -403,7 +404,7 @@ def test_batched_evaluation_gives_the_per_batch_losses_to_rounding(nano_data, mo
 
     run = Run(cfg={"seed": 3}, dir=Path("unused"), device=torch.device("cpu"))
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=70)).eval()
-    evaluate = lambda: data.LMEvaluation(run, TokenBins(nano_data, prepare_hint="unused"), 4, 8, 7, ["fixed"])(model, 0)
+    evaluate = lambda: data.LMEvaluation(run, TokenBins(nano_data, nano.DATA), 4, 8, 7, ["fixed"])(model, 0)
     with torch.no_grad():
         one = evaluate()[0]["loss"]
         monkeypatch.setitem(data.EVAL_TOKENS_PER_FORWARD, "cpu", 3 * 4 * 8)  # 3 batches a pass, then 1
@@ -429,7 +430,7 @@ def test_trainer_takes_param_groups_or_an_optimizer(nano_data, tmp_path):
 
     def trainer(out, optimizer, extra=()):
         run = start("nano", nano_args(nano_data, out, "cd", 1, "--set", "optimizer.weight_decay=0.05", *extra))
-        bins = TokenBins(nano_data, prepare_hint="unused")
+        bins = TokenBins(nano_data, nano.DATA)
         m = run.cfg["model"]
         model = GPT(GPTConfig(**{**m, "vocab_size": bins.vocab_size}))
         return Trainer(run, model, RandomTokenBatches(bins, 8, m["block_size"], run.seed),

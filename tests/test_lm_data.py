@@ -8,6 +8,7 @@ import torch
 
 import gpt2.data as gpt2_data
 import harness.gpt2_tokenizer as gt
+import owt
 import owt.prepare as owt_prepare
 from harness.errors import UsageError
 
@@ -111,12 +112,12 @@ def test_hf_tokenizer_bad_directory_is_a_usage_error(tmp_path):
 def test_owt_prepare_writes_nanogpt_bins(tmp_path, corpus, enc):
     folder, docs = corpus
     out = _prepare(tmp_path, folder, num_proc=2)  # 2 processes: the multi-process path nanoGPT uses
-    meta = json.loads((out / owt_prepare.MARKER).read_text())
+    meta = json.loads((out / owt.DATA.meta).read_text())
     assert owt_prepare.read_meta(out) == meta
     assert (meta["vocab_size"], meta["eot_token"], meta["dtype"], meta["tokenizer"]) == (50257, EOT, "uint16", "gpt2")
     # 0.05% of 50 documents rounds up to one validation document
     assert (meta["train_documents"], meta["val_documents"]) == (49, 1)
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp*"))
 
     expected = {tuple(enc.encode_ordinary(doc) + [EOT]) for doc in docs}
     assert len(expected) == len(docs)
@@ -146,7 +147,7 @@ def test_owt_prepare_writes_nanogpt_bins(tmp_path, corpus, enc):
 def test_owt_prepare_rerun_is_a_noop_unless_forced(tmp_path, corpus, monkeypatch):
     folder, _ = corpus
     out = _prepare(tmp_path, folder)
-    before = (out / "train.bin").read_bytes(), (out / owt_prepare.MARKER).read_text()
+    before = (out / "train.bin").read_bytes(), (out / owt.DATA.meta).read_text()
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished prepare was redone")
@@ -159,7 +160,7 @@ def test_owt_prepare_rerun_is_a_noop_unless_forced(tmp_path, corpus, monkeypatch
     monkeypatch.setattr(owt_prepare, "write_bin", lambda *a, **k: calls.append(a[1].name) or real_write_bin(*a, **k))
     _prepare(tmp_path, folder, force=True)
     assert calls == ["train.bin", "val.bin"]
-    assert ((out / "train.bin").read_bytes(), (out / owt_prepare.MARKER).read_text()) == before
+    assert ((out / "train.bin").read_bytes(), (out / owt.DATA.meta).read_text()) == before
 
 
 def _interrupt_after_first_shard(monkeypatch):
@@ -179,13 +180,13 @@ def test_interrupted_owt_prepare_is_never_accepted(tmp_path, corpus, monkeypatch
         _interrupt_after_first_shard(patch)
         with pytest.raises(KeyboardInterrupt):
             _prepare(tmp_path, folder)
-    assert (out / "train.bin.tmp").exists()  # the half-written bin is only ever the .tmp
-    assert not (out / "train.bin").exists() and not (out / owt_prepare.MARKER).exists()
+    # the half-written bin was only ever the atomic writer's temp file, removed on the way out
+    assert [p.name for p in out.iterdir()] == []
     assert owt_prepare.read_meta(out) is None
 
     _prepare(tmp_path, folder)  # the re-run finishes the job
     meta = owt_prepare.read_meta(out)
-    assert meta is not None and not list(out.glob("*.tmp"))
+    assert meta is not None and not list(out.glob("*.tmp*"))
     finished = (out / "train.bin").read_bytes()
 
     # a forced redo that dies retracts the marker before touching any bin
@@ -193,7 +194,7 @@ def test_interrupted_owt_prepare_is_never_accepted(tmp_path, corpus, monkeypatch
         _interrupt_after_first_shard(patch)
         with pytest.raises(KeyboardInterrupt):
             _prepare(tmp_path, folder, force=True)
-    assert owt_prepare.read_meta(out) is None and not (out / owt_prepare.MARKER).exists()
+    assert owt_prepare.read_meta(out) is None and not (out / owt.DATA.meta).exists()
     _prepare(tmp_path, folder)
     assert (out / "train.bin").read_bytes() == finished
 
@@ -201,6 +202,22 @@ def test_interrupted_owt_prepare_is_never_accepted(tmp_path, corpus, monkeypatch
     with open(out / "train.bin", "r+b") as f:
         f.truncate(len(finished) - 2)
     assert owt_prepare.read_meta(out) is None
+
+
+def test_owt_prepare_uses_the_harness_writer_and_clears_a_killed_runs_temp(tmp_path, corpus, monkeypatch):
+    # A prepare killed outright (SIGKILL) leaves the atomic writer's ".train.bin.tmp<pid>"; the
+    # next prepare removes it, and writes each bin and the marker through harness.checkpoint.
+    folder, _ = corpus
+    out = tmp_path / "owt"
+    out.mkdir()
+    (out / ".train.bin.tmp99999").write_bytes(b"\0" * 64)
+    (out / "notes.tmp1").write_text("the user's")  # not a temp name of a bin: kept
+    written = []
+    real = owt_prepare.write_atomic
+    monkeypatch.setattr(owt_prepare, "write_atomic", lambda path, *a, **k: written.append(path.name) or real(path, *a, **k))
+    _prepare(tmp_path, folder)
+    assert written == ["train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "notes.tmp1", "train.bin", "val.bin"]
 
 
 def test_owt_missing_dataset_names_data_files(tmp_path):
@@ -250,7 +267,7 @@ def test_gpt2_blocks_are_articles_with_eos_concatenated_and_chunked(tmp_path, en
 
     meta = json.loads((cache / gpt2_data.MARKER).read_text())
     assert (meta["train_documents"], meta["val_documents"], meta["dtype"]) == (6, 3, "uint16")
-    assert not list(cache.glob("*.tmp"))
+    assert not list(cache.glob("*.tmp*"))
 
     # second call: served from the cache, no tokenizer and no source needed, any block size
     def must_not_run(*args, **kwargs):
@@ -278,6 +295,18 @@ def test_gpt2_raw_files_match_hub_rows(tmp_path):
     from_rows = gpt2_data.lm_splits(tmp_path / "b", block_size=32, raw={"train": train_rows, "val": val_rows}, tokenizer=tok)
     for split in ("train", "val"):
         assert np.array_equal(from_files[split].blocks, from_rows[split].blocks)
+
+
+def test_gpt2_cache_build_clears_a_killed_builds_temp_files(tmp_path):
+    # A build killed outright leaves the atomic writer's ".<split>.npy.tmp<pid>"; the next build
+    # removes exactly those, nothing else of the folder's.
+    cache = tmp_path / "gpt2"
+    cache.mkdir()
+    (cache / ".train.npy.tmp4242").write_bytes(b"\0" * 64)
+    (cache / ".notes.tmp1").write_text("the user's")
+    _, rows = _wikitext(random.Random(4), 2, 0)
+    gpt2_data.lm_splits(cache, block_size=16, raw={"train": rows, "val": rows})
+    assert sorted(p.name for p in cache.iterdir()) == [".notes.tmp1", gpt2_data.MARKER, "train.npy", "val.npy"]
 
 
 def test_gpt2_missing_dataset_is_a_one_line_usage_error(tmp_path):

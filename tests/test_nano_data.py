@@ -6,19 +6,23 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import nano
+import owt
 from harness.errors import UsageError
-from harness.token_bins import TokenBins
+from harness.token_bins import TokenBins, TokenData
 from nano import prepare as prep
 from nano.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 HINT = "python -m nano.prepare --source packaged"
+DATA = replace(nano.DATA, prepare=HINT)  # nano's files, with the offline command in the errors
 
 
 @pytest.fixture(autouse=True)
@@ -119,10 +123,10 @@ def test_prepare_killed_midway_leaves_folder_unfinished(tmp_path, monkeypatch):
         prep.prepare(source="packaged", out_dir=out, plays=2, force=True)
     assert not (out / "meta.json").exists() and not list(out.glob(".*.tmp*"))
     with pytest.raises(UsageError, match=r"unfinished \(no meta\.json\)"):
-        TokenBins(out, prepare_hint=HINT)
+        TokenBins(out, DATA)
     monkeypatch.setattr(prep, "write_atomic", write)
     prep.prepare(source="packaged", out_dir=out, plays=2)  # an unfinished folder is prepared again
-    assert TokenBins(out, prepare_hint=HINT).num_tokens("val") == len(prep.packaged_text(2)) - int(0.9 * len(prep.packaged_text(2)))
+    assert TokenBins(out, DATA).num_tokens("val") == len(prep.packaged_text(2)) - int(0.9 * len(prep.packaged_text(2)))
 
 
 def test_prepare_from_input_file(tmp_path, capsys):
@@ -186,35 +190,60 @@ def write_bins(folder, n_train=1000, n_val=200, marker="meta.json"):
     elif marker == "meta.pkl":  # an earlier version's
         with open(folder / "meta.pkl", "wb") as f:
             pickle.dump({"vocab_size": 6000, "itos": {}, "stoi": {}}, f)
-    elif marker:
-        (folder / marker).write_text("done\n")
+    elif marker:  # BPE bins' metadata (owt's): no character vocabulary
+        (folder / marker).write_text(json.dumps({"vocab_size": 50257, "tokenizer": "gpt2"}))
     return folder
 
 
 def test_token_bins_reject_unfinished_or_missing_folder(tmp_path):
     write_bins(tmp_path / "d", marker=None)  # bins without meta.json: a prepare that did not finish
     with pytest.raises(UsageError, match=r"unfinished \(no meta\.json\); run `python -m nano\.prepare --source packaged`"):
-        TokenBins(tmp_path / "d", prepare_hint=HINT)
+        TokenBins(tmp_path / "d", DATA)
     with pytest.raises(UsageError, match=r"is not prepared; run `python -m nano\.prepare --source packaged`"):
-        TokenBins(tmp_path / "missing", prepare_hint=HINT)
+        TokenBins(tmp_path / "missing", DATA)
     (tmp_path / "d" / "val.bin").unlink()
     write_bins(tmp_path / "d", marker="meta.json")
     (tmp_path / "d" / "val.bin").unlink()
     with pytest.raises(UsageError, match=r"no val\.bin"):
-        TokenBins(tmp_path / "d", prepare_hint=HINT)
+        TokenBins(tmp_path / "d", DATA)
 
 
 def test_token_bins_custom_marker_and_vocab_size(tmp_path):
-    bins = TokenBins(write_bins(tmp_path / "nano"), prepare_hint=HINT)
+    bins = TokenBins(write_bins(tmp_path / "nano"), DATA)
     assert bins.vocab_size == 6000 and bins.num_tokens("train") == 1000 and bins.num_tokens("val") == 200
-    owt = TokenBins(write_bins(tmp_path / "owt", marker="DONE"), prepare_hint="python -m owt.prepare", marker="DONE")
-    assert owt.vocab_size is None and owt.meta is None
-    with pytest.raises(UsageError, match="no DONE"):
-        TokenBins(write_bins(tmp_path / "owt2", marker=None), prepare_hint="python -m owt.prepare", marker="DONE")
+    bpe = TokenData(prepare="python -m owt.prepare", meta="DONE")
+    bins = TokenBins(write_bins(tmp_path / "owt", marker="DONE"), bpe)
+    assert bins.vocab_size is None and bins.meta == {"vocab_size": 50257, "tokenizer": "gpt2"}
+    with pytest.raises(UsageError, match=r"no DONE\); run `python -m owt\.prepare`"):
+        TokenBins(write_bins(tmp_path / "owt2", marker=None), bpe)
+
+
+def test_the_legacy_files_are_the_experiments_own(tmp_path):
+    # meta.pkl is nano's earlier format (nanoGPT's), read only where the experiment names it:
+    # owt's data never had one, so a folder holding only a meta.pkl is unfinished for owt.
+    folder = write_bins(tmp_path / "d", marker="meta.pkl")
+    assert TokenBins(folder, nano.DATA).vocab_size == 6000
+    with pytest.raises(UsageError, match=r"unfinished \(no meta\.json\); run `python -m owt\.prepare`"):
+        TokenBins(folder, owt.DATA)
+    (folder / "meta.pkl").rename(folder / "vocab.pickle")  # another experiment's name for it
+    assert TokenBins(folder, TokenData(prepare=HINT, meta="meta.json", legacy_meta="vocab.pickle")).vocab_size == 6000
+
+
+def test_the_harness_learns_no_data_fact_from_an_experiment_package():
+    # harness.experiments finds every one-task experiment, and harness.token_bins reads a folder,
+    # without importing an experiment's package: the experiment passes its facts (nano.DATA).
+    code = ("import sys\n"
+            "import harness.experiments as e, harness.token_bins\n"
+            "for name in ('nano', 'owt', 'gpt2', 'vit', 'cifar'):\n"
+            "    e.experiment(name)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('nano', 'owt', 'gpt2', 'vit', 'cifar')))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_get_batch_shapes_shift_and_generator_determinism(tmp_path):
-    bins = TokenBins(write_bins(tmp_path / "nano"), prepare_hint=HINT)
+    bins = TokenBins(write_bins(tmp_path / "nano"), DATA)
     gen = torch.Generator().manual_seed(1337)
     state = gen.get_state()
     x, y = bins.get_batch("train", batch_size=8, block_size=16, generator=gen)
@@ -242,7 +271,7 @@ def test_get_batch_shapes_shift_and_generator_determinism(tmp_path):
 
 def test_token_bins_read_prepared_text(tmp_path):
     out = prep.prepare(source="packaged", out_dir=tmp_path / "nano", plays=1)
-    bins = TokenBins(out, prepare_hint=HINT)
+    bins = TokenBins(out, DATA)
     x, y = bins.get_batch("val", 4, 64, torch.Generator().manual_seed(0))
     val = np.fromfile(out / "val.bin", dtype=np.uint16)
     i = int(torch.randint(len(val) - 64, (4,), generator=torch.Generator().manual_seed(0))[0])

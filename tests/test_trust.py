@@ -22,6 +22,7 @@ from harness import run as run_lib
 from harness.errors import EXIT_USAGE, UsageError
 from harness.loop import EXIT_INTERRUPTED, STOP_AFTER_ENV, TrainState, Trainer
 from harness.token_bins import TokenBins
+import nano
 from nano import prepare as prep
 from nano import train as nano_train
 from test_harness import SMOKE, nano_args
@@ -131,7 +132,7 @@ def test_a_planted_meta_pkl_runs_nothing_and_is_one_line(nano_data, tmp_path, ca
     with open(data / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": 65, "itos": Planted(marker)}, f)
     with pytest.raises(UsageError, match=r"meta\.pkl holds objects.*refused.*--force"):
-        TokenBins(data, prepare_hint="python -m nano.prepare")
+        TokenBins(data, nano.DATA)
     assert nano_train.main(nano_args(data, tmp_path / "run")) == EXIT_USAGE
     line = one_error_line(capsys)
     assert "meta.pkl" in line and "python -m nano.prepare" in line
@@ -144,7 +145,7 @@ def test_an_old_meta_pkl_of_plain_values_is_still_read(tmp_path):
     meta = {"vocab_size": 3, "itos": {0: "a", 1: "b", 2: "c"}, "stoi": {"a": 0, "b": 1, "c": 2}}
     for protocol in (0, 2, pickle.HIGHEST_PROTOCOL):
         (tmp_path / "meta.pkl").write_bytes(pickle.dumps(meta, protocol=protocol))
-        bins = TokenBins(tmp_path, prepare_hint="python -m nano.prepare")
+        bins = TokenBins(tmp_path, nano.DATA)
         assert bins.meta == meta and bins.vocab_size == 3
 
 
@@ -217,7 +218,7 @@ def _trainer(nano_data, run_dir):
     from nano.model import GPT, GPTConfig
 
     run = start("nano", nano_args(nano_data, run_dir, "ikfad"))
-    bins = TokenBins(nano_data, prepare_hint="")
+    bins = TokenBins(nano_data, nano.DATA)
     m, t = run.cfg["model"], run.cfg["train"]
     evaluate = LMEvaluation(run, bins, t["batch_size"], m["block_size"], t["eval_iters"], t["eval_batches"])
     model = GPT(GPTConfig(**{**m, "vocab_size": bins.vocab_size}))
