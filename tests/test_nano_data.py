@@ -330,7 +330,7 @@ def test_gpt_forward_loss_at_init_and_backward():
     assert out.shape == (1, 75) and int(out.max()) < 65
 
 
-@pytest.mark.parametrize("bad, match", [(dict(n_head=3), "multiple of n_head"), (dict(n_layer=0), "n_layer = 0")])
+@pytest.mark.parametrize("bad, match", [(dict(n_head=3), "multiple of model.n_head = 3"), (dict(n_layer=0), "model.n_layer must be an integer >= 1, got 0")])
 def test_gpt_rejects_bad_config(bad, match):
     with pytest.raises(UsageError, match=match):
         GPT(GPTConfig(**{**PAPER.__dict__, **bad}))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness import rundir
+from harness.config import TrainConfig
 from harness.errors import UsageError
 from harness.rundir import RunDir, best_record, check_folder, finite, finite_values, parse_records, stale_temp
 
@@ -162,20 +163,24 @@ def test_the_readers_name_the_file_of_a_corrupt_line(tmp_path):
 
 
 def test_progress_edges(tmp_path):
+    def train(**keys):  # the schema the runs' configs are read into (train.epochs >= 1 when set)
+        return TrainConfig(batch_size=1, **keys)
+
     run = RunDir(tmp_path)
     run.metrics_file.write_text(lines({"step": 30, "epoch": 1}))
-    assert run.progress({"max_iters": 120}) == 0.25  # an epoch but no train.epochs: by steps
-    assert run.progress({"epochs": 0, "max_iters": 60}) == 0.5  # train.epochs 0: by steps
-    assert run.progress({"epochs": 4, "max_iters": 60}) == 0.25
-    assert run.progress({"epochs": 0.5}) == 1.0  # at most 1
-    assert run.progress({}) == 1.0  # max_iters missing: 1
-    assert run.progress({"max_iters": 0}) == 1.0  # never a division by 0
+    assert run.progress(train(max_iters=120)) == 0.25  # an epoch but no train.epochs: by steps
+    assert run.progress(train(epochs=4, max_iters=60)) == 0.25
+    assert run.progress(train()) == 1.0  # max_iters missing: 1
+    assert run.progress(train(max_iters=0)) == 1.0  # never a division by 0
+    run.metrics_file.write_text(lines({"step": 90, "epoch": 3}))
+    assert run.progress(train(epochs=2)) == 1.0  # at most 1
     run.metrics_file.write_text(lines({"step": 1}))
-    assert run.progress({}) == 1.0 and run.progress({"max_iters": 0}) == 1.0 and run.progress({"max_iters": 1}) == 1.0
+    assert run.progress(train()) == 1.0 and run.progress(train(max_iters=0)) == 1.0
+    assert run.progress(train(max_iters=1)) == 1.0
     run.metrics_file.write_text(lines({"epoch": 0}))
-    assert run.progress({"max_iters": 10}) == 0.0  # no step: 0
+    assert run.progress(train(max_iters=10)) == 0.0  # no step: 0
     run.metrics_file.write_text(lines({"step": 3}))
-    assert run.progress({"max_iters": 4, "epochs": 2}) == 0.75  # no epoch in the record: by steps
+    assert run.progress(train(max_iters=4, epochs=2)) == 0.75  # no epoch in the record: by steps
 
 
 def test_find_runs_and_unfinished_runs(tmp_path):
