@@ -5,6 +5,8 @@ results/mutation/README.md). The real scan is in test_sweep.py. Expected values 
 hand from the docstrings (e.g. the grid: 10**(-1 + 2k/(n-1)) to 3 significant digits)."""
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -217,6 +219,66 @@ def test_run_scan_stops_at_a_run_that_cannot_start_or_was_interrupted(monkeypatc
     assert len(started) == 1
     assert str(e.value) == (f"{runs[0]['dir']} could not start: no data: run python -m nano.prepare" if rc == 2
                             else f"{runs[0]['dir']}: interrupted")
+
+
+def test_run_scan_counts_every_crashed_run(monkeypatch, tmp_path, capsys):
+    runs = robustness.plan(NANO, ["cd"], [1], [0.1, 1.0, 10.0], tmp_path)
+    fake_runs(monkeypatch, {0: (1, None, "boom"), 2: (139, None, "segfault")})
+    assert robustness.run_scan(NANO, runs, None, []) == 2
+    assert capsys.readouterr().out.splitlines() == [f"{runs[0]['dir']}: exited with status 1: boom",
+                                                    f"{runs[1]['dir']}: completed",
+                                                    f"{runs[2]['dir']}: exited with status 139: segfault"]
+
+
+class SignalledRun(FakeRun):
+    """A run during which the scan gets SIGUSR1: the scan must pass it on to the run as SIGTERM
+    (the run then checkpoints and exits with EXIT_INTERRUPTED, 75)."""
+
+    def __init__(self, log):
+        super().__init__(75, None, log, None)
+        self.signals = []
+
+    def poll(self):
+        return None  # still running
+
+    def send_signal(self, sig):
+        self.signals.append(sig)
+
+    def wait(self):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return super().wait()
+
+
+def test_run_scan_passes_a_signal_on_to_the_run_in_flight(monkeypatch, tmp_path):
+    runs = robustness.plan(NANO, ["cd"], [1], [0.1, 1.0], tmp_path)
+    started = []
+    monkeypatch.setattr(robustness.processes, "start", lambda cmd, log: started.append(SignalledRun(log)) or started[-1])
+    with pytest.raises(Interrupted) as e:
+        robustness.run_scan(NANO, runs, None, [])
+    assert str(e.value) == f"{runs[0]['dir']}: interrupted"
+    assert len(started) == 1 and started[0].signals == [signal.SIGTERM]
+
+
+def test_run_scan_stops_before_the_next_run_at_a_signal_between_runs(monkeypatch, tmp_path):
+    """A signal that arrives once a run has finished (here while its status is read) starts no
+    further run, and goes to no process: the finished run is not signalled again."""
+    runs = robustness.plan(NANO, ["cd"], [1], [0.1, 1.0], tmp_path)
+    started = fake_runs(monkeypatch)
+    status = robustness.RunDir.status
+
+    def status_then_signal(self):  # the scan's report of run 0 (not its look for finished runs)
+        if started and not sent:
+            sent.append(signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return status(self)
+
+    sent = []
+
+    monkeypatch.setattr(robustness.RunDir, "status", status_then_signal)
+    with pytest.raises(Interrupted) as e:
+        robustness.run_scan(NANO, runs, None, [])
+    assert str(e.value) == "nano robustness: interrupted between runs"
+    assert [log for _, log in started] == [runs[0]["dir"] / "train.log"]
 
 
 # --------------------------------------------------------------------------- scan and the command line
