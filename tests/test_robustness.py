@@ -3,6 +3,7 @@ of ``processes.start``), the collection of finished runs, the table and the comm
 training: each test takes well under a second, for the module's mutation run,
 results/mutation/README.md). The real scan is in test_sweep.py. Expected values are computed by
 hand from the docstrings (e.g. the grid: 10**(-1 + 2k/(n-1)) to 3 significant digits)."""
+import dataclasses
 import json
 import math
 import os
@@ -54,6 +55,15 @@ def test_plan_lists_every_run_with_its_step_size(tmp_path):
         robustness.plan(NANO, ["ldhd"], [1], [1.0], tmp_path)
     assert str(e.value) == (f"{NANO.configs / 'best.yaml'} has no tuned h for ldhd; valid optimizers: "
                             "adam, cadam, cadam0, cd, cd0, ikfad, ikfad0, msgd")
+
+
+def test_plan_names_as_valid_only_the_optimizers_with_a_tuned_step_size(tmp_path):
+    (tmp_path / "best.yaml").write_text("cd: {gamma: 1.0}\nadam: {lr: 0.001}\nmsgd: {lr: 0.1, momentum: 0.9}\n")
+    exp = dataclasses.replace(NANO, configs=tmp_path)
+    assert [r["value"] for r in robustness.plan(exp, ["msgd"], [1], [2.0], tmp_path)] == [0.2]
+    with pytest.raises(UsageError) as e:
+        robustness.plan(exp, ["cd"], [1], [1.0], tmp_path)
+    assert str(e.value) == f"{tmp_path / 'best.yaml'} has no tuned h for cd; valid optimizers: adam, msgd"
 
 
 # --------------------------------------------------------------------------- run directories written by hand
@@ -320,6 +330,19 @@ def test_scan_options(scans, tmp_path, capsys):
     robustness.scan("nano", ["cd"], [1], [1], budget="paper", root=tmp_path / "p")
     assert scans[-1]["sets"] == []  # the full protocol: no budget
     assert capsys.readouterr().err == ""  # one run each time: none crashed
+
+
+def test_scan_puts_runs_under_runs_robustness_and_keeps_a_fuller_table(scans, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    written = robustness.scan("nano", ["cd"], [1, 2], [1.0])
+    root = Path("runs") / "robustness" / "nano"
+    assert written == [root / "robustness.png", root / "robustness.md"]
+    assert [r["dir"] for r in scans[0]["runs"]] == [root / "cd" / "x1" / "seed1", root / "cd" / "x1" / "seed2"]
+    assert (tmp_path / root / "cd" / "x1" / "seed2" / "summary.json").is_file()
+    (root / "cd" / "x1" / "seed2" / "summary.json").unlink()
+    with pytest.raises(Kept):  # a table from 2 runs is not replaced by one from 1 unless forced
+        robustness.scan("nano", plot_only=True)
+    assert robustness.scan("nano", plot_only=True, force=True) == written
 
 
 @pytest.mark.parametrize("kwargs,message", [
