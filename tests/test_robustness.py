@@ -357,6 +357,16 @@ def test_scan_refuses_bad_options_before_running_anything(scans, tmp_path, kwarg
     assert str(e.value) == message and scans == []
 
 
+@pytest.mark.parametrize("option", ["root", "out"])
+def test_scan_refuses_a_folder_under_a_file_naming_the_option(scans, tmp_path, option):
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "file" / "folder"
+    with pytest.raises(UsageError) as e:
+        robustness.scan("nano", ["cd"], [1], **{"root": tmp_path / "r", option: bad})
+    assert str(e.value) == f"--{option} {bad}: {tmp_path / 'file'} is a file, not a folder; choose another --{option}"
+    assert scans == []
+
+
 def test_scan_plot_only_reads_a_folder_of_runs_itself(scans, tmp_path):
     write_run(tmp_path / "committed" / "cd" / "x1" / "seed1", hyperparameters={"h": TUNED_CD_H}, val=[2.0])
     written = robustness.scan("nano", root=tmp_path / "committed", plot_only=True, out=tmp_path / "fig")
