@@ -367,6 +367,19 @@ def test_scan_refuses_a_folder_under_a_file_naming_the_option(scans, tmp_path, o
     assert scans == []
 
 
+def test_scan_checks_the_config_file_before_running_anything(scans, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {max_itres: 4}\n")
+    with pytest.raises(UsageError) as e:
+        robustness.scan("nano", ["cd"], [1], [1.0], config=str(config), root=tmp_path)
+    assert "max_itres" in str(e.value) and scans == []
+
+
+def test_scan_of_a_task_checks_its_runs_with_the_tasks_configs(scans, tmp_path):
+    robustness.scan("bert/sst2", ["adam"], [1], [1.0], budget="paper", root=tmp_path)
+    assert [r["dir"] for r in scans[0]["runs"]] == [tmp_path / "bert-sst2" / "adam" / "x1" / "seed1"]
+
+
 def test_scan_plot_only_reads_a_folder_of_runs_itself(scans, tmp_path):
     write_run(tmp_path / "committed" / "cd" / "x1" / "seed1", hyperparameters={"h": TUNED_CD_H}, val=[2.0])
     written = robustness.scan("nano", root=tmp_path / "committed", plot_only=True, out=tmp_path / "fig")
