@@ -339,6 +339,7 @@ def test_scan_puts_runs_under_runs_robustness_and_keeps_a_fuller_table(scans, tm
     assert written == [root / "robustness.png", root / "robustness.md"]
     assert [r["dir"] for r in scans[0]["runs"]] == [root / "cd" / "x1" / "seed1", root / "cd" / "x1" / "seed2"]
     assert (tmp_path / root / "cd" / "x1" / "seed2" / "summary.json").is_file()
+    assert (root / "robustness.md").read_text().startswith("# nano: step-size robustness\n")
     (root / "cd" / "x1" / "seed2" / "summary.json").unlink()
     with pytest.raises(Kept):  # a table from 2 runs is not replaced by one from 1 unless forced
         robustness.scan("nano", plot_only=True)
@@ -387,6 +388,14 @@ def test_scan_plot_only_reads_a_folder_of_runs_itself(scans, tmp_path):
     (tmp_path / "fig" / "robustness.md").unlink()
     written = robustness.scan("nano", root=tmp_path / "committed", plot_only=True)
     assert written[-1] == tmp_path / "committed" / "robustness.md"
+
+
+def test_scan_reads_a_folder_of_runs_itself_only_with_plot_only(scans, tmp_path):
+    write_run(tmp_path / "cd" / "x1" / "seed1", hyperparameters={"h": TUNED_CD_H}, val=[2.0])
+    with pytest.raises(UsageError) as e:  # shard 1/2 of one run: nothing run under <root>/nano
+        robustness.scan("nano", ["cd"], [1], [1.0], root=tmp_path, shard="1/2")
+    assert str(e.value) == f"no finished robustness runs under {tmp_path / 'nano'}; run `bash scripts/robustness.sh nano`"
+    assert scans[0]["runs"] == []
 
 
 def test_main_passes_every_option_on(monkeypatch, capsys):
