@@ -168,6 +168,22 @@ def test_render_writes_the_figure_and_the_table(tmp_path):
     assert "Best validation acc (mean" in acc[-1].read_text()
 
 
+def test_render_makes_its_folder_labels_the_figure_and_keeps_a_figure_it_did_not_write(monkeypatch, tmp_path):
+    root, out = tmp_path / "nano", tmp_path / "a" / "b"
+    write_run(root / "cd" / "x1" / "seed1", hyperparameters={"h": TUNED_CD_H}, val=[0.5], key="acc")
+    figures = []
+    monkeypatch.setattr(robustness.outputs, "save_figure", lambda fig, path, **kw: figures.append(fig))
+    assert robustness.render("nano", root, out, metric="acc") == [out / "robustness.png", out / "robustness.md"]
+    (ax,) = figures[0].axes
+    assert (ax.get_title(), ax.get_ylabel()) == ("nano: step-size robustness", "best val acc")
+    mine = tmp_path / "mine" / "robustness.png"  # a figure with no table recording what it was built from
+    mine.parent.mkdir()
+    mine.write_bytes(b"not ours")
+    with pytest.raises(Kept):
+        robustness.render("nano", root, mine.parent, metric="acc")
+    assert mine.read_bytes() == b"not ours" and figures[1:] == []
+
+
 def test_parse_shard():
     assert [robustness.parse_shard(t) for t in (None, "", "0/1", "3/4")] == [(0, 1), (0, 1), (0, 1), (3, 4)]
     for text in ("4/4", "-1/4", "1/0"):
