@@ -103,6 +103,14 @@ def test_collect_reads_the_finished_runs(tmp_path):
     assert dict(robustness.collect(acc, "acc")["adam"]["points"]) == {1.0: [("completed", 0.7, 1)]}  # the highest
 
 
+def test_collect_skips_a_folder_that_is_not_a_multiplier_and_reads_on(tmp_path):
+    write_run(tmp_path / "adam" / "xabc" / "seed1", val=[2.0])  # sorted first
+    write_run(tmp_path / "cd" / "x2" / "seed1", hyperparameters={"h": 1.0}, val=[3.0])
+    results = robustness.collect(tmp_path)
+    assert list(results) == ["cd"] and results["cd"]["tuned"] == 0.5 and dict(results["cd"]["points"]) == {
+        2.0: [("completed", 3.0, 1)]}
+
+
 def test_summarise():
     s = robustness._summarise
     mean, std, ok, div = s([("completed", 2.0), ("completed", 2.2)])
@@ -459,3 +467,13 @@ def test_the_figure_draws_mean_and_std_per_optimizer_and_marks_diverged_points(m
     assert any(list(line.get_xdata()) == [1.0, 1.0] for line in ax.lines)  # the tuned value
     lo, hi = ax.get_ylim()
     assert hi > 3.0 + (3.0 - lo) * 0.1  # room above the curves for the marks
+
+
+def test_the_figure_lists_the_optimizers_in_the_registrys_order(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(robustness.outputs, "save_figure", lambda fig, path, **kw: figures.append(fig))
+    point = {1.0: [("completed", 2.0)]}
+    robustness.plot({"cd": {"hp": "h", "tuned": 0.5, "points": point},
+                     "msgd": {"hp": "lr", "tuned": 0.1, "points": point}}, tmp_path / "r.png", "loss", "t")
+    (ax,) = figures[0].axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mSGD", "CD"]  # as in the table, not a-z
