@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from matplotlib.collections import PathCollection
 from matplotlib.colors import to_rgba
+from matplotlib.markers import MarkerStyle
 
 from harness import robustness
 from harness.errors import UsageError
@@ -460,13 +461,17 @@ def test_the_figure_draws_mean_and_std_per_optimizer_and_marks_diverged_points(m
     adam, cd = ax.containers  # the registry's order
     assert list(adam.lines[0].get_xdata()) == [1.0] and list(adam.lines[0].get_ydata()) == [2.5]
     assert list(cd.lines[0].get_xdata()) == [0.1, 10.0] and list(cd.lines[0].get_ydata()) == pytest.approx([2.1, 3.0])
+    (cd_bars,) = cd.lines[2]  # the std of 2.0 and 2.2 (ddof 1) is sqrt(0.02); one seed: no spread
+    assert [segment.tolist() for segment in cd_bars.get_segments()] == [
+        [[0.1, pytest.approx(2.1 - math.sqrt(0.02))], [0.1, pytest.approx(2.1 + math.sqrt(0.02))]], [[10.0, 3.0], [10.0, 3.0]]]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Adam", "CD", "diverged (a seed)"]
     marks = [c for c in ax.collections if isinstance(c, PathCollection)]  # adam's row, then cd's, in axes y
     assert [c.get_offsets().tolist() for c in marks] == [[[10.0, 0.975]], [[10.0, 0.96]]]
     assert [to_rgba(curve.lines[0].get_color()) for curve in (adam, cd)] == [tuple(c.get_facecolor()[0]) for c in marks]
     assert any(list(line.get_xdata()) == [1.0, 1.0] for line in ax.lines)  # the tuned value
-    lo, hi = ax.get_ylim()
-    assert hi > 3.0 + (3.0 - lo) * 0.1  # room above the curves for the marks
+    lo, hi = ax.get_ylim()  # room above the curves for the marks, and not much more
+    low, top = ((y - lo) / (hi - lo) for y in (2.1 - math.sqrt(0.02), 3.0))  # lowest and highest point, axes y
+    assert 0 < low and 0.8 < top < 0.96 - 0.02
 
 
 def test_the_figure_lists_the_optimizers_in_the_registrys_order(monkeypatch, tmp_path):
@@ -477,3 +482,17 @@ def test_the_figure_lists_the_optimizers_in_the_registrys_order(monkeypatch, tmp
                      "msgd": {"hp": "lr", "tuned": 0.1, "points": point}}, tmp_path / "r.png", "loss", "t")
     (ax,) = figures[0].axes
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mSGD", "CD"]  # as in the table, not a-z
+
+
+def test_the_marks_of_a_diverged_seed_are_xs_at_the_top_in_their_curves_colour(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(robustness.outputs, "save_figure", lambda fig, path, **kw: figures.append(fig))
+    robustness.plot({"adam": {"hp": "lr", "tuned": 1e-3, "points": {1.0: [("completed", 2.5)]}},
+                     "cd": {"hp": "h", "tuned": 0.5, "points": {1.0: [("completed", 2.0)], 10.0: [("diverged", None)]}}},
+                    tmp_path / "r.png", "loss", "t")
+    (ax,) = figures[0].axes
+    (marks,) = [c for c in ax.collections if isinstance(c, PathCollection)]  # cd's only, the second curve
+    assert to_rgba(ax.containers[1].lines[0].get_color()) == tuple(marks.get_edgecolor()[0])
+    assert marks.get_offset_transform() == ax.get_xaxis_transform()  # x in data, y in axes coordinates
+    x = MarkerStyle("x")
+    assert marks.get_paths()[0].vertices.tolist() == x.get_path().transformed(x.get_transform()).vertices.tolist()
