@@ -496,3 +496,5 @@ def test_the_marks_of_a_diverged_seed_are_xs_at_the_top_in_their_curves_colour(m
     assert marks.get_offset_transform() == ax.get_xaxis_transform()  # x in data, y in axes coordinates
     x = MarkerStyle("x")
     assert marks.get_paths()[0].vertices.tolist() == x.get_path().transformed(x.get_transform()).vertices.tolist()
+    key = ax.get_legend().legend_handles[-1]  # the legend's entry for the marks: a grey x, no line
+    assert (key.get_marker(), key.get_linestyle(), to_rgba(key.get_color())) == ("x", "None", to_rgba("0.3"))
