@@ -3,13 +3,17 @@ of ``processes.start``), the collection of finished runs, the table and the comm
 training: each test takes well under a second, for the module's mutation run,
 results/mutation/README.md). The real scan is in test_sweep.py. Expected values are computed by
 hand from the docstrings (e.g. the grid: 10**(-1 + 2k/(n-1)) to 3 significant digits)."""
+import dataclasses
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
 from matplotlib.collections import PathCollection
 from matplotlib.colors import to_rgba
+from matplotlib.markers import MarkerStyle
 
 from harness import robustness
 from harness.errors import UsageError
@@ -54,6 +58,15 @@ def test_plan_lists_every_run_with_its_step_size(tmp_path):
                             "adam, cadam, cadam0, cd, cd0, ikfad, ikfad0, msgd")
 
 
+def test_plan_names_as_valid_only_the_optimizers_with_a_tuned_step_size(tmp_path):
+    (tmp_path / "best.yaml").write_text("cd: {gamma: 1.0}\nadam: {lr: 0.001}\nmsgd: {lr: 0.1, momentum: 0.9}\n")
+    exp = dataclasses.replace(NANO, configs=tmp_path)
+    assert [r["value"] for r in robustness.plan(exp, ["msgd"], [1], [2.0], tmp_path)] == [0.2]
+    with pytest.raises(UsageError) as e:
+        robustness.plan(exp, ["cd"], [1], [1.0], tmp_path)
+    assert str(e.value) == f"{tmp_path / 'best.yaml'} has no tuned h for cd; valid optimizers: adam, msgd"
+
+
 # --------------------------------------------------------------------------- run directories written by hand
 
 def write_run(folder: Path, status="completed", seed=1, hyperparameters=None, val=(), key="loss"):
@@ -89,6 +102,14 @@ def test_collect_reads_the_finished_runs(tmp_path):
     acc = tmp_path / "acc"
     write_run(acc / "adam" / "x1" / "seed1", hyperparameters={"lr": 0.002}, val=[0.5, 0.7, 0.6], key="acc")
     assert dict(robustness.collect(acc, "acc")["adam"]["points"]) == {1.0: [("completed", 0.7, 1)]}  # the highest
+
+
+def test_collect_skips_a_folder_that_is_not_a_multiplier_and_reads_on(tmp_path):
+    write_run(tmp_path / "adam" / "xabc" / "seed1", val=[2.0])  # sorted first
+    write_run(tmp_path / "cd" / "x2" / "seed1", hyperparameters={"h": 1.0}, val=[3.0])
+    results = robustness.collect(tmp_path)
+    assert list(results) == ["cd"] and results["cd"]["tuned"] == 0.5 and dict(results["cd"]["points"]) == {
+        2.0: [("completed", 3.0, 1)]}
 
 
 def test_summarise():
@@ -156,6 +177,22 @@ def test_render_writes_the_figure_and_the_table(tmp_path):
     assert "Best validation acc (mean" in acc[-1].read_text()
 
 
+def test_render_makes_its_folder_labels_the_figure_and_keeps_a_figure_it_did_not_write(monkeypatch, tmp_path):
+    root, out = tmp_path / "nano", tmp_path / "a" / "b"
+    write_run(root / "cd" / "x1" / "seed1", hyperparameters={"h": TUNED_CD_H}, val=[0.5], key="acc")
+    figures = []
+    monkeypatch.setattr(robustness.outputs, "save_figure", lambda fig, path, **kw: figures.append(fig))
+    assert robustness.render("nano", root, out, metric="acc") == [out / "robustness.png", out / "robustness.md"]
+    (ax,) = figures[0].axes
+    assert (ax.get_title(), ax.get_ylabel()) == ("nano: step-size robustness", "best val acc")
+    mine = tmp_path / "mine" / "robustness.png"  # a figure with no table recording what it was built from
+    mine.parent.mkdir()
+    mine.write_bytes(b"not ours")
+    with pytest.raises(Kept):
+        robustness.render("nano", root, mine.parent, metric="acc")
+    assert mine.read_bytes() == b"not ours" and figures[1:] == []
+
+
 def test_parse_shard():
     assert [robustness.parse_shard(t) for t in (None, "", "0/1", "3/4")] == [(0, 1), (0, 1), (0, 1), (3, 4)]
     for text in ("4/4", "-1/4", "1/0"):
@@ -219,6 +256,66 @@ def test_run_scan_stops_at_a_run_that_cannot_start_or_was_interrupted(monkeypatc
                             else f"{runs[0]['dir']}: interrupted")
 
 
+def test_run_scan_counts_every_crashed_run(monkeypatch, tmp_path, capsys):
+    runs = robustness.plan(NANO, ["cd"], [1], [0.1, 1.0, 10.0], tmp_path)
+    fake_runs(monkeypatch, {0: (1, None, "boom"), 2: (139, None, "segfault")})
+    assert robustness.run_scan(NANO, runs, None, []) == 2
+    assert capsys.readouterr().out.splitlines() == [f"{runs[0]['dir']}: exited with status 1: boom",
+                                                    f"{runs[1]['dir']}: completed",
+                                                    f"{runs[2]['dir']}: exited with status 139: segfault"]
+
+
+class SignalledRun(FakeRun):
+    """A run during which the scan gets SIGUSR1: the scan must pass it on to the run as SIGTERM
+    (the run then checkpoints and exits with EXIT_INTERRUPTED, 75)."""
+
+    def __init__(self, log):
+        super().__init__(75, None, log, None)
+        self.signals = []
+
+    def poll(self):
+        return None  # still running
+
+    def send_signal(self, sig):
+        self.signals.append(sig)
+
+    def wait(self):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return super().wait()
+
+
+def test_run_scan_passes_a_signal_on_to_the_run_in_flight(monkeypatch, tmp_path):
+    runs = robustness.plan(NANO, ["cd"], [1], [0.1, 1.0], tmp_path)
+    started = []
+    monkeypatch.setattr(robustness.processes, "start", lambda cmd, log: started.append(SignalledRun(log)) or started[-1])
+    with pytest.raises(Interrupted) as e:
+        robustness.run_scan(NANO, runs, None, [])
+    assert str(e.value) == f"{runs[0]['dir']}: interrupted"
+    assert len(started) == 1 and started[0].signals == [signal.SIGTERM]
+
+
+def test_run_scan_stops_before_the_next_run_at_a_signal_between_runs(monkeypatch, tmp_path):
+    """A signal that arrives once a run has finished (here while its status is read) starts no
+    further run, and goes to no process: the finished run is not signalled again."""
+    runs = robustness.plan(NANO, ["cd"], [1], [0.1, 1.0], tmp_path)
+    started = fake_runs(monkeypatch)
+    status = robustness.RunDir.status
+
+    def status_then_signal(self):  # the scan's report of run 0 (not its look for finished runs)
+        if started and not sent:
+            sent.append(signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return status(self)
+
+    sent = []
+
+    monkeypatch.setattr(robustness.RunDir, "status", status_then_signal)
+    with pytest.raises(Interrupted) as e:
+        robustness.run_scan(NANO, runs, None, [])
+    assert str(e.value) == "nano robustness: interrupted between runs"
+    assert [log for _, log in started] == [runs[0]["dir"] / "train.log"]
+
+
 # --------------------------------------------------------------------------- scan and the command line
 
 @pytest.fixture
@@ -260,6 +357,20 @@ def test_scan_options(scans, tmp_path, capsys):
     assert capsys.readouterr().err == ""  # one run each time: none crashed
 
 
+def test_scan_puts_runs_under_runs_robustness_and_keeps_a_fuller_table(scans, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    written = robustness.scan("nano", ["cd"], [1, 2], [1.0])
+    root = Path("runs") / "robustness" / "nano"
+    assert written == [root / "robustness.png", root / "robustness.md"]
+    assert [r["dir"] for r in scans[0]["runs"]] == [root / "cd" / "x1" / "seed1", root / "cd" / "x1" / "seed2"]
+    assert (tmp_path / root / "cd" / "x1" / "seed2" / "summary.json").is_file()
+    assert (root / "robustness.md").read_text().startswith("# nano: step-size robustness\n")
+    (root / "cd" / "x1" / "seed2" / "summary.json").unlink()
+    with pytest.raises(Kept):  # a table from 2 runs is not replaced by one from 1 unless forced
+        robustness.scan("nano", plot_only=True)
+    assert robustness.scan("nano", plot_only=True, force=True) == written
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(metric="f1"), "--metric must be loss or acc, got 'f1'"),
     (dict(multipliers=[0, 1]), "--multipliers must be positive, got [0.0, 1.0]"),
@@ -272,6 +383,29 @@ def test_scan_refuses_bad_options_before_running_anything(scans, tmp_path, kwarg
     assert str(e.value) == message and scans == []
 
 
+@pytest.mark.parametrize("option", ["root", "out"])
+def test_scan_refuses_a_folder_under_a_file_naming_the_option(scans, tmp_path, option):
+    (tmp_path / "file").write_text("")
+    bad = tmp_path / "file" / "folder"
+    with pytest.raises(UsageError) as e:
+        robustness.scan("nano", ["cd"], [1], **{"root": tmp_path / "r", option: bad})
+    assert str(e.value) == f"--{option} {bad}: {tmp_path / 'file'} is a file, not a folder; choose another --{option}"
+    assert scans == []
+
+
+def test_scan_checks_the_config_file_before_running_anything(scans, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {max_itres: 4}\n")
+    with pytest.raises(UsageError) as e:
+        robustness.scan("nano", ["cd"], [1], [1.0], config=str(config), root=tmp_path)
+    assert "max_itres" in str(e.value) and scans == []
+
+
+def test_scan_of_a_task_checks_its_runs_with_the_tasks_configs(scans, tmp_path):
+    robustness.scan("bert/sst2", ["adam"], [1], [1.0], budget="paper", root=tmp_path)
+    assert [r["dir"] for r in scans[0]["runs"]] == [tmp_path / "bert-sst2" / "adam" / "x1" / "seed1"]
+
+
 def test_scan_plot_only_reads_a_folder_of_runs_itself(scans, tmp_path):
     write_run(tmp_path / "committed" / "cd" / "x1" / "seed1", hyperparameters={"h": TUNED_CD_H}, val=[2.0])
     written = robustness.scan("nano", root=tmp_path / "committed", plot_only=True, out=tmp_path / "fig")
@@ -279,6 +413,14 @@ def test_scan_plot_only_reads_a_folder_of_runs_itself(scans, tmp_path):
     (tmp_path / "fig" / "robustness.md").unlink()
     written = robustness.scan("nano", root=tmp_path / "committed", plot_only=True)
     assert written[-1] == tmp_path / "committed" / "robustness.md"
+
+
+def test_scan_reads_a_folder_of_runs_itself_only_with_plot_only(scans, tmp_path):
+    write_run(tmp_path / "cd" / "x1" / "seed1", hyperparameters={"h": TUNED_CD_H}, val=[2.0])
+    with pytest.raises(UsageError) as e:  # shard 1/2 of one run: nothing run under <root>/nano
+        robustness.scan("nano", ["cd"], [1], [1.0], root=tmp_path, shard="1/2")
+    assert str(e.value) == f"no finished robustness runs under {tmp_path / 'nano'}; run `bash scripts/robustness.sh nano`"
+    assert scans[0]["runs"] == []
 
 
 def test_main_passes_every_option_on(monkeypatch, capsys):
@@ -319,10 +461,40 @@ def test_the_figure_draws_mean_and_std_per_optimizer_and_marks_diverged_points(m
     adam, cd = ax.containers  # the registry's order
     assert list(adam.lines[0].get_xdata()) == [1.0] and list(adam.lines[0].get_ydata()) == [2.5]
     assert list(cd.lines[0].get_xdata()) == [0.1, 10.0] and list(cd.lines[0].get_ydata()) == pytest.approx([2.1, 3.0])
+    (cd_bars,) = cd.lines[2]  # the std of 2.0 and 2.2 (ddof 1) is sqrt(0.02); one seed: no spread
+    assert [segment.tolist() for segment in cd_bars.get_segments()] == [
+        [[0.1, pytest.approx(2.1 - math.sqrt(0.02))], [0.1, pytest.approx(2.1 + math.sqrt(0.02))]], [[10.0, 3.0], [10.0, 3.0]]]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Adam", "CD", "diverged (a seed)"]
     marks = [c for c in ax.collections if isinstance(c, PathCollection)]  # adam's row, then cd's, in axes y
     assert [c.get_offsets().tolist() for c in marks] == [[[10.0, 0.975]], [[10.0, 0.96]]]
     assert [to_rgba(curve.lines[0].get_color()) for curve in (adam, cd)] == [tuple(c.get_facecolor()[0]) for c in marks]
     assert any(list(line.get_xdata()) == [1.0, 1.0] for line in ax.lines)  # the tuned value
-    lo, hi = ax.get_ylim()
-    assert hi > 3.0 + (3.0 - lo) * 0.1  # room above the curves for the marks
+    lo, hi = ax.get_ylim()  # room above the curves for the marks, and not much more
+    low, top = ((y - lo) / (hi - lo) for y in (2.1 - math.sqrt(0.02), 3.0))  # lowest and highest point, axes y
+    assert 0 < low and 0.8 < top < 0.96 - 0.02
+
+
+def test_the_figure_lists_the_optimizers_in_the_registrys_order(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(robustness.outputs, "save_figure", lambda fig, path, **kw: figures.append(fig))
+    point = {1.0: [("completed", 2.0)]}
+    robustness.plot({"cd": {"hp": "h", "tuned": 0.5, "points": point},
+                     "msgd": {"hp": "lr", "tuned": 0.1, "points": point}}, tmp_path / "r.png", "loss", "t")
+    (ax,) = figures[0].axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mSGD", "CD"]  # as in the table, not a-z
+
+
+def test_the_marks_of_a_diverged_seed_are_xs_at_the_top_in_their_curves_colour(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(robustness.outputs, "save_figure", lambda fig, path, **kw: figures.append(fig))
+    robustness.plot({"adam": {"hp": "lr", "tuned": 1e-3, "points": {1.0: [("completed", 2.5)]}},
+                     "cd": {"hp": "h", "tuned": 0.5, "points": {1.0: [("completed", 2.0)], 10.0: [("diverged", None)]}}},
+                    tmp_path / "r.png", "loss", "t")
+    (ax,) = figures[0].axes
+    (marks,) = [c for c in ax.collections if isinstance(c, PathCollection)]  # cd's only, the second curve
+    assert to_rgba(ax.containers[1].lines[0].get_color()) == tuple(marks.get_edgecolor()[0])
+    assert marks.get_offset_transform() == ax.get_xaxis_transform()  # x in data, y in axes coordinates
+    x = MarkerStyle("x")
+    assert marks.get_paths()[0].vertices.tolist() == x.get_path().transformed(x.get_transform()).vertices.tolist()
+    key = ax.get_legend().legend_handles[-1]  # the legend's entry for the marks: a grey x, no line
+    assert (key.get_marker(), key.get_linestyle(), to_rgba(key.get_color())) == ("x", "None", to_rgba("0.3"))
