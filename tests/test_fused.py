@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from conftest import compiles_update
 
 from optimizers import CADAM, CD, LDHD, _fused, _native, build, iKFAD
 from optimizers._base import FUSED_DEFAULT_MIN_NUMEL
@@ -315,6 +316,7 @@ def test_fused_step_under_ddp(tmp_path, fused_backend):
         dist.destroy_process_group()
 
 
+@compiles_update
 def test_default_path(monkeypatch):
     """On a CPU with the native kernels, fused=None takes them at any size;
     without them (and on CUDA) the compiled kernel only from 4M elements on."""
@@ -399,6 +401,7 @@ def test_falls_back_with_one_warning_when_compilation_fails(monkeypatch, failure
 
 
 @needs_compiler
+@compiles_update
 def test_without_native_kernels_the_cpu_step_compiles_with_one_warning(monkeypatch):
     _break_native(monkeypatch)
     fused, messages = _train_cd_fused_twice()
