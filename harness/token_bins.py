@@ -63,16 +63,20 @@ class TokenData:
 
 # What an old meta.pkl may build: plain builtins. Protocol 2+ pickles of dicts, lists,
 # tuples, str, int, float and bool need no global at all; older protocols name these.
-_PLAIN = {("builtins", name) for name in ("dict", "list", "str", "int", "float", "tuple", "bool", "set",
-                                          "frozenset")} | {("__builtin__", name) for name in (
-                                          "dict", "list", "str", "int", "float", "tuple", "bool", "set")}
+# Python 2's module name, __builtin__, is what protocols 0 to 2 write for either (sets, frozensets).
+_PLAIN = {(module, name) for module in ("builtins", "__builtin__")
+          for name in ("dict", "list", "str", "int", "float", "tuple", "bool", "set", "frozenset")}
+
+
+class _Refused(pickle.UnpicklingError):
+    """A class the pickle names that is not plain (a torn pickle is an UnpicklingError too)."""
 
 
 class _PlainUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _PLAIN:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
+        raise _Refused(f"{module}.{name}")
 
 
 def read_legacy_meta(path, prepare_hint) -> dict:
@@ -83,7 +87,7 @@ def read_legacy_meta(path, prepare_hint) -> dict:
     path = Path(path)
     try:
         meta = _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise UsageError(f"{path} holds objects a {path.name} never holds ({e}): refused to read it (nothing in it "
                          f"was run); prepare the folder again with `{prepare_hint} --force`") from None
     except Exception as e:  # torn or not a pickle at all
