@@ -33,7 +33,10 @@ def move(batch: Any, device: torch.device) -> Any:
 
 
 def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (run seed, rank, epoch, ...); distinct keys, independent streams."""
+    """A 63-bit seed from integer keys (run seed, rank, epoch, ...): the first 64-bit word of numpy's
+    ``SeedSequence(keys)``, shifted right by one. Distinct keys of the same length, independent streams.
+    Keys of different lengths are not told apart when they differ only by trailing zeros within four
+    keys: ``SeedSequence`` pads its entropy with zeros to four words, so ``(s, r, 0)`` is ``(s, r)``."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
