@@ -192,6 +192,16 @@ def test_offsets_cover_exactly_zero_to_n_minus_block_size(tmp_path):
                               f"lower block_size or prepare more data (`{HINT}`)")
 
 
+def test_the_bins_are_mapped_read_only(tmp_path):
+    # nothing the harness does may change a data folder (np.memmap's default mode, r+, would let it)
+    folder = bins_folder(tmp_path / "d", meta={})
+    for split in ("train", "val"):
+        mapped = TokenBins(folder, LEGACY)._memmap(split)
+        with pytest.raises(ValueError, match="read-only"):
+            mapped[0] = 7
+    assert np.fromfile(folder / "train.bin", dtype=np.uint16)[0] == 0
+
+
 def test_batches_read_the_bins_as_uint16(tmp_path):
     folder = bins_folder(tmp_path / "d", meta={})
     np.array([65535, 1, 256, 40000], dtype=np.uint16).tofile(folder / "train.bin")
