@@ -5,12 +5,16 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 
 from harness import outputs, report as rep
 from harness.errors import UsageError
 from harness.outputs import Kept
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (imported once: under mutmut, before the mutants fork)
 
 
 def val(*losses, step=10, key="loss", split="val"):
@@ -180,8 +184,22 @@ def figures(monkeypatch):
 
     monkeypatch.setattr(outputs, "save_figure", save_figure)
     yield saved
-    import matplotlib.pyplot as plt
     plt.close("all")
+
+
+@pytest.fixture
+def plots(monkeypatch):
+    """report's calls of plot, each (optimizers, split, key, file name, title), no figure drawn:
+    a figure is "drawn" when a run of the optimizers given has a ``split`` record with ``key``."""
+    calls = []
+
+    def plot(by_opt, split, key, path, title):
+        calls.append((sorted(by_opt), split, key, Path(path).name, title))
+        return any(r.get("split") == split and key in r for runs in by_opt.values() for run in runs
+                   for r in run["metrics"])
+
+    monkeypatch.setattr(rep, "plot", plot)
+    return calls
 
 
 def test_plot_draws_the_mean_and_a_std_band_per_optimizer(tmp_path, figures):
@@ -254,7 +272,7 @@ def test_runs_basis_names_completed_runs_by_their_path_under_the_root(tmp_path):
         [("adam/seed1", inside["summary"]), (str(tmp_path / "elsewhere"), outside["summary"])])
 
 
-def test_report_writes_one_folder_per_experiment_and_refuses_an_empty_root(tmp_path, monkeypatch, figures):
+def test_report_writes_one_folder_per_experiment_and_refuses_an_empty_root(tmp_path, monkeypatch, plots):
     with pytest.raises(UsageError) as err:
         rep.report(tmp_path / "nothing")
     assert str(err.value) == f"no run directories (with config.yaml or summary.json) under {tmp_path / 'nothing'}"
@@ -280,18 +298,24 @@ def test_report_writes_one_folder_per_experiment_and_refuses_an_empty_root(tmp_p
     assert sorted(p.name for p in written) == ["results.md", "val_loss.png"] and written[0].parent == tmp_path / "one"
 
 
-def test_report_text_names_the_root_the_estimators_and_the_figures(tmp_path, figures):
+def test_report_text_names_the_root_the_estimators_and_the_figures(tmp_path, plots):
     runs = tmp_path / "runs"
     recs = [{"step": 0, "split": "val", "loss": 2.0, "loss_fresh": 2.0, "loss_fixed": 2.5, "loss_odd": 3.0},
             {"step": 10, "split": "val", "loss": 1.0, "loss_fresh": 1.0, "loss_fixed": 1.5, "loss_odd": 3.0},
             {"step": 10, "split": "train", "loss": 1.2}]
     write_run(runs / "a", recs, seed=1, val_estimators=["fresh", "fixed"])
+    write_run(runs / "b", recs, status="diverged", optimizer="cd", seed=1)  # no completed cd run: in no figure
     written = rep.report(runs, tmp_path / "out", title="My title")
     out = tmp_path / "out"
     assert [p.name for p in written] == ["val_loss.png", "val_loss_fixed.png", "val_loss_odd.png", "train_loss.png",
                                         "results.md"]
+    assert plots == [(["adam"], "val", key, f"val_{key}.png", f"My title: val {key}")
+                     for key in ("loss", "loss_fixed", "loss_odd", "acc")] + [
+        (["adam"], "test", "acc", "test_acc.png", "My title: test acc"),
+        (["adam"], "train", "loss", "train_loss.png", "My title: train loss")]
     text = (out / "results.md").read_text()
-    by_opt = {"adam": rep.find_runs(runs)}
+    found = rep.find_runs(runs)
+    by_opt = {"adam": found[:1], "cd": found[1:]}
     assert text == "\n".join([
         "# My title", "",
         f"Runs under `{runs}`. Means ± std over seeds and the curves use completed runs only; `status` counts "
@@ -301,9 +325,12 @@ def test_report_text_names_the_root_the_estimators_and_the_figures(tmp_path, fig
         "`val_loss.png` shows the first (fresh).", "",
         rep.table(by_opt), "",
         "![val_loss](val_loss.png)", "![val_loss_fixed](val_loss_fixed.png)", "![val_loss_odd](val_loss_odd.png)",
-        "![train_loss](train_loss.png)"]) + "\n\n" + rep.runs_basis(runs, by_opt["adam"]).line() + "\n"
-    # the figures' titles: "<title>: <split> <key>"; without a title, the experiment's name
-    assert "# nano" in (rep.report(runs, tmp_path / "plain") and (tmp_path / "plain" / "results.md").read_text())
+        "![train_loss](train_loss.png)"]) + "\n\n" + rep.runs_basis(runs, found).line() + "\n"
+    # without a title, the experiment's name
+    plots.clear()
+    rep.report(runs, tmp_path / "plain")
+    assert (tmp_path / "plain" / "results.md").read_text().startswith("# nano\n\nRuns under")
+    assert plots[0][4] == "nano: val loss"
 
 
 def test_report_draws_completed_runs_only(tmp_path, figures):
@@ -317,7 +344,7 @@ def test_report_draws_completed_runs_only(tmp_path, figures):
     np.testing.assert_array_equal(ax.get_lines()[0].get_ydata(), [2.0, 1.0])
 
 
-def test_report_keeps_a_fuller_report_unless_forced_and_checks_every_folder_first(tmp_path, figures):
+def test_report_keeps_a_fuller_report_unless_forced_and_checks_every_folder_first(tmp_path, plots):
     runs = tmp_path / "runs"
     write_run(runs / "a", val(2.0, 1.0), seed=1)
     write_run(runs / "b", val(2.0, 1.5), seed=2)
