@@ -72,6 +72,22 @@ def test_set_generator_state_takes_a_state_of_another_dtype():
     assert torch.equal(torch.rand(3, generator=g), expected)
 
 
+def test_set_generator_state_brings_a_state_on_another_device_to_the_cpu():
+    # a checkpoint loaded with map_location a GPU brings the states there: seen here through a
+    # stand-in for such a tensor, which says where it is asked to go
+    g = torch.Generator().manual_seed(5)
+    state, asked = g.get_state(), []
+    expected = torch.rand(3, generator=g)
+
+    class OnGPU:
+        def to(self, device=None, dtype=None):  # Tensor.to(device, dtype)'s form
+            asked.append((None if device is None else torch.device(device), dtype))
+            return state
+
+    set_generator_state(g, OnGPU())
+    assert asked == [(torch.device("cpu"), torch.uint8)] and torch.equal(torch.rand(3, generator=g), expected)
+
+
 def test_reduce_sum_is_float64_and_all_reduced_over_ranks(monkeypatch):
     assert reduce_sum(cpu_run(), [1, 2.5]) == [1.0, 2.5]
     seen = []
