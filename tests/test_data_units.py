@@ -145,9 +145,11 @@ def test_lm_evaluation_means_the_batches_of_each_estimator():
     # the fixed batches again; the fresh ones go on
     assert evaluate(model, 1) == [{"split": "val", "loss": sum(fixed) / 5, "loss_fixed": sum(fixed) / 5,
                                    "loss_fresh": sum(fresh[5:]) / 5}]
-    again = LMEvaluation(run, Bins(), 2, 3, 5, ["fresh"], split="train")
+    bins = Bins()
+    again = LMEvaluation(run, bins, 2, 3, 5, ["fresh"], split="train")
     again.load_state_dict(state)
     assert again(model, 1) == [{"split": "train", "loss": sum(fresh[5:]) / 5}]  # one estimator: no loss_<name>
+    assert bins.calls == [("train", 2, 3)] * 5  # the batches of its split, of its size
     assert LMEvaluation(cpu_run(seed=4), Bins(), 2, 3, 5)(model, 0) == [{"split": "val", "loss": sum(fixed) / 5}]
 
 
