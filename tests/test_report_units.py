@@ -144,6 +144,9 @@ def test_table_of_two_optimizers_by_hand():
             run(val(3.0, 0.1), "diverged", seed=3, steps=11)]
     cd = [run(val(4.0), "interrupted", seed=1, wall_time_s=5.0)]
     md = rep.table({"cd": cd, "adam": adam})  # rows in the registry's order
+    # the registry's order, not a-z: LDHD before CD
+    assert [row.split(" | ")[0] for row in rep.table({"cd": cd, "ldhd": cd, "adam": cd}).splitlines()[2:5]] == \
+        ["| Adam", "| LDHD", "| CD"]
     assert md == ("| optimizer | runs | best val loss | final val loss | wall time (s) | status | diverged seeds |\n"
                   "|---|---|---|---|---|---|---|\n"
                   "| Adam | 3 | 1.5000 ± 0.7071 | 2.0000 ± 0.7071 | 15 | completed 2, diverged 1 | seed 3 (step 11) |\n"
@@ -203,17 +206,17 @@ def plots(monkeypatch):
 
 
 def test_plot_draws_the_mean_and_a_std_band_per_optimizer(tmp_path, figures):
-    by_opt = {"cadam": [run(val(4.0, 2.0, 1.0)), run(val(4.0, 4.0, 3.0))], "adam": [run(val(5.0, 3.0))],
+    by_opt = {"cadam": [run(val(4.0, 2.0, 1.0)), run(val(4.0, 4.0, 3.0))], "msgd": [run(val(5.0, 3.0))],
               "cd": [run(val(float("nan")))]}  # nothing finite to draw for cd
     assert rep.plot(by_opt, "val", "loss", tmp_path / "val_loss.png", "nano: val loss") is True
     fig, kwargs = figures[tmp_path / "val_loss.png"]
     assert kwargs == {"dpi": 120}
     ax = fig.axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
-    assert list(lines) == ["Adam", "CADAM (n=2)"]  # the registry's order; n for several seeds
+    assert list(lines) == ["mSGD", "CADAM (n=2)"]  # the registry's order, not a-z; n for several seeds
     np.testing.assert_array_equal(lines["CADAM (n=2)"].get_xdata(), [0, 10, 20])
     np.testing.assert_array_equal(lines["CADAM (n=2)"].get_ydata(), [4.0, 3.0, 2.0])
-    np.testing.assert_array_equal(lines["Adam"].get_ydata(), [5.0, 3.0])
+    np.testing.assert_array_equal(lines["mSGD"].get_ydata(), [5.0, 3.0])
     [band] = ax.collections  # +-1 (population) std around CADAM's mean: 0, 1, 1
     low_high = band.get_paths()[0].vertices[:, 1]
     assert low_high.min() == pytest.approx(1.0) and low_high.max() == pytest.approx(4.0)
@@ -222,7 +225,7 @@ def test_plot_draws_the_mean_and_a_std_band_per_optimizer(tmp_path, figures):
     finite = np.array([4.0, 2.0, 1.0, 4.0, 4.0, 3.0, 5.0, 3.0])
     top = np.percentile(finite, 90)
     assert ax.get_ylim() == pytest.approx((1.0 - 0.05 * (top - 1.0), top))
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Adam", "CADAM (n=2)"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mSGD", "CADAM (n=2)"]
 
 
 def test_plot_of_another_metric_keeps_matplotlibs_limits_and_draws_nothing_without_values(tmp_path, figures):
