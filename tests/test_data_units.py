@@ -246,6 +246,7 @@ def test_epoch_batches_deal_each_epochs_permutation_over_ranks():
 
 def test_epoch_batches_resume_from_any_step_into_the_same_stream():
     one = EpochBatches(Noisy(), 2, seed=3)
+    assert len(one.epoch_batches(0)) == 3  # (else the stream below has no batch and never ends)
     stream = [b for b in islice(one.batches(), 8)]  # 3 steps an epoch: two epochs and two steps
     for start in (0, 2, 3, 4, 6, 7):
         resumed = list(islice(EpochBatches(Noisy(), 2, seed=3).batches(start), 8 - start))
@@ -320,13 +321,14 @@ def test_eval_loader_passes_the_loaders_options_but_persistent_workers(monkeypat
 
 def test_classification_evaluate_sums_loss_and_correct_over_the_real_items(monkeypatch):
     # batches of 2 items, 3 classes; the last batch's second item is padding
-    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 5.0]])
-    labels = torch.tensor([0, 2, 2, 0])
+    # (each row's prediction is its own argmax: 0, 2 | 0 and padding; right, right | wrong)
+    logits = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 2.0], [3.0, 0.0, 0.0], [1.0, 1.0, 5.0]])
+    labels = torch.tensor([0, 2, 1, 2])
     shard = EvalShard([(logits[0:2], labels[0:2]), (logits[2:4], labels[2:4])], [2, 1])
     forward = lambda model, batch: (model(batch[0]), batch[1])
     [val, test] = classification_evaluate(cpu_run(), torch.nn.Identity(), {"val": shard, "test": shard}, forward)
     ce = lambda row, label: float(torch.logsumexp(logits[row], 0) - logits[row, label])  # -log softmax
-    loss = (ce(0, 0) + ce(1, 2) + ce(2, 2)) / 3
+    loss = (ce(0, 0) + ce(1, 2) + ce(2, 1)) / 3
     assert val == {"split": "val", "loss": pytest.approx(loss), "acc": pytest.approx(2 / 3)} and test["split"] == "test"
     # over 2 ranks: the sums (not the means) are all-reduced
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: t.mul_(torch.tensor([3.0, 0.0, 1.0], dtype=t.dtype)))
