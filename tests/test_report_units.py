@@ -218,8 +218,11 @@ def test_plot_draws_the_mean_and_a_std_band_per_optimizer(tmp_path, figures):
     np.testing.assert_array_equal(lines["CADAM (n=2)"].get_ydata(), [4.0, 3.0, 2.0])
     np.testing.assert_array_equal(lines["mSGD"].get_ydata(), [5.0, 3.0])
     [band] = ax.collections  # +-1 (population) std around CADAM's mean: 0, 1, 1
-    low_high = band.get_paths()[0].vertices[:, 1]
-    assert low_high.min() == pytest.approx(1.0) and low_high.max() == pytest.approx(4.0)
+    edge = {(float(x), float(y)) for x, y in band.get_paths()[0].vertices}
+    assert {(0, 4.0), (10, 2.0), (20, 1.0), (10, 4.0), (20, 3.0)} <= edge
+    # in its curve's colour, and translucent: the curves under it stay visible
+    assert tuple(band.get_facecolor()[0][:3]) == matplotlib.colors.to_rgb(lines["CADAM (n=2)"].get_color())
+    assert 0 < band.get_alpha() < 1
     assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("iteration", "val loss", "nano: val loss")
     # the loss axis: up to the 90th percentile of every value, a little below the lowest
     finite = np.array([4.0, 2.0, 1.0, 4.0, 4.0, 3.0, 5.0, 3.0])
@@ -241,6 +244,18 @@ def test_plot_of_another_metric_keeps_matplotlibs_limits_and_draws_nothing_witho
     # a loss curve that is NaN at some steps: the limits come from the finite values only
     assert rep.plot({"adam": [run(val(2.0, float("nan"), 1.0))]}, "val", "loss", tmp_path / "z.png", "t")
     assert figures[tmp_path / "z.png"][0].axes[0].get_ylim() == pytest.approx((1.0 - 0.05 * 0.9, 1.9))
+
+
+def test_plot_draws_a_curve_of_one_evaluation_and_one_through_an_infinite_loss_quietly(tmp_path, figures):
+    import warnings
+
+    assert rep.plot({"adam": [run(val(2.0))]}, "val", "loss", tmp_path / "one.png", "t")
+    [line] = figures[tmp_path / "one.png"][0].axes[0].get_lines()
+    assert line.get_xydata().tolist() == [[0.0, 2.0]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's invalid-value warnings for inf - inf are kept quiet
+        assert rep.plot({"adam": [run(val(2.0, float("inf"))), run(val(3.0, 1.0))]}, "val", "loss",
+                        tmp_path / "inf.png", "t")
 
 
 def test_plot_writes_a_png(tmp_path):
