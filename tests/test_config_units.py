@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch._dynamo  # noqa: F401  the first optimizer imports it (3 s): here, mutmut's fork server holds it
 import yaml
 
 import optimizers

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  the first optimizer imports it (3 s): here, mutmut's fork server holds it
 import yaml
 
 from harness import checkpoint as ckpt
