@@ -90,10 +90,22 @@ def test_any_rank_alone_is_the_flag_and_build_optimizer_uses_the_config(tmp_path
     assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["lr"] == 0.5
 
 
-def test_only_rank_0_prints(tmp_path, capsys):
+def test_only_rank_0_prints_and_at_once(tmp_path, monkeypatch):
+    class Out:  # a pipe to a launcher's log: what is not flushed waits in the buffer
+        def __init__(self):
+            self.text, self.flushed = "", ""
+
+        def write(self, text):
+            self.text += text
+
+        def flush(self):
+            self.flushed = self.text
+
+    out = Out()
+    monkeypatch.setattr(sys, "stdout", out)
     a_run(tmp_path, 2, 0).print("hello", 1, sep="-")
     a_run(tmp_path, 2, 1).print("not me")
-    assert capsys.readouterr().out == "hello-1\n"
+    assert out.flushed == out.text == "hello-1\n"
 
 
 def test_run_open_passes_its_role_on_and_raises_the_error(tmp_path, monkeypatch):
