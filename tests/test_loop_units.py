@@ -3,6 +3,7 @@ milliseconds per step): the evaluation cadence, the ``train`` records' means, th
 divergence rules, stopping and resuming, the checkpoint and the summary. The expected values are
 worked out by hand from the module's docstrings: batch ``i`` has loss ``i`` (or a loss set per
 batch), so every mean in a record is a small sum."""
+import contextlib
 import json
 import math
 
@@ -418,3 +419,97 @@ def test_throughput_postfix(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "estimate_mfu", lambda flops, device: flops / 1e3)
     t.flops_per_step, t._rate_from = 40.0, (100.0, 10)
     assert t._throughput(2.0) == {"loss": "2.0000", "it/s": "2.50", "mfu": "10.0%"}
+
+
+# ---------------------------------------------------------------- several processes, with fakes of torch.distributed
+# (the real multi-process runs are test_sharded.py's and test_gpu_path.py's, in subprocesses)
+
+class Bar:
+    def __init__(self):
+        self.updates, self.postfixes = 0, []
+
+    def update(self, n):
+        self.updates += n
+
+    def set_postfix(self, postfix):
+        self.postfixes.append(postfix)
+
+
+def test_gather_and_take_means_over_ranks(monkeypatch):
+    run = Run(cfg={"seed": 0}, dir=None, device=torch.device("cpu"), world_size=3)
+    monkeypatch.setattr(loop.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj, 1, 2]))
+    assert loop._gather(run, "mine") == ["mine", 1, 2]
+    run.world_size = 1
+    assert loop._gather(run, "mine") == ["mine"]
+    run.world_size = 2
+    monkeypatch.setattr(loop.dist, "all_reduce", lambda t: t.add_(torch.tensor([4.0, 8.0])))  # the other rank's
+    s = TrainState(running={"acc": torch.tensor(2.0), "loss": torch.tensor(4.0)}, running_n=2)
+    # this rank's means 1 and 2 (sums over 2 steps), the other's 4 and 8: the mean over both ranks
+    assert s.take_means(run) == {"acc": 2.5, "loss": 5.0}
+
+
+def test_interrupted_asks_the_other_ranks_only_every_log_interval(tmp_path, monkeypatch):
+    t = Trainer.__new__(Trainer)
+    t.run, t.state = make_run(tmp_path), TrainState(step=3)
+    t.cfg = config_lib.TrainConfig(batch_size=2, log_interval=10)
+    asked = []
+    monkeypatch.setattr(Run, "any_rank", lambda self, flag: asked.append(flag) or flag)
+    assert t._interrupted(True) is True and asked == [True]  # one process: at every step
+    t.run.world_size = 2
+    assert t._interrupted(True) is False and asked == [True]
+    t.state.step = 20
+    assert t._interrupted(True) is True and t._interrupted(False) is False and asked == [True, True, False]
+
+
+def test_broadcast_buffers_sends_rank_0s(monkeypatch):
+    t = Trainer.__new__(Trainer)
+    t.buffers = [torch.zeros(1), torch.ones(2)]
+    sent = []
+    monkeypatch.setattr(loop.dist, "broadcast", lambda tensor, src: sent.append((tensor, src)))
+    t._broadcast_buffers()
+    assert [(b is t.buffers[i], src) for i, (b, src) in enumerate(sent)] == [(True, 0), (True, 0)]
+
+
+def test_on_best_under_fsdp2_gathers_the_weights_on_every_rank(tmp_path, monkeypatch):
+    t = Trainer.__new__(Trainer)
+    t.run, t.fsdp, t.raw, called, gathered = make_run(tmp_path), True, "sharded model", [], []
+    t.on_best = lambda state, record: called.append((state, record))
+    monkeypatch.setattr(loop.par, "full_model_state_dict", lambda m: gathered.append(m) or {"full": m})
+    t._call_on_best(None)
+    assert (called, gathered) == ([], [])  # no rank improved: no collective
+    t._call_on_best({"step": 2})
+    assert called == [({"full": "sharded model"}, {"step": 2})] and gathered == ["sharded model"]
+    t.run.rank = 1  # another rank improved (any_rank says so): this one gathers too, and keeps nothing
+    monkeypatch.setattr(Run, "any_rank", lambda self, flag: True)
+    t._call_on_best(None)
+    assert len(called) == 1 and gathered == ["sharded model"] * 2
+
+
+def test_train_step_syncs_gradients_only_after_the_last_micro_batch(tmp_path, monkeypatch):
+    run = make_run(tmp_path, sets=["train.gradient_accumulation_steps=3", "train.log_interval=1"])
+    t = Trainer(run, model(), Batches(), loss_fn, Evaluate(), total_steps=2, eval_interval=2)
+    t.pbar, t._rate_from, syncs, sent = Bar(), (0.0, 0), [], []
+    t.fsdp = True  # FSDP2: the module's own switch, and rank 0's buffers after each forward
+    t.raw.set_requires_gradient_sync = syncs.append
+    t.buffers = [torch.zeros(1)]
+    monkeypatch.setattr(loop.dist, "broadcast", lambda tensor, src: sent.append(src))
+    assert t.train_step(iter(Batches().batches(0)))
+    assert syncs == [False, False, True] and sent == [0, 0, 0]
+    assert t.pbar.updates == 1 and t.pbar.postfixes[0]["loss"] == "2.0000"  # the last micro-batch's loss
+    t.fsdp, syncs[:] = False, []
+    run.world_size = 2  # DDP: no_sync() around every micro-batch but the last
+    entered = []
+
+    class DDP(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.weight = inner.weight
+
+        def no_sync(self):
+            entered.append(True)
+            return contextlib.nullcontext()
+
+    t.model = DDP(t.raw)
+    assert t.train_step(iter(Batches().batches(3)))
+    assert entered == [True, True] and syncs == [] and t.state.step == 2
