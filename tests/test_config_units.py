@@ -69,6 +69,7 @@ def test_check_type_widens_ints_to_floats_and_refuses_other_types_in_one_line():
     assert c._check_type("k", "1e-3", 0.5) == 0.001
     assert c._check_type("k", "7", 3) == 7
     assert c._check_type("k", "bf16", "fp32") == "bf16"
+    assert c._check_type("data.dir", "12", "data/nano") == "12"  # a str key's value is not read as a number
     assert c._check_type("k", ["fresh"], ["fixed"]) == ["fresh"]
     assert c._check_type("k", False, True) is False
     assert c._check_type("k", "anything", None) == "anything"  # a null default takes any value
