@@ -189,6 +189,9 @@ def test_with_task_reads_the_task_of_a_folder_of_tasks(monkeypatch, capsys):
     with pytest.raises(SystemExit) as done:
         run_lib._with_task(bert, ["--optimizer", "cd", "-h"])
     assert done.value.code == 0 and "--task {sst2,qnli}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        run_lib._with_task(bert, ["--help", "--task", "sst2"])
+    assert done.value.code == 0 and "--task {sst2,qnli}" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- the process
@@ -469,3 +472,49 @@ def test_start_of_a_finished_run_does_nothing(tmp_path, capsys):
     assert capsys.readouterr().out == f"{out}: already diverged; nothing to do\n"
     assert (out / "config.yaml").read_text() == config_lib.dump(nano_cfg())  # checked, and its config rewritten
     assert "(seed)" in refused(run_lib.start, "nano", ["--optimizer", "adam", "--seed", "2", "--out", str(out)])
+
+
+def test_start_on_a_gpu_takes_its_local_ranks_device_and_the_gpu_precision(tmp_path, monkeypatch):
+    # A CUDA machine, faked: 2 GPUs, this process local rank 3 of a 1-process torchrun.
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: None)  # torch's would seed the (fake) GPUs too
+    monkeypatch.setattr(os, "environ", {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "3"})
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        run = run_lib.start("nano", ["--optimizer", "adam", "--out", str(tmp_path / "run")])
+        assert run.device == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]  # 3 % 2 GPUs
+        assert run.precision == "fp16"  # nano's train.precision (its cpu_precision is fp32)
+        assert torch.backends.cuda.matmul.allow_tf32 is True  # nano's train.tf32
+        run_lib.start("nano", ["--optimizer", "adam", "--out", str(tmp_path / "run"), "--set", "train.tf32=false"])
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("cuda,backend", [(False, "gloo"), (True, "nccl")])
+def test_start_of_one_of_several_processes_joins_the_group_and_leaves_it_at_exit(tmp_path, monkeypatch, cuda, backend):
+    joined, at_exit, left, up = [], [], [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: None)
+    monkeypatch.setattr(os, "environ", {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0"})
+    monkeypatch.setattr(run_lib.dist, "is_initialized", lambda: bool(up))
+    monkeypatch.setattr(run_lib.dist, "init_process_group", lambda backend: (joined.append(backend), up.append(1)))
+    monkeypatch.setattr(run_lib.dist, "destroy_process_group", lambda: left.append(1))
+    monkeypatch.setattr(run_lib.atexit, "register", at_exit.append)
+    run = run_lib.start("nano", ["--optimizer", "adam", "--out", str(tmp_path / "run")])
+    assert (run.rank, run.local_rank, run.world_size, run.is_main) == (1, 0, 2, False)
+    assert joined == [backend] and len(at_exit) == 1
+    at_exit[0]()
+    assert left == [1]
+    up.clear()
+    at_exit[0]()  # the group already gone: nothing to tear down
+    assert left == [1]
+    up.append(1)  # a group someone else made: not made again
+    run_lib.start("nano", ["--optimizer", "adam", "--out", str(tmp_path / "run")])
+    assert joined == [backend] and len(at_exit) == 1
