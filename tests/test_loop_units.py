@@ -120,6 +120,8 @@ def test_fit_evaluates_on_the_interval_and_logs_the_mean_training_loss(tmp_path)
     assert saved["step"] == 5 and saved["metrics_offset"] == (run.dir / "metrics.jsonl").stat().st_size
     assert saved["config"] == run.cfg and saved["evaluate"] is None and saved["running_n"] == 0
     assert saved["best"] == summary["best"] and saved["first_eval"] == 10.0
+    assert ckpt.load(run.dir / "checkpoint.prev.pt")["step"] == 4  # step 5 saved once (after its evaluation)
+    assert 0 < saved["wall_time_s"] <= summary["wall_time_s"]
 
 
 def test_gradient_accumulation_averages_the_micro_batches(tmp_path):
@@ -130,22 +132,36 @@ def test_gradient_accumulation_averages_the_micro_batches(tmp_path):
     assert data.starts == [0]
 
 
-def test_a_resume_logs_what_the_uninterrupted_run_would_have(tmp_path, monkeypatch):
+def noisy_loss(model, batch):
+    """The batch's number plus a draw of torch's generator: a resume must restore its state."""
+    loss = model.weight.sum() * 0 + batch + torch.rand(())
+    return loss, {"acc": batch / 10}
+
+
+def test_a_resume_logs_what_the_uninterrupted_run_would_have(tmp_path, monkeypatch, capsys):
     sets = ["train.gradient_accumulation_steps=2"]
     whole = make_run(tmp_path, sets=sets, name="whole")
-    fit(whole, total_steps=6, eval_interval=4)
+    torch.manual_seed(0)
+    Trainer(whole, model(), Batches(), noisy_loss, Evaluate(), total_steps=6, eval_interval=4).fit()
     run, data = make_run(tmp_path, sets=sets), Batches()
     monkeypatch.setenv(STOP_AFTER_ENV, "3")
+    torch.manual_seed(0)
     with pytest.raises(Interrupted, match=f"{run.dir}: interrupted at step 3"):
-        fit(run, data, total_steps=6, eval_interval=4)
+        Trainer(run, model(), data, noisy_loss, Evaluate(), total_steps=6, eval_interval=4).fit()
     assert json.loads((run.dir / "summary.json").read_text())["status"] == "interrupted"
     assert ckpt.load(run.dir / "checkpoint.pt")["step"] == 3 and ckpt.load(run.dir / "checkpoint.pt")["running_n"] == 3
     monkeypatch.setenv(STOP_AFTER_ENV, "")
+    with open(run.dir / "metrics.jsonl", "a") as f:  # a record the checkpoint does not count (a crash after it)
+        f.write('{"step": 3, "split": "val", "loss": 0.0}\n')
+    saved = ckpt.load(run.dir / "checkpoint.pt")
     data, evaluate = Batches(), Evaluate()
-    assert fit(run, data, evaluate, total_steps=6, eval_interval=4)["status"] == "completed"
+    torch.manual_seed(123)  # not the interrupted process's state: the checkpoint's is restored
+    summary = Trainer(run, model(), data, noisy_loss, evaluate, total_steps=6, eval_interval=4).fit()
+    assert summary["status"] == "completed" and f"Resuming {run.dir} from step 3\n" in capsys.readouterr().out
     assert data.starts == [6]  # 3 steps x 2 micro-batches
     assert evaluate.calls == [4]  # step 0's evaluation was before the stop
     assert strip(records(run)) == strip(records(whole))
+    assert summary["wall_time_s"] >= saved["wall_time_s"] > 0
 
 
 def test_a_resume_does_not_redo_the_evaluation_it_stopped_at(tmp_path, monkeypatch):
@@ -174,12 +190,12 @@ def test_stop_after_counts_the_steps_of_this_process(tmp_path, monkeypatch):
 
 def test_a_non_finite_training_loss_ends_the_run_as_diverged(tmp_path, capsys):
     run = make_run(tmp_path, sets=["train.log_interval=2"])
-    values = [0.0, 1.0, 2.0, math.nan, 4.0, 5.0, 6.0, 7.0]
+    values = [0.0, 1.0, math.nan, 3.0, 4.0, 5.0, 6.0, 7.0]
     summary = fit(run, Batches(values), total_steps=8, eval_interval=8)
-    # checked every 2 steps: step 4 sees the NaN of batch 3 (in the running mean)
+    # checked every 2 steps: step 4 took batch 3 (finite) but the running mean holds step 3's NaN
     assert summary["status"] == "diverged" and summary["steps"] == 4
     last = records(run)[-1]
-    assert (last["step"], last["split"], last["loss"]) == (4, "train", "nan")  # the step's loss, NaN
+    assert (last["step"], last["split"], last["loss"]) == (4, "train", 3.0)  # the step's own loss
     assert f"{run.dir}: diverged after 4 steps, best val loss 10.0000 at step 0" in capsys.readouterr().out
     run = make_run(tmp_path, sets=["train.log_interval=2"], name="late")
     values = [0.0, 1.0, 2.0, 3.0, 4.0, math.inf, 6.0, 7.0]
@@ -217,8 +233,10 @@ def test_grad_clip_clips_the_global_norm(tmp_path):
     def steep(model, batch):  # gradient 3 per step on the single weight
         return model.weight.sum() * 3, {}
 
-    for clip, move in ((0.0, 3.0), (0.5, 0.5), (5.0, 3.0)):
-        run = make_run(tmp_path, sets=[*sets, f"train.grad_clip={clip}"], name=f"c{clip}")
+    for clip, accumulation, move in ((0.0, 1, 3.0), (0.5, 1, 0.5), (5.0, 1, 3.0), (0.0, 2, 3.0)):
+        # with 2 micro-batches the gradient is their mean: still 3
+        run = make_run(tmp_path, sets=[*sets, f"train.grad_clip={clip}",
+                                       f"train.gradient_accumulation_steps={accumulation}"], name=f"c{clip}-{accumulation}")
         trainer = Trainer(run, model(), Batches(), steep, Evaluate(), total_steps=1, eval_interval=5)
         before = trainer.raw.weight.item()
         trainer.fit()
@@ -513,3 +531,91 @@ def test_train_step_syncs_gradients_only_after_the_last_micro_batch(tmp_path, mo
     t.model = DDP(t.raw)
     assert t.train_step(iter(Batches().batches(3)))
     assert entered == [True, True] and syncs == [] and t.state.step == 2
+
+
+class Progress:
+    """A stand-in for tqdm: what the loop shows."""
+
+    made = []
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.updates, self.postfixes, self.closed = kwargs, 0, [], False
+        Progress.made.append(self)
+
+    def update(self, n):
+        self.updates += n
+
+    def set_postfix(self, postfix):
+        self.postfixes.append(postfix)
+
+    def close(self):
+        self.closed = True
+
+
+def test_the_progress_bar_and_the_modes_of_training_and_evaluation(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "tqdm", Progress)
+    monkeypatch.setenv("TQDM_DISABLE", "")
+    Progress.made.clear()
+    seen = []
+
+    def watched_loss(model, batch):
+        seen.append(("train", model.training, torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+        return loss_fn(model, batch)
+
+    class Watched(Evaluate):
+        def __call__(self, model, step):
+            seen.append(("eval", model.training, torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+            return super().__call__(model, step) + [{"split": "val2", "acc": 0.5}]  # a record without a loss
+
+    run = make_run(tmp_path, precision="bf16", sets=["train.log_interval=2"])
+    Trainer(run, model(), Batches(), watched_loss, Watched(), total_steps=4, eval_interval=2).fit()
+    assert set(seen) == {("train", True, True, True), ("eval", False, False, True)}
+    bar, = Progress.made
+    assert bar.kwargs == {"total": 4, "initial": 0, "disable": False, "dynamic_ncols": True, "desc": "nano msgd s1"}
+    assert bar.updates == 4 and bar.closed
+    evals = [p for p in bar.postfixes if "val_loss" in p]
+    assert evals == [{"val_loss": "10.0000", "test_loss": "100.0000"}, {"val_loss": "8.0000", "test_loss": "102.0000"},
+                     {"val_loss": "6.0000", "test_loss": "104.0000"}]
+    steps = [p for p in bar.postfixes if "loss" in p]
+    assert [p["loss"] for p in steps] == ["1.0000", "3.0000"] and all("it/s" in p for p in steps)
+    assert capsys.readouterr().out.endswith(f"{run.dir}: completed after 4 steps, best val loss 6.0000 at step 4\n")
+    # rank 1 shows no bar; nor does rank 0 with TQDM_DISABLE set
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    fit(make_run(tmp_path, name="quiet"), total_steps=1)
+    assert Progress.made[-1].kwargs["disable"] is True
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    fit(make_run(tmp_path, name="zero"), total_steps=1)
+    assert Progress.made[-1].kwargs["disable"] is False
+
+
+def test_a_run_without_a_best_says_so_in_one_line(tmp_path, capsys):
+    class NoVal(Evaluate):
+        def __call__(self, model, step):
+            return [{"split": "test", "loss": 1.0}]
+
+    run = make_run(tmp_path)
+    summary = fit(run, evaluate=NoVal(), total_steps=2)
+    assert summary["best"] is None and "best_val_loss" not in summary
+    assert capsys.readouterr().out.endswith(f"{run.dir}: completed after 2 steps\n")
+
+
+def test_a_fresh_start_drops_records_no_checkpoint_counts(tmp_path):
+    run = make_run(tmp_path)
+    run.dir.mkdir()
+    (run.dir / ".lock").write_text("")  # a run that was killed before its first checkpoint
+    (run.dir / "metrics.jsonl").write_text('{"step": 0, "split": "val", "loss": 99.0}\n')
+    fit(run, total_steps=2)
+    assert [r["loss"] for r in records(run) if r["split"] == "val"] == [10.0, 8.0]
+
+
+def test_the_train_record_has_the_mfu_since_the_last_evaluation(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(loop, "estimate_mfu", lambda flops, device: asked.append((flops, device)) or 0.25)
+    run = make_run(tmp_path)
+    fit(run, total_steps=4, eval_interval=2, flops_per_step=1e6)
+    trains = [r for r in records(run) if r["split"] == "train"]
+    assert [r["mfu"] for r in trains] == [0.25, 0.25]
+    assert all(flops > 0 and device == torch.device("cpu") for flops, device in asked)
+    run = make_run(tmp_path, name="none")
+    fit(run, total_steps=4, eval_interval=2)  # no FLOPs given: no MFU
+    assert all("mfu" not in r for r in records(run))
