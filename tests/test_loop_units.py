@@ -619,3 +619,34 @@ def test_the_train_record_has_the_mfu_since_the_last_evaluation(tmp_path, monkey
     run = make_run(tmp_path, name="none")
     fit(run, total_steps=4, eval_interval=2)  # no FLOPs given: no MFU
     assert all("mfu" not in r for r in records(run))
+
+
+def test_a_rank_other_than_0_trains_and_writes_nothing(tmp_path):
+    run = make_run(tmp_path)
+    run.rank = 1  # one process acting as rank 1 (no group: every collective is its own)
+    assert fit(run) is None  # the summary is rank 0's
+    assert not run.dir.exists()
+
+
+def test_one_process_never_shards(tmp_path):
+    t = Trainer(make_run(tmp_path, sets=["train.parallel=fsdp2"]), model(), Batches(), loss_fn, Evaluate(),
+                total_steps=1, eval_interval=1)
+    assert t.fsdp is False and t.model is t.raw
+
+
+def test_a_resume_falls_back_to_the_previous_checkpoint_when_records_were_lost(tmp_path, monkeypatch, capsys):
+    run = make_run(tmp_path)
+    monkeypatch.setenv(STOP_AFTER_ENV, "3")
+    with pytest.raises(Interrupted):
+        fit(run, eval_interval=3)  # checkpoints after the evaluations at steps 0 and 3, then it stops
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    previous = ckpt.load(run.dir / "checkpoint.prev.pt")
+    assert previous["step"] == 0 and ckpt.load(run.dir / "checkpoint.pt")["metrics_offset"] > previous["metrics_offset"]
+    with open(run.dir / "metrics.jsonl", "r+b") as f:  # a node crash lost the records after step 0's checkpoint
+        f.truncate(previous["metrics_offset"])
+    capsys.readouterr()
+    assert fit(run, eval_interval=3)["status"] == "completed"
+    assert f"Resuming {run.dir} from step 0\n" in capsys.readouterr().out
+    whole = make_run(tmp_path, name="whole")
+    fit(whole, eval_interval=3)
+    assert strip(records(run)) == strip(records(whole))
