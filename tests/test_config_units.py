@@ -202,6 +202,12 @@ def test_resolve_run_refuses_a_bad_key_or_value_in_one_line(tmp_path):
         "optimizer.eps, optimizer.weight_decay, optimizer.maximize, optimizer.foreach, optimizer.fused")
     assert refused(c.resolve_run, "nano", "adam", 1, None, ["train.max_iters=ten"], folder) == \
         "bad type for train.max_iters: 'ten' is str, expected int (like the default 10)"
+    assert refused(c.resolve_run, "nano", "cadam", 1, None, ["optimizer.h=fast"], folder) == \
+        "--set: bad type for optimizer.h: 'fast', expected a number"  # where the bad value came from
+    over = tmp_path / "over.yaml"
+    over.write_text("cadam: {zeta: 1}\n")
+    assert refused(c.resolve_run, "nano", "cadam", 1, str(over), (), folder).startswith(
+        f"{over}: unknown key optimizer.zeta for optimizer cadam; valid: optimizer.h, ")
     assert refused(c.resolve_run, "nano", "cadam", 1, None, ["optimizer.h=-1"], folder) == \
         "Invalid h: -1.0; expected a finite number > 0"  # the constructor's check, as a UsageError
     assert refused(c.resolve_run, "nano", "adam", 1, None, ["train.batch_size=0"], folder) == \
