@@ -67,7 +67,7 @@ def test_autocast_is_the_runs_precision():
 
 def test_micro_batch_size_splits_the_global_batch_over_ranks_and_micro_batches(tmp_path):
     assert a_run(tmp_path, 2, gradient_accumulation_steps=2).micro_batch_size() == 2
-    assert a_run(tmp_path, 1).micro_batch_size() == 8
+    assert a_run(tmp_path, 1).micro_batch_size() == 8 and isinstance(a_run(tmp_path, 2).micro_batch_size(), int)
     assert a_run(tmp_path, 8).micro_batch_size() == 1
     one = a_run(tmp_path)
     object.__setattr__(one.train, "batch_size", 1)  # the smallest batch there is
@@ -82,9 +82,13 @@ def test_micro_batch_size_splits_the_global_batch_over_ranks_and_micro_batches(t
         assert "must be a positive multiple" in refused(run.micro_batch_size)
 
 
-def test_any_rank_alone_is_the_flag_and_build_optimizer_uses_the_config(tmp_path):
+def test_any_rank_alone_is_the_flag_and_build_optimizer_uses_the_config(tmp_path, monkeypatch):
     run = a_run(tmp_path)
     assert run.any_rank(True) is True and run.any_rank(False) is False
+    run = a_run(tmp_path, 2)  # two ranks, the other one faked: its flag is added by the all-reduce (a sum)
+    for other in (0.0, 1.0):
+        monkeypatch.setattr(run_lib.dist, "all_reduce", lambda t, other=other: t.add_(other))
+        assert run.any_rank(True) is True and run.any_rank(False) is bool(other)
     p = torch.nn.Parameter(torch.zeros(2))
     opt = run.build_optimizer([p])
     assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["lr"] == 0.5
@@ -112,6 +116,7 @@ def test_run_open_passes_its_role_on_and_raises_the_error(tmp_path, monkeypatch)
     calls = []
 
     def fake(run_dir, cfg, writer=True, finished=False, usable=None, mmap=False):
+        assert cfg is run.cfg
         calls.append((run_dir, writer, finished, usable, mmap))
         if run_dir.name == "bad":
             raise UsageError("bad folder")
@@ -123,7 +128,7 @@ def test_run_open_passes_its_role_on_and_raises_the_error(tmp_path, monkeypatch)
     run.world_size = 1  # one process (any_rank without a group), acting as rank 1
     assert run.open(usable=usable, mmap=True) == {"step": 4}
     assert calls == [(run.dir, False, False, usable, True)]
-    main = a_run(tmp_path)
+    main = run = a_run(tmp_path)
     assert main.open() == {"step": 4} and calls[-1] == (main.dir, True, False, None, False)
     main.dir = tmp_path / "bad"
     assert refused(main.open) == "bad folder"
@@ -206,6 +211,7 @@ def test_with_task_reads_the_task_of_a_folder_of_tasks(monkeypatch, capsys):
      {"RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "1234"}),
     ({"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1"}, (0, 0, 1), {}),  # no MASTER_ADDR
     ({"SLURM_NTASKS": "4", "MASTER_ADDR": "n1"}, (0, 0, 1), {}),  # no SLURM_PROCID
+    ({"SLURM_PROCID": "1", "MASTER_ADDR": "n1"}, (0, 0, 1), {}),  # no SLURM_NTASKS: one task
     ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "MASTER_ADDR": "n1"}, (0, 0, 1), {}),  # one task
 ])
 def test_distributed_env_reads_torchrun_then_slurm(monkeypatch, env, expected, exported):
@@ -518,3 +524,28 @@ def test_start_of_one_of_several_processes_joins_the_group_and_leaves_it_at_exit
     up.append(1)  # a group someone else made: not made again
     run_lib.start("nano", ["--optimizer", "adam", "--out", str(tmp_path / "run")])
     assert joined == [backend] and len(at_exit) == 1
+
+
+def test_start_of_a_folder_of_tasks_and_of_a_task(tmp_path, monkeypatch):
+    # bert's own config checks (bert.train, which imports transformers) are not what is tested here
+    stub = type(sys)("bert_train_stub")
+    stub.check_config, stub.BEHAVIOUR_OF_OLDER_RUNS = (lambda cfg: None), {}
+    monkeypatch.setattr(config_lib, "experiment_module", lambda name: stub)
+    run = run_lib.start("bert", ["--optimizer", "adam", "--task", "qnli", "--out", str(tmp_path / "q")])
+    assert run.experiment == experiment("bert/qnli") and run.cfg["experiment"] == "bert-qnli"
+    run = run_lib.start(experiment("bert/sst2"), ["--optimizer", "adam", "--out", str(tmp_path / "s")])
+    assert run.experiment == experiment("bert/sst2") and run.cfg["experiment"] == "bert-sst2"
+
+
+def test_start_reads_the_config_file_and_defaults_the_seed_to_0(tmp_path):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    paper = config_lib.read_yaml(ROOT / "nano" / "configs" / "paper.yaml")
+    del paper["seeds"]
+    (configs / "paper.yaml").write_text(yaml.safe_dump(paper))
+    (configs / "best.yaml").write_text("")
+    exp = run_lib.Experiment("nano", "nano.train", (), configs, "nano", "nano")
+    over = tmp_path / "over.yaml"
+    over.write_text("train: {max_iters: 12}\n")
+    run = run_lib.start(exp, ["--optimizer", "adam", "--config", str(over), "--out", str(tmp_path / "run")])
+    assert run.seed == 0 and run.train.max_iters == 12
