@@ -417,11 +417,11 @@ def test_train_state_round_trips_and_resumes_on_another_number_of_ranks():
 
 def test_peak_flops_and_mfu(monkeypatch):
     assert loop.peak_flops(torch.device("cpu")) is None and loop.estimate_mfu(1e12, torch.device("cpu")) is None
-    cuda = torch.device("cuda", 0)
+    cuda = torch.device("cuda", 1)
     for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
                        ("NVIDIA A100-SXM4-40GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12),
                        ("Tesla T4", None)):
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name if device == cuda else "?")
         assert loop.peak_flops(cuda) == peak, name
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     assert loop.estimate_mfu(156e12, cuda) == 0.5
@@ -434,9 +434,11 @@ def test_throughput_postfix(tmp_path, monkeypatch):
     monkeypatch.setattr(loop.time, "time", lambda: 108.0)
     assert t._throughput(1.23456) == {"loss": "1.2346", "it/s": "2.50"}
     assert t._rate_from == (108.0, 30)
-    monkeypatch.setattr(loop, "estimate_mfu", lambda flops, device: flops / 1e3)
+    monkeypatch.setattr(loop, "estimate_mfu", lambda flops, device: flops / 1e3 if device == torch.device("cpu") else 0)
     t.flops_per_step, t._rate_from = 40.0, (100.0, 10)
     assert t._throughput(2.0) == {"loss": "2.0000", "it/s": "2.50", "mfu": "10.0%"}
+    t._rate_from = (107.5, 20)  # 10 steps in half a second
+    assert t._throughput(2.0)["it/s"] == "20.00"
 
 
 # ---------------------------------------------------------------- several processes, with fakes of torch.distributed
@@ -650,3 +652,10 @@ def test_a_resume_falls_back_to_the_previous_checkpoint_when_records_were_lost(t
     whole = make_run(tmp_path, name="whole")
     fit(whole, eval_interval=3)
     assert strip(records(run)) == strip(records(whole))
+
+
+def test_fit_is_the_trainers_fit(tmp_path):
+    run, data, evaluate = make_run(tmp_path), Batches(), Evaluate()
+    summary = loop.fit(run, model(), data, loss_fn, evaluate, total_steps=3, eval_interval=2, tokens_per_step=5)
+    assert summary["steps"] == 3 and evaluate.calls == [0, 2] and data.starts == [0]
+    assert summary["tokens_per_s"] == pytest.approx(5 * summary["steps_per_s"])
