@@ -469,13 +469,31 @@ def test_start_refuses_in_one_line_what_it_cannot_run(tmp_path, monkeypatch):
     assert refused(run_lib.start, "nano", ["--optimizer", "adam", "--set", "wandb=true", "--out", str(tmp_path / "w")]) \
         == "wandb=true but wandb is not installed: pip install wandb (or --set wandb=false)"
     assert run_lib.start("nano", ["--optimizer", "adam", "--out", str(tmp_path / "w")]) is not None  # wandb off: fine
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    if real("wandb") is not None:  # installed (environments/*.txt): wandb=true is fine
+        assert run_lib.start("nano", ["--optimizer", "adam", "--set", "wandb=true", "--out", str(tmp_path / "w")])
 
 
-def test_start_of_a_finished_run_does_nothing(tmp_path, capsys):
-    out = tmp_path / "run"
+def test_start_of_a_finished_run_does_nothing(tmp_path, monkeypatch):
+    class Out:  # a pipe to a launcher's log: what is not flushed waits in the buffer
+        def __init__(self):
+            self.text, self.flushed = "", ""
+
+        def write(self, text):
+            self.text += text
+
+        def flush(self):
+            self.flushed = self.text
+
+    out, stdout = tmp_path / "run", Out()
     finished(out, status="diverged")
+    monkeypatch.setattr(sys, "stdout", stdout)
     assert run_lib.start("nano", ["--optimizer", "adam", "--seed", "1", "--out", str(out)]) is None
-    assert capsys.readouterr().out == f"{out}: already diverged; nothing to do\n"
+    assert stdout.flushed == stdout.text == f"{out}: already diverged; nothing to do\n"
+    monkeypatch.undo()
+    done = finished(tmp_path / "lost", None)  # finished, but its records are gone: checked, refused
+    assert refused(run_lib.start, "nano", ["--optimizer", "adam", "--seed", "1", "--out", str(done.path)]) == (
+        f"{done.metrics_file} holds no record but the run is completed: delete {done.path} to redo the run")
     assert (out / "config.yaml").read_text() == config_lib.dump(nano_cfg())  # checked, and its config rewritten
     assert "(seed)" in refused(run_lib.start, "nano", ["--optimizer", "adam", "--seed", "2", "--out", str(out)])
 
@@ -542,10 +560,11 @@ def test_start_reads_the_config_file_and_defaults_the_seed_to_0(tmp_path):
     configs.mkdir()
     paper = config_lib.read_yaml(ROOT / "nano" / "configs" / "paper.yaml")
     del paper["seeds"]
+    paper["train"]["eval_iters"] = 3  # not nano's own configs: these
     (configs / "paper.yaml").write_text(yaml.safe_dump(paper))
     (configs / "best.yaml").write_text("")
     exp = run_lib.Experiment("nano", "nano.train", (), configs, "nano", "nano")
     over = tmp_path / "over.yaml"
     over.write_text("train: {max_iters: 12}\n")
     run = run_lib.start(exp, ["--optimizer", "adam", "--config", str(over), "--out", str(tmp_path / "run")])
-    assert run.seed == 0 and run.train.max_iters == 12
+    assert run.seed == 0 and run.train.max_iters == 12 and run.train.eval_iters == 3
