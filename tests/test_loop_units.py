@@ -659,3 +659,19 @@ def test_fit_is_the_trainers_fit(tmp_path):
     summary = loop.fit(run, model(), data, loss_fn, evaluate, total_steps=3, eval_interval=2, tokens_per_step=5)
     assert summary["steps"] == 3 and evaluate.calls == [0, 2] and data.starts == [0]
     assert summary["tokens_per_s"] == pytest.approx(5 * summary["steps_per_s"])
+
+
+def test_a_signal_stops_the_run_at_the_next_step_boundary_after_a_checkpoint(tmp_path):
+    import os
+    import signal
+
+    def signalled(model, batch):  # the scheduler's SIGUSR1 arrives during step 3 (batch 2)
+        if batch.item() == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return loss_fn(model, batch)
+
+    run = make_run(tmp_path)
+    with pytest.raises(Interrupted, match="at step 3$"):
+        Trainer(run, model(), Batches(), signalled, Evaluate(), total_steps=5, eval_interval=2).fit()
+    assert ckpt.load(run.dir / "checkpoint.pt")["step"] == 3
+    assert json.loads((run.dir / "summary.json").read_text())["status"] == "interrupted"
