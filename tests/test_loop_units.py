@@ -337,6 +337,9 @@ def test_an_fp16_run_cannot_resume_a_checkpoint_without_loss_scaling(tmp_path, m
     half = make_run(tmp_path, precision="fp16")
     trainer = Trainer(half, model(), Batches(), loss_fn, Evaluate(), total_steps=5, eval_interval=2)
     assert trainer.scaler.is_enabled()
+    with pytest.raises(UsageError, match="was saved by a process without fp16 loss scaling"):
+        trainer.fit()  # the resume checks the checkpoint's scaler
+    trainer = Trainer(half, model(), Batches(), loss_fn, Evaluate(), total_steps=5, eval_interval=2)
     assert refused(trainer._check_scaler, {}) == (
         f"{half.dir / 'checkpoint.pt'} was saved by a process without fp16 loss scaling (on the CPU, or not in fp16) "
         "but this one trains in fp16 with loss scaling on cpu: resume it where it ran (on the CPU: "
@@ -659,6 +662,7 @@ def test_fit_is_the_trainers_fit(tmp_path):
     summary = loop.fit(run, model(), data, loss_fn, evaluate, total_steps=3, eval_interval=2, tokens_per_step=5)
     assert summary["steps"] == 3 and evaluate.calls == [0, 2] and data.starts == [0]
     assert summary["tokens_per_s"] == pytest.approx(5 * summary["steps_per_s"])
+    assert ckpt.load(run.dir / "checkpoint.pt")["step"] == 3  # no evaluation at step 3: saved as completed
 
 
 def test_a_signal_stops_the_run_at_the_next_step_boundary_after_a_checkpoint(tmp_path):
@@ -675,3 +679,39 @@ def test_a_signal_stops_the_run_at_the_next_step_boundary_after_a_checkpoint(tmp
         Trainer(run, model(), Batches(), signalled, Evaluate(), total_steps=5, eval_interval=2).fit()
     assert ckpt.load(run.dir / "checkpoint.pt")["step"] == 3
     assert json.loads((run.dir / "summary.json").read_text())["status"] == "interrupted"
+
+
+def test_a_resume_under_fsdp2_hands_the_full_states_to_the_shards(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    monkeypatch.setenv(STOP_AFTER_ENV, "1")
+    with pytest.raises(Interrupted):
+        fit(run)
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    saved = ckpt.load(run.dir / "checkpoint.pt")
+    t = Trainer(make_run(tmp_path), model(), Batches(), loss_fn, Evaluate(), total_steps=5, eval_interval=2)
+    t.fsdp, handed = True, []  # as on several processes with train.parallel fsdp2
+    monkeypatch.setattr(loop.par, "load_full_state_dicts", lambda *args: handed.append(args))
+    t.resume()
+    (m, o, model_state, optim_state), = handed
+    assert m is t.raw and o is t.optimizer and t.state.step == 1
+    assert {k: v.tolist() for k, v in model_state.items()} == {k: v.tolist() for k, v in saved["model"].items()}
+    assert optim_state["param_groups"] == saved["optimizer"]["param_groups"]
+
+
+def test_a_checkpoint_of_several_processes_gathers_and_waits_for_every_rank(tmp_path, monkeypatch):
+    t = Trainer(make_run(tmp_path), model(), Batches(), loss_fn, Evaluate(), total_steps=5, eval_interval=2)
+    t.resume()
+    t.run.world_size, t.fsdp, waits = 2, True, []  # rank 0 of 2 under FSDP2, the other rank faked
+    full = ({"weight": torch.tensor([[7.0]])}, {"state": {}, "param_groups": [{"lr": 0.5, "params": [0]}]})
+    monkeypatch.setattr(loop.par, "full_state_dicts", lambda raw, optimizer: full if raw is t.raw else None)
+    monkeypatch.setattr(loop.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj, obj]))
+    monkeypatch.setattr(loop.dist, "barrier", lambda: waits.append(1))
+    t.state.step = 4
+    t.checkpoint()
+    saved = ckpt.load(t.ckpt_path)
+    assert saved["model"]["weight"].tolist() == [[7.0]] and saved["optimizer"]["param_groups"][0]["lr"] == 0.5
+    assert len(saved["data"]) == len(saved["rng"]) == len(saved["running"]) == 2 and waits == [1]
+    t.checkpoint()  # the same step again: nothing
+    assert waits == [1]
+    summary = t.finish("interrupted")
+    assert waits == [1, 1] and summary["world_size"] == 2 and summary["status"] == "interrupted"
