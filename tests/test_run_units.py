@@ -511,6 +511,7 @@ def test_start_on_a_gpu_takes_its_local_ranks_device_and_the_gpu_precision(tmp_p
         torch.backends.cuda.matmul.allow_tf32 = False
         run = run_lib.start("nano", ["--optimizer", "adam", "--out", str(tmp_path / "run")])
         assert run.device == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]  # 3 % 2 GPUs
+        assert (run.rank, run.local_rank, run.world_size) == (0, 3, 1)
         assert run.precision == "fp16"  # nano's train.precision (its cpu_precision is fp32)
         assert torch.backends.cuda.matmul.allow_tf32 is True  # nano's train.tf32
         run_lib.start("nano", ["--optimizer", "adam", "--out", str(tmp_path / "run"), "--set", "train.tf32=false"])
