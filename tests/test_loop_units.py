@@ -6,6 +6,7 @@ batch), so every mean in a record is a small sum."""
 import contextlib
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -614,13 +615,21 @@ def test_a_fresh_start_drops_records_no_checkpoint_counts(tmp_path):
 
 
 def test_the_train_record_has_the_mfu_since_the_last_evaluation(tmp_path, monkeypatch):
-    asked = []
+    asked, clock = [], {"t": 100.0}
     monkeypatch.setattr(loop, "estimate_mfu", lambda flops, device: asked.append((flops, device)) or 0.25)
+    monkeypatch.setattr(loop, "time", type(sys)("clock"))
+    loop.time.time = lambda: clock["t"]
+
+    def timed(model, batch):  # each step takes half a second on this clock
+        clock["t"] += 0.5
+        return loss_fn(model, batch)
+
     run = make_run(tmp_path)
-    fit(run, total_steps=4, eval_interval=2, flops_per_step=1e6)
+    Trainer(run, model(), Batches(), timed, Evaluate(), total_steps=4, eval_interval=2, flops_per_step=1e6).fit()
     trains = [r for r in records(run) if r["split"] == "train"]
     assert [r["mfu"] for r in trains] == [0.25, 0.25]
-    assert all(flops > 0 and device == torch.device("cpu") for flops, device in asked)
+    # 2 steps of 1e6 FLOPs in the second since each previous evaluation
+    assert asked[:2] == [(2e6, torch.device("cpu")), (2e6, torch.device("cpu"))]
     run = make_run(tmp_path, name="none")
     fit(run, total_steps=4, eval_interval=2)  # no FLOPs given: no MFU
     assert all("mfu" not in r for r in records(run))
@@ -715,3 +724,64 @@ def test_a_checkpoint_of_several_processes_gathers_and_waits_for_every_rank(tmp_
     assert waits == [1]
     summary = t.finish("interrupted")
     assert waits == [1, 1] and summary["world_size"] == 2 and summary["status"] == "interrupted"
+
+
+def test_resume_wraps_the_model_as_configured(tmp_path, monkeypatch):
+    compiled, wrapped = [], []
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or ("compiled", m))
+    monkeypatch.setattr(loop, "DistributedDataParallel", lambda m, device_ids: wrapped.append((m, device_ids)) or "ddp")
+    t = Trainer(make_run(tmp_path, sets=["train.compile=true"]), model(), Batches(), loss_fn, Evaluate(),
+                total_steps=1, eval_interval=1)
+    t.resume()
+    assert t.model == ("compiled", t.raw) and compiled == [t.raw] and wrapped == []
+    for device, ids in ((torch.device("cpu"), None), (torch.device("cuda", 1), [torch.device("cuda", 1)])):
+        t = Trainer(make_run(tmp_path, name=str(device)), model(), Batches(), loss_fn, Evaluate(), total_steps=1,
+                    eval_interval=1)
+        t.run.world_size, t.run.device = 2, device  # one of 2 processes, DDP (the default)
+        t.resume()
+        assert t.model == "ddp" and wrapped[-1] == (t.raw, ids)
+    t = Trainer(make_run(tmp_path, name="fsdp"), model(), Batches(), loss_fn, Evaluate(), total_steps=1, eval_interval=1)
+    t.run.world_size, t.fsdp = 2, True  # FSDP2 shards the module itself: no wrapper
+    t.resume()
+    assert t.model is t.raw and len(wrapped) == 2
+
+
+def test_a_rank_beyond_the_saved_ones_resumes_from_the_last(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    monkeypatch.setenv(STOP_AFTER_ENV, "1")
+    with pytest.raises(Interrupted):
+        fit(run)
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    saved = ckpt.load(run.dir / "checkpoint.pt")
+    torch.manual_seed(98)
+    first = ckpt.rng_state()
+    torch.manual_seed(99)
+    second = ckpt.rng_state()
+    saved.update(data=[{"extra": torch.tensor([1])}, {"extra": torch.tensor([2])}], rng=[first, second])
+    ckpt.save_atomic(saved, run.dir / "checkpoint.pt")  # as saved by 2 ranks
+    later = make_run(tmp_path)
+    later.rank, later.world_size = 2, 3  # rank 2 of a run on 3 processes (the others faked)
+    monkeypatch.setattr(loop.dist, "all_reduce", lambda t: t)
+    monkeypatch.setattr(loop, "DistributedDataParallel", lambda m, device_ids: m)
+    data = Batches()
+    t = Trainer(later, model(), data, loss_fn, Evaluate(), total_steps=5, eval_interval=2)
+    t.resume()
+    assert data.extra.tolist() == [2]
+    draw = torch.rand(1)
+    torch.manual_seed(99)
+    assert torch.equal(draw, torch.rand(1))
+
+
+def test_an_fp16_run_resumes_its_loss_scale(tmp_path, monkeypatch):
+    run = make_run(tmp_path, precision="fp16")
+    monkeypatch.setenv(STOP_AFTER_ENV, "1")
+    with pytest.raises(Interrupted):
+        fit(run)
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    saved = ckpt.load(run.dir / "checkpoint.pt")
+    saved["scaler"]["scale"] = 1024.0
+    ckpt.save_atomic(saved, run.dir / "checkpoint.pt")
+    t = Trainer(make_run(tmp_path, precision="fp16"), model(), Batches(), loss_fn, Evaluate(), total_steps=5,
+                eval_interval=2)
+    t.resume()
+    assert t.scaler.get_scale() == 1024.0
