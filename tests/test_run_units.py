@@ -396,6 +396,16 @@ def test_open_run_dir_lets_an_older_run_lack_the_experiments_later_keys(tmp_path
     del old["model"]["scaled_init"]  # nano's runs before it existed did what "all" does
     (out / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     assert open_run_dir(out, cfg) is None
+    checkpoint(out / "checkpoint.pt", old)  # its checkpoint's copy too
+    assert open_run_dir(out, cfg)["step"] == 5
+
+
+def test_open_run_dir_of_an_experiment_without_later_keys(tmp_path, monkeypatch):
+    stub = type(sys)("train_stub")  # an experiment whose training module names no later keys
+    stub.check_config = lambda cfg: None
+    monkeypatch.setattr(config_lib, "experiment_module", lambda name: stub)
+    cfg, out = nano_cfg(), tmp_path / "run"
+    assert open_run_dir(out, cfg) is None and open_run_dir(out, cfg) is None
 
 
 def test_open_run_dir_rewrites_a_damaged_config_once_checked(tmp_path, capsys):
