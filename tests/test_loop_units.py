@@ -620,16 +620,16 @@ def test_the_train_record_has_the_mfu_since_the_last_evaluation(tmp_path, monkey
     monkeypatch.setattr(loop, "time", type(sys)("clock"))
     loop.time.time = lambda: clock["t"]
 
-    def timed(model, batch):  # each step takes half a second on this clock
-        clock["t"] += 0.5
+    def timed(model, batch):  # each step takes a quarter of a second on this clock
+        clock["t"] += 0.25
         return loss_fn(model, batch)
 
     run = make_run(tmp_path)
     Trainer(run, model(), Batches(), timed, Evaluate(), total_steps=4, eval_interval=2, flops_per_step=1e6).fit()
     trains = [r for r in records(run) if r["split"] == "train"]
     assert [r["mfu"] for r in trains] == [0.25, 0.25]
-    # 2 steps of 1e6 FLOPs in the second since each previous evaluation
-    assert asked[:2] == [(2e6, torch.device("cpu")), (2e6, torch.device("cpu"))]
+    # 2 steps of 1e6 FLOPs in the half second since each previous evaluation
+    assert asked[:2] == [(4e6, torch.device("cpu")), (4e6, torch.device("cpu"))]
     run = make_run(tmp_path, name="none")
     fit(run, total_steps=4, eval_interval=2)  # no FLOPs given: no MFU
     assert all("mfu" not in r for r in records(run))
