@@ -785,3 +785,24 @@ def test_an_fp16_run_resumes_its_loss_scale(tmp_path, monkeypatch):
                 eval_interval=2)
     t.resume()
     assert t.scaler.get_scale() == 1024.0
+
+
+def test_steps_per_second_count_this_processs_steps_over_its_time(tmp_path, monkeypatch):
+    clock = {"t": 100.0}
+    monkeypatch.setattr(loop, "time", type(sys)("clock"))
+    loop.time.time = lambda: clock["t"]
+
+    def timed(model, batch):  # each step takes a quarter of a second on this clock
+        clock["t"] += 0.25
+        return loss_fn(model, batch)
+
+    run = make_run(tmp_path)
+    summary = Trainer(run, model(), Batches(), timed, Evaluate(), total_steps=2, eval_interval=10).fit()
+    assert summary["steps_per_s"] == 4.0  # 2 steps in half a second
+    run = make_run(tmp_path, name="resumed")
+    monkeypatch.setenv(STOP_AFTER_ENV, "1")
+    with pytest.raises(Interrupted):
+        Trainer(run, model(), Batches(), timed, Evaluate(), total_steps=3, eval_interval=10).fit()
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    summary = Trainer(run, model(), Batches(), timed, Evaluate(), total_steps=3, eval_interval=10).fit()
+    assert summary["steps_per_s"] == 4.0  # steps 2 and 3 in this process's half second
