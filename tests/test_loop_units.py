@@ -391,6 +391,8 @@ def test_train_state_means_and_best():
     assert not m.improves({"split": "val", "acc": 0.4}, ("val", "acc", "max"))
     assert not m.improves({"split": "val", "acc": math.inf}, ("val", "acc", "max"))
     assert m.improves({"split": "val", "acc": 0.6}, ("val", "acc", "max")) and m.best["value"] == 0.6
+    m.step = 9
+    assert not m.improves({"split": "val", "acc": 0.6}, ("val", "acc", "max")) and m.best["step"] == 0  # a tie
 
 
 def test_train_state_round_trips_and_resumes_on_another_number_of_ranks():
