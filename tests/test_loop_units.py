@@ -116,6 +116,7 @@ def test_fit_evaluates_on_the_interval_and_logs_the_mean_training_loss(tmp_path)
     assert summary["hyperparameters"] == {"lr": 0.09791, "momentum": 0.9005}
     assert (summary["world_size"], summary["device"], summary["precision"]) == (1, "cpu", "fp32")
     assert "val_estimators" not in summary and "mfu" not in summary
+    assert summary["versions"]["torch"] == torch.__version__  # what ran it
     assert json.loads((run.dir / "summary.json").read_text())["status"] == "completed"
     saved = ckpt.load(run.dir / "checkpoint.pt")
     assert saved["step"] == 5 and saved["metrics_offset"] == (run.dir / "metrics.jsonl").stat().st_size
