@@ -1,0 +1,512 @@
+"""harness.sweep's study, objective, worker, command line and figures on their own: no trial's
+training run is started (``processes.start`` and the study's trials are played by fakes or by
+``create_trial``), so each test takes milliseconds (the modules' mutation runs,
+results/mutation/README.md). Expected values come from the modules' documented behaviour
+(harness/sweep/__init__.py, each function's docstring) and hand computation."""
+import math
+
+import pytest
+
+from harness.sweep import objective as objective_lib
+
+
+# --------------------------------------------------------------------------- objective_record
+
+def val(step, loss, epoch=None, split="val"):
+    r = {"split": split, "step": step, "loss": loss}
+    if epoch is not None:
+        r["epoch"] = epoch
+    return r
+
+
+def test_objective_record_picks_by_its_rule():
+    rows = [val(0, 3.0, 0.0), val(1, 9.0, split="train"), val(2, 2.0, 0.5), val(4, 2.5, 1.0), val(6, 2.25, 1.5),
+            val(8, 2.75, 2.0)]
+    assert objective_lib.objective_record(rows) == rows[2]  # best: the lowest val loss
+    assert objective_lib.objective_record(rows, "best") == rows[2]
+    assert objective_lib.objective_record(rows, "final") == rows[5]  # the highest step
+    assert objective_lib.objective_record(rows, "best_epoch_end") == rows[3]  # epochs 1.0 and 2.0 only
+
+
+# --------------------------------------------------------------------------- study: URLs and secrets
+
+import fcntl
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from harness import sweep
+from harness.errors import UsageError
+from harness.sweep import study as study_lib
+
+NANO = sweep.experiment("nano")
+
+
+def test_quiet_optuna_turns_down_its_logging_and_warnings():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optuna.logging.set_verbosity(optuna.logging.INFO)
+        assert study_lib.quiet_optuna() is optuna
+        assert optuna.logging.get_verbosity() == optuna.logging.ERROR
+        warnings.warn("experimental", optuna.exceptions.ExperimentalWarning)
+        warnings.warn_explicit("future", FutureWarning, "optuna/x.py", 1, module="optuna")
+        warnings.warn_explicit("future elsewhere", FutureWarning, "other.py", 1, module="other")
+    assert [str(w.message) for w in caught] == ["future elsewhere"]
+
+
+def test_retry_callback_retries_ten_times_under_the_name_optuna_has(monkeypatch):
+    callback, keyword = study_lib._retry_callback()
+    assert type(callback) is optuna.storages.RetryHeartbeatStaleTrialCallback and callback._max_retry == 10
+    assert keyword == "heartbeat_stale_trial_callback"
+    monkeypatch.delattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")  # Optuna before 4.9
+    callback, keyword = study_lib._retry_callback()
+    assert type(callback) is optuna.storages.RetryFailedTrialCallback and callback._max_retry == 10
+    assert keyword == "failed_trial_callback"
+
+
+def test_the_studys_folder_storage_and_name(tmp_path):
+    assert study_lib.sweep_dir(NANO, "cd") == Path("runs/sweeps").resolve() / "nano" / "cd"
+    assert study_lib.sweep_dir(NANO, "cd", tmp_path) == tmp_path / "nano" / "cd"
+    assert study_lib.default_storage(NANO, "cd", tmp_path) == f"sqlite:///{tmp_path}/nano/cd/study.db"
+    assert study_lib.default_storage(NANO, "adam") == f"sqlite:///{Path('runs/sweeps').resolve()}/nano/adam/study.db"
+    assert study_lib.study_name(NANO, "cd") == "nano-cd"
+
+
+@pytest.mark.parametrize("url,quoted", [
+    ("postgresql://u:p@ss@host:5432/db", "postgresql://u:p%40ss@host:5432/db"),
+    ("postgresql://u:a@b@c@host/db?sslmode=require", "postgresql://u:a%40b%40c@host/db?sslmode=require"),
+    ("postgresql://u:pw@host/db?x=a@b", "postgresql://u:pw@host/db?x=a@b"),  # the "@" in the query is left
+    ("postgresql://host/db?user=a@b", "postgresql://host/db?user=a@b"),  # no userinfo at all
+    ("postgresql://user@host/db", "postgresql://user@host/db"),
+    ("sqlite:///runs/study.db", "sqlite:///runs/study.db"),
+    ("no scheme u:p@ss@host", "no scheme u:p@ss@host"),
+])
+def test_quoted_userinfo_quotes_only_the_passwords_at(url, quoted):
+    assert study_lib.quoted_userinfo(url) == quoted
+
+
+@pytest.mark.parametrize("key,secret", [
+    ("password", True), ("PASSWORD", True), ("passwd", True), ("pass", True), ("sslpassword", True),
+    ("client_secret", True), ("Token", True), ("access_token_x", True),
+    ("passage", False), ("user", False), ("sslmode", False), ("passwords", False),
+])
+def test_secret_query_keys(key, secret):
+    assert bool(study_lib.SECRET_QUERY.search(key)) is secret
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("postgresql://u:hunter2@db.example:5432/optuna", "postgresql://u:***@db.example:5432/optuna"),
+    ("postgresql://u:hun@ter2@db/optuna", "postgresql://u:***@db/optuna"),
+    ("postgresql://u@db/optuna?password=hunter2", "postgresql://u@db/optuna?password=***"),
+    ("postgresql://u@db/optuna?sslmode=require&token=abc", "postgresql://u@db/optuna?sslmode=require&token=***"),
+    ("sqlite:///runs/study.db", "sqlite:///runs/study.db"),
+    ("postgresql://u:hunter2@db:notaport/optuna", "postgresql://(not a valid URL)"),
+    ("hunter2", "(not a valid URL)"),
+    ("a b://hunter2", "(not a valid URL)"),
+])
+def test_masked_hides_every_secret(url, shown):
+    assert study_lib.masked(url) == shown
+
+
+def test_secrets_and_holds_password():
+    assert study_lib.secrets("postgresql://u:pw1@db/x?password=pw2&sslmode=require&token=t") == ["pw1", "pw2", "t"]
+    assert study_lib.secrets("postgresql://u@db/x?password=a&password=b") == ["a", "b"]  # a repeated key
+    assert study_lib.secrets("postgresql://u:@db/x?password=") == []  # empty ones are no secrets
+    assert study_lib.secrets("postgresql://u@db/x") == []
+    assert study_lib.secrets("not a url") == ["not a url"]
+    assert study_lib.holds_password("postgresql://u:pw@db/x") is True
+    assert study_lib.holds_password("postgresql://u@db/x?passwd=pw") is True
+    assert study_lib.holds_password("postgresql://u@db/x") is False
+    assert study_lib.holds_password("not a url") is False
+
+
+def test_scrubbed_replaces_the_longer_secret_first():
+    url = "postgresql://u:abc@db/x?password=ab"
+    assert study_lib.scrubbed("failed for abc and ab", url) == "failed for *** and ***"
+    assert study_lib.scrubbed("nothing secret", url) == "nothing secret"
+
+
+def test_engine_url_names_psycopg2_and_quotes_the_password():
+    assert study_lib.engine_url("postgresql://u:p@ss@db/x") == "postgresql+psycopg2://u:p%40ss@db/x"
+    assert study_lib.engine_url("postgresql+psycopg://db/x") == "postgresql+psycopg://db/x"
+    assert study_lib.engine_url("mysql://db/postgresql://") == "mysql://db/postgresql://"
+    assert study_lib.engine_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+@pytest.mark.parametrize("url,package,driver,module", [
+    ("mysql://u@db/x", "mysqlclient (or use mysql+pymysql:// and pip install PyMySQL)", "mysqldb", "MySQLdb"),
+    ("mysql+pymysql://u@db/x", "PyMySQL", "pymysql", "pymysql"),
+    ("mysql+mysqlconnector://u@db/x", "mysql-connector-python", "mysqlconnector", "mysql"),
+    ("postgresql+pg8000://u@db/x", "pg8000", "pg8000", "pg8000"),
+    ("postgresql+psycopg://u@db/x", "psycopg[binary]", "psycopg", "psycopg"),
+])
+def test_check_driver_names_the_package_to_install(url, package, driver, module):
+    with pytest.raises(UsageError) as e:
+        study_lib.check_driver(url)
+    assert str(e.value) == (f"--storage {url} needs the database driver {driver} (Python module {module}), "
+                            f"which is not installed: pip install {package}")
+
+
+def test_check_driver_passes_an_installed_driver_and_names_an_unknown_one():
+    study_lib.check_driver("sqlite:///x.db")
+    study_lib.check_driver("postgresql://u:pw@db/x")  # psycopg2, which the environments install
+    with pytest.raises(UsageError) as e:
+        study_lib.check_driver("postgresql+nope://u:hunter2@db/x")
+    assert str(e.value) == ("--storage postgresql+nope://u:***@db/x: "
+                            "Can't load plugin: sqlalchemy.dialects:postgresql.nope")
+
+
+def test_check_driver_of_an_unlisted_driver_names_it_as_the_package(monkeypatch):
+    from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+
+    def missing(cls):
+        raise ImportError("gone")  # no module name
+
+    monkeypatch.setattr(SQLiteDialect_pysqlite, "import_dbapi", classmethod(missing))
+    with pytest.raises(UsageError) as e:
+        study_lib.check_driver("sqlite:///x.db")
+    assert str(e.value) == ("--storage sqlite:///x.db needs the database driver pysqlite (Python module ?), "
+                            "which is not installed: pip install pysqlite")
+
+
+class _Err(Exception):
+    def __init__(self, text, orig=None):
+        super().__init__(text)
+        self.orig = orig
+
+
+def test_unreachable_is_the_first_line_of_the_drivers_reason_without_secrets():
+    url = "postgresql://u:hunter2@db/x"
+    err = _Err("(psycopg2.OperationalError) wrapped", orig="connection refused for hunter2\n  detail\n")
+    assert str(study_lib._unreachable(url, err)) == \
+        "cannot connect to --storage postgresql://u:***@db/x: connection refused for ***"
+    assert str(study_lib._unreachable(url, _Err("  timeout\nmore"))) == \
+        "cannot connect to --storage postgresql://u:***@db/x: timeout"
+    assert str(study_lib._unreachable(url, _Err(" \n "))) == "cannot connect to --storage postgresql://u:***@db/x: _Err"
+
+
+def test_engine_kwargs():
+    assert study_lib._engine_kwargs("sqlite:///x.db") == {"connect_args": {"timeout": 120}}
+    assert study_lib._engine_kwargs("postgresql://db/x") == {"connect_args": {"connect_timeout": 30}}
+    assert study_lib._engine_kwargs("postgresql://db/x?connect_timeout=5") == {}
+    assert study_lib._engine_kwargs("mysql://db/x") == {}
+
+
+# --------------------------------------------------------------------------- study: the creation lock
+
+def locked(path) -> bool:
+    """Whether another open file description cannot take ``path``'s lock now."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("scheme", ["sqlite", "sqlite+pysqlite"])
+def test_creation_lock_of_a_sqlite_file_is_a_lock_file_beside_it(tmp_path, scheme):
+    lock = tmp_path / "study.db.lock"
+    with study_lib.creation_lock(f"{scheme}:///{tmp_path / 'study.db'}"):
+        assert locked(lock)
+        assert lock.stat().st_mode & 0o777 == 0o644 & ~_umask()
+    assert not locked(lock)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_creation_lock_of_a_database_in_memory_is_none(tmp_path, monkeypatch, url):
+    monkeypatch.chdir(tmp_path)
+    with study_lib.creation_lock(url):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Engine:
+    """sqlalchemy.create_engine's engine, recording what the lock does with it."""
+
+    def __init__(self, log, fail=None):
+        self.log, self.fail = log, fail
+
+    def connect(self):
+        self.log.append("connect")
+        if self.fail:
+            raise self.fail
+        return self
+
+    def execute(self, statement, params):
+        self.log.append(("execute", str(statement), params))
+
+    def commit(self):
+        self.log.append("commit")
+
+    def close(self):
+        self.log.append("close")
+
+    def dispose(self):
+        self.log.append("dispose")
+
+
+@pytest.mark.parametrize("url,statement,key,engine_url", [
+    ("postgresql://u@db/x", "SELECT pg_advisory_lock(:key)", 0x6E6F6E6C, "postgresql+psycopg2://u@db/x"),
+    ("mysql+pymysql://u@db/x", "SELECT GET_LOCK(:key, -1)", f"nonlinear-damping-{0x6E6F6E6C}", "mysql+pymysql://u@db/x"),
+])
+def test_creation_lock_of_a_server_is_a_session_lock_held_until_the_connection_closes(monkeypatch, url, statement,
+                                                                                       key, engine_url):
+    from sqlalchemy.pool import NullPool
+
+    log, made = [], []
+
+    def create_engine(u, **kwargs):
+        made.append((u, kwargs))
+        return _Engine(log)
+
+    monkeypatch.setattr(sqlalchemy, "create_engine", create_engine)
+    with study_lib.creation_lock(url):
+        log.append("inside")
+    assert made == [(engine_url, {"poolclass": NullPool, **study_lib._engine_kwargs(url)})]
+    assert log == ["connect", ("execute", statement, {"key": key}), "commit", "inside", "close", "dispose"]
+    log.clear()
+    with pytest.raises(RuntimeError):
+        with study_lib.creation_lock(url):
+            raise RuntimeError("the creation failed")
+    assert log[-2:] == ["close", "dispose"]  # released all the same
+
+
+def test_creation_lock_of_an_unreachable_server_is_a_usage_error(monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    log = []
+    refused = OperationalError("connect", {}, Exception("connection refused by hunter2"))
+    monkeypatch.setattr(sqlalchemy, "create_engine", lambda u, **kwargs: _Engine(log, fail=refused))
+    with pytest.raises(UsageError) as e:
+        with study_lib.creation_lock("postgresql://u:hunter2@db/x"):
+            pass
+    assert str(e.value) == "cannot connect to --storage postgresql://u:***@db/x: connection refused by ***"
+    assert log == ["connect", "dispose"]
+
+
+# --------------------------------------------------------------------------- study: storage and the study
+
+def test_storage_of_a_sqlite_file_makes_its_folder_and_waits_for_the_lock(tmp_path):
+    db = tmp_path / "new" / "study.db"
+    store = study_lib.storage(f"sqlite:///{db}")
+    assert db.parent.is_dir()
+    assert isinstance(store, optuna.storages.RDBStorage)
+    assert store.engine_kwargs == {"connect_args": {"timeout": 120}}
+    assert store.heartbeat_interval is None and store.grace_period is None
+
+
+def test_storage_with_a_heartbeat_retries_stale_trials(tmp_path):
+    store = study_lib.storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_s=7)
+    assert (store.heartbeat_interval, store.grace_period) == (7, 21)  # default grace: 3 heartbeats
+    callback = store.heartbeat_stale_trial_callback if hasattr(store, "heartbeat_stale_trial_callback") \
+        else store.failed_trial_callback
+    assert callback._max_retry == 10
+    store = study_lib.storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_s=7, grace_s=30)
+    assert (store.heartbeat_interval, store.grace_period) == (7, 30)
+
+
+def test_storage_refuses_what_it_cannot_use(tmp_path):
+    with pytest.raises(UsageError) as e:
+        study_lib.storage("redis://u:hunter2@db/0")
+    assert str(e.value) == "--storage must be an sqlite:///, postgresql:// or mysql:// URL, got 'redis://u:***@db/0'"
+    with pytest.raises(UsageError) as e:
+        study_lib.storage("xsqlite:///x.db")
+    assert str(e.value).startswith("--storage must be")
+    db = tmp_path / "none" / "study.db"
+    with pytest.raises(UsageError) as e:
+        study_lib.storage(f"sqlite:///{db}", create=False)
+    assert str(e.value) == f"no study at {db}; run `bash scripts/sweep.sh <exp> <optimizer>` first or pass --storage"
+    assert not db.parent.exists()
+    with pytest.raises(UsageError) as e:
+        study_lib.storage("mysql://u@db/x")  # a driver that is not installed
+    assert "pip install mysqlclient" in str(e.value)
+
+
+def test_storage_of_an_unreachable_server_is_a_usage_error(monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    @contextlib.contextmanager
+    def no_lock(url):
+        yield
+
+    def refused(*args, **kwargs):
+        raise OperationalError("connect", {}, Exception("refused for hunter2"))
+
+    monkeypatch.setattr(study_lib, "creation_lock", no_lock)
+    monkeypatch.setattr(optuna.storages, "RDBStorage", refused)
+    with pytest.raises(UsageError) as e:
+        study_lib.storage("postgresql://u:hunter2@db/x")
+    assert str(e.value) == "cannot connect to --storage postgresql://u:***@db/x: refused for ***"
+
+
+import contextlib  # noqa: E402
+
+
+SPACE = {"h": sweep.Range(1e-4, 0.5, True), "gamma": sweep.Range(0.0, 10.0, False)}
+
+
+def test_open_study_minimises_and_records_its_space(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    store = study_lib.storage(url)
+    pruner = optuna.pruners.MedianPruner()
+    study = study_lib.open_study(NANO, "cd", SPACE, 1337, store, url, pruner)
+    assert study.study_name == "nano-cd" and study.direction == optuna.study.StudyDirection.MINIMIZE
+    assert study.pruner is pruner
+    assert study.user_attrs == {"space": {"h": [1e-4, 0.5, "log"], "gamma": [0.0, 10.0, "uniform"]},
+                                "experiment": "nano", "optimizer": "cd", "seed": 1337}
+    study.add_trial(create_trial(params={"h": 0.1}, distributions={"h": FloatDistribution(1e-4, 0.5, log=True)},
+                                 value=1.0))
+    # A second worker with the same space opens the same study and changes no attribute.
+    again = study_lib.open_study(NANO, "cd", dict(SPACE), 7, store, url, optuna.pruners.NopPruner())
+    assert len(again.trials) == 1 and again.user_attrs["seed"] == 1337
+    other = {**SPACE, "h": sweep.Range(1e-3, 0.5, True)}
+    with pytest.raises(UsageError) as e:
+        study_lib.open_study(NANO, "cd", other, 1337, store, url, pruner)
+    assert str(e.value) == (f"study nano-cd in {url} was made with the search space "
+                            "{'h': [0.0001, 0.5, 'log'], 'gamma': [0.0, 10.0, 'uniform']}, not "
+                            "{'h': [0.001, 0.5, 'log'], 'gamma': [0.0, 10.0, 'uniform']}; use another --storage")
+
+
+def test_open_study_fills_in_the_attributes_an_older_study_lacks(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    store = study_lib.storage(url)
+    old = optuna.create_study(study_name="nano-cd", storage=store)
+    old.set_user_attr("seed", 5)
+    study = study_lib.open_study(NANO, "cd", SPACE, 1337, store, url, None)
+    assert study.user_attrs == {"space": {"h": [1e-4, 0.5, "log"], "gamma": [0.0, 10.0, "uniform"]},
+                                "experiment": "nano", "optimizer": "cd", "seed": 5}
+
+
+def test_load_study_finds_the_study_or_says_how_to_make_it(tmp_path):
+    with pytest.raises(UsageError) as e:
+        study_lib.load_study(NANO, "cd", out_root=tmp_path)
+    assert str(e.value).startswith(f"no study at {tmp_path / 'nano' / 'cd' / 'study.db'}; ")
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    optuna.create_study(study_name="nano-adam", storage=url)
+    with pytest.raises(UsageError) as e:
+        study_lib.load_study(NANO, "cd", url)
+    assert str(e.value) == f"no study named nano-cd in {url}; run `bash scripts/sweep.sh nano cd`"
+    assert study_lib.load_study(NANO, "adam", url).study_name == "nano-adam"
+    (tmp_path / "nano" / "cd").mkdir(parents=True)
+    made = optuna.create_study(study_name="nano-cd", storage=study_lib.default_storage(NANO, "cd", tmp_path))
+    assert study_lib.load_study(NANO, "cd", out_root=tmp_path)._study_id == made._study_id
+
+
+def tpe_draws(sampler, n=3):
+    return [sampler._rng.rng.random() for _ in range(n)]
+
+
+def test_seed_sampler_gives_each_worker_and_restart_its_own_reproducible_tpe_seed():
+    def seeded(sampler_seed, worker, trials=0):
+        study = optuna.create_study()
+        for k in range(trials):
+            study.add_trial(create_trial(params={}, distributions={}, value=float(k)))
+        seed = study_lib.seed_sampler(study, sampler_seed, worker)
+        assert isinstance(study.sampler, optuna.samplers.TPESampler) and study.sampler._constant_liar
+        assert tpe_draws(study.sampler) == tpe_draws(optuna.samplers.TPESampler(seed=seed))
+        return seed
+
+    first = seeded(0, 0)
+    assert isinstance(first, int) and 0 <= first < 2 ** 32
+    assert seeded(0, 0) == first  # reproducible
+    assert len({first, seeded(1, 0), seeded(0, 1), seeded(0, 0, trials=2)}) == 4
+
+
+def add(study, state, params=None, attrs=None, value=None):
+    study.add_trial(create_trial(state=state, params=params or {}, value=value, user_attrs=attrs or {},
+                                 distributions={k: FloatDistribution(1e-4, 1.0, log=True) for k in (params or {})}))
+    return study.trials[-1].number
+
+
+def test_finished_counts_complete_and_pruned_trials():
+    study = optuna.create_study()
+    add(study, TrialState.COMPLETE, value=1.0)
+    add(study, TrialState.PRUNED)
+    add(study, TrialState.PRUNED)
+    for state in (TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING):
+        add(study, state)
+    assert study_lib.finished(study) == 3
+
+
+def test_retry_enqueues_the_same_parameters_and_attributes():
+    study = optuna.create_study()
+    add(study, TrialState.COMPLETE, {"h": 0.5}, value=1.0)
+    number = add(study, TrialState.FAIL, {"h": 0.25}, {"root": 1, "run_dir": "/r/trial-1"})
+    add(study, TrialState.FAIL)  # stopped before it sampled anything
+    study_lib.retry(study, number)
+    study_lib.retry(study, 2)
+    (waiting,) = study.get_trials(states=(TrialState.WAITING,))
+    assert waiting.params == {"h": 0.25} and waiting.user_attrs == {"root": 1, "run_dir": "/r/trial-1"}
+    assert waiting.system_attrs["failed_trial"] == 1 and waiting.system_attrs["retry_history"] == [1]
+
+
+def test_fail_and_retry_fails_a_running_trial_once():
+    store = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name="nano-cd", storage=store)
+    add(study, TrialState.COMPLETE, {"h": 0.5}, value=1.0)
+    running = add(study, TrialState.RUNNING, {"h": 0.25}, {"root": 1})
+    assert study_lib.fail_and_retry(study, store, running) is True
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert study.trials[2].params == {"h": 0.25}
+    # Another worker got there first: the trial is finished, nothing more is enqueued.
+    assert study_lib.fail_and_retry(study, store, running) is False
+    assert study_lib.fail_and_retry(study, store, 0) is False
+    assert len(study.trials) == 3
+
+
+def test_fail_and_retry_enqueues_nothing_when_the_state_was_not_set(monkeypatch):
+    store = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name="nano-cd", storage=store)
+    running = add(study, TrialState.RUNNING, {"h": 0.25})
+    monkeypatch.setattr(store, "set_trial_state_values", lambda *args, **kwargs: False)
+    assert study_lib.fail_and_retry(study, store, running) is False
+    assert [t.state for t in study.trials] == [TrialState.RUNNING]
+
+
+def test_recover_dead_trials_fails_this_hosts_dead_workers_trials_and_stops_their_runs(monkeypatch):
+    store = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name="nano-cd", storage=store)
+    host = socket.gethostname()
+    alive = {(11, "s11")}  # (pid, start) of the live workers
+    stopped = []
+    monkeypatch.setattr(study_lib.processes, "alive", lambda pid, start: (pid, start) in alive)
+    monkeypatch.setattr(study_lib.processes, "stop_pid",
+                        lambda pid, start, argument=None: stopped.append((pid, start, argument)))
+    run = {"child_pid": 21, "child_start": "s21"}
+    dead = add(study, TrialState.RUNNING, {"h": 0.1}, {"host": host, "pid": 10, "pid_start": "s10", **run,
+                                                        "run_dir": "/r/trial-0"})
+    add(study, TrialState.RUNNING, {"h": 0.2}, {"host": host, "pid": 11, "pid_start": "s11", **run})  # alive
+    add(study, TrialState.RUNNING, {"h": 0.3}, {"host": host + "x", "pid": 10, "pid_start": "s10", **run})
+    no_dir = add(study, TrialState.RUNNING, {"h": 0.4}, {"host": host, "pid": 12, "pid_start": "s12", **run,
+                                                          "run_dir": ""})
+    not_str = add(study, TrialState.RUNNING, {"h": 0.5}, {"host": host, "pid": 13, **run, "run_dir": 5})
+    add(study, TrialState.FAIL, {"h": 0.6}, {"host": host, "pid": 14})  # not running
+    assert study_lib.recover_dead_trials(study, store) == [dead, no_dir, not_str]
+    assert stopped == [(21, "s21", "/r/trial-0")]  # only a run with its folder recorded is signalled
+    assert [t.state for t in study.trials[:6]] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING,
+                                                   TrialState.FAIL, TrialState.FAIL, TrialState.FAIL]
+    assert [t.params["h"] for t in study.trials[6:]] == [0.1, 0.4, 0.5]  # the retries
+
+
+def test_recover_dead_trials_skips_a_trial_another_worker_recovered(monkeypatch):
+    store = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name="nano-cd", storage=store)
+    monkeypatch.setattr(study_lib.processes, "alive", lambda pid, start: False)
+    add(study, TrialState.RUNNING, {"h": 0.1}, {"host": socket.gethostname(), "pid": 10})
+    monkeypatch.setattr(study_lib, "fail_and_retry", lambda study, store, number: False)
+    assert study_lib.recover_dead_trials(study, store) == []
