@@ -510,3 +510,309 @@ def test_recover_dead_trials_skips_a_trial_another_worker_recovered(monkeypatch)
     add(study, TrialState.RUNNING, {"h": 0.1}, {"host": socket.gethostname(), "pid": 10})
     monkeypatch.setattr(study_lib, "fail_and_retry", lambda study, store, number: False)
     assert study_lib.recover_dead_trials(study, store) == []
+
+
+# --------------------------------------------------------------------------- objective
+
+import json
+import subprocess
+import sys
+
+from harness.signals import StopFlag
+
+
+def test_objective_record_edges():
+    nan = float("nan")
+    assert objective_lib.objective_record([]) is None
+    assert objective_lib.objective_record([], "final") is None
+    assert objective_lib.objective_record([val(1, 2.0, split="train")], "best") is None  # train records never count
+    assert objective_lib.objective_record([val(0, 2.0), val(2, nan)], "final") is None  # the last loss is not finite
+    assert objective_lib.objective_record([val(0, 2.0), val(2, "inf")], "final") is None
+    assert objective_lib.objective_record([val(2, 2.0), val(0, 1.0)], "final") == val(2, 2.0)  # by step, not order
+    assert objective_lib.objective_record([val(0, nan), val(2, 2.0), val(4, 2.0)]) == val(2, 2.0)  # first on ties
+    # best_epoch_end: whole positive epochs only (not 0, not 1.5, not a missing, bool or non-finite epoch).
+    rows = [val(0, 1.0, 0.0), val(1, 1.1, 1.5), val(2, 1.2), val(3, 1.3, True), val(4, 1.4, float("inf")),
+            val(5, 1.5, 2), val(6, 1.45, 3.0), val(7, 0.5, -1.0)]
+    assert objective_lib.objective_record(rows, "best_epoch_end") == rows[6]
+    assert objective_lib.objective_record(rows[:5], "best_epoch_end") is None
+    with pytest.raises(ValueError) as e:
+        objective_lib.objective_record(rows, "worst")
+    assert str(e.value) == "objective must be one of best, final, best_epoch_end, got 'worst'"
+
+
+class FakeTrial:
+    """An Optuna trial as the objective uses it: sampled values given, what it is told recorded."""
+
+    def __init__(self, number=3, attrs=None, values=None, prune=()):
+        self.number, self.user_attrs = number, dict(attrs or {})
+        self.values = values or {"h": 0.01, "gamma": 2.5}
+        self.suggested, self.reports, self.prune = [], [], list(prune)
+
+    def suggest_float(self, name, low, high, log=False):
+        self.suggested.append((name, low, high, log))
+        return self.values[name]
+
+    def set_user_attr(self, key, value):
+        self.user_attrs[key] = value
+
+    def report(self, value, step):
+        self.reports.append((value, step))
+
+    def should_prune(self):
+        return self.prune.pop(0) if self.prune else False
+
+
+def line(**record):
+    return json.dumps(record) + "\n"
+
+
+class FakeRun:
+    """The run's process: ``script`` is what each ``wait`` does: a callable run while the run goes
+    on (then the wait times out) or the exit status it ends with."""
+
+    pid = 4242
+
+    def __init__(self, script, signals=None):
+        self.script, self.rc, self.waits, self.signals = list(script), None, [], signals
+        self.child_during_wait = []
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        self.child_during_wait.append(self.signals.child if self.signals else None)
+        if self.rc is not None:
+            return self.rc
+        step = self.script.pop(0)
+        if callable(step):
+            step()
+            raise subprocess.TimeoutExpired("run", timeout)
+        self.rc = step
+        return step
+
+    def poll(self):
+        return self.rc
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """processes.start/stop/start_time played: ``fake_runs.procs`` are handed out in turn."""
+    state = SimpleNamespace(procs=[], started=[], stopped=[])
+
+    def start(cmd, log, env=None, note=None):
+        state.started.append((cmd, log))
+        return state.procs.pop(0)
+
+    def stop(proc, timeout=None):
+        state.stopped.append(proc)
+        proc.rc = 75 if proc.rc is None else proc.rc
+        return proc.rc
+
+    monkeypatch.setattr(objective_lib.processes, "start", start)
+    monkeypatch.setattr(objective_lib.processes, "stop", stop)
+    monkeypatch.setattr(objective_lib.processes, "start_time", lambda pid: f"t{pid}")
+    return state
+
+
+from types import SimpleNamespace  # noqa: E402
+
+
+def make_objective(tmp_path, signals=None, **kwargs):
+    options = dict(seed=1337, out=tmp_path, config="c.yaml", sets=["train.max_iters=4"], poll_s=0.5)
+    options.update(kwargs)
+    return objective_lib.Objective(NANO, "cd", SPACE, signals=signals or StopFlag(), **options)
+
+
+def finish(run_dir, status="completed", lines=(), checkpoints=True):
+    """What a run leaves: its metrics, its summary, its checkpoints."""
+    def write():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.writelines(lines)
+        (run_dir / "summary.json").write_text(json.dumps({"status": status}))
+        if checkpoints:
+            (run_dir / "checkpoint.pt").write_bytes(b"x")
+            (run_dir / "checkpoint.prev.pt").write_bytes(b"x")
+    return write
+
+
+def test_a_trial_runs_its_command_reports_its_losses_and_returns_the_best(tmp_path, fake_runs):
+    run_dir = tmp_path / "trial-3"
+    signals = StopFlag()
+    objective = make_objective(tmp_path, signals)
+    first = [line(split="train", step=0, loss=9.0), line(split="val", step=0, loss=3), line(split="val", step=2, loss="nan")]
+    rest = [line(split="val", step=2, loss=2.5), line(split="val", step=0, loss=3.1), line(split="val", step=4, loss=2.75)]
+    proc = FakeRun([finish(run_dir, lines=first), finish(run_dir, lines=rest[:2]), 0], signals)
+    proc.script.insert(2, finish(run_dir, lines=rest[2:]))
+    fake_runs.procs.append(proc)
+    trial = FakeTrial()
+    assert objective(trial) == 2.5
+    cmd, log = fake_runs.started[0]
+    assert cmd == [sys.executable, "-m", "nano.train", "--optimizer", "cd", "--seed", "1337", "--config", "c.yaml",
+                   "--set", "train.max_iters=4", "--set", "optimizer.h=0.01", "--set", "optimizer.gamma=2.5",
+                   "--out", str(run_dir)]
+    assert log == run_dir / "train.log"
+    assert trial.suggested == [("h", 1e-4, 0.5, True), ("gamma", 0.0, 10.0, False)]
+    assert trial.user_attrs == {"root": 3, "seed": 1337, "objective": "best", "run_dir": str(run_dir),
+                                "host": socket.gethostname(), "pid": os.getpid(), "pid_start": f"t{os.getpid()}",
+                                "child_pid": 4242, "child_start": "t4242", "status": "completed", "best_step": 2}
+    # Each step's finite val loss reported once, as floats and ints, as the run logs it.
+    assert trial.reports == [(3.0, 0), (2.5, 2), (2.75, 4)]
+    assert all(type(v) is float and type(s) is int for v, s in trial.reports)
+    assert proc.waits == [0.5] * 4 and proc.child_during_wait == [proc] * 4
+    assert signals.child is None and objective.current == 3
+    assert fake_runs.stopped == []
+    assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "checkpoint.prev.pt").exists()
+
+
+def test_a_retry_runs_in_its_originals_folder_and_seed(tmp_path, fake_runs):
+    objective = make_objective(tmp_path, seed_per_trial=True, objective="final", keep_checkpoints=True, nproc=2,
+                               config=None, sets=[])
+    run_dir = tmp_path / "trial-1"
+    fake_runs.procs.append(FakeRun([0]))
+    finish(run_dir, lines=[line(split="val", step=0, loss=2.0), line(split="val", step=2, loss=2.5)])()
+    trial = FakeTrial(number=4, attrs={"root": 1})
+    assert objective(trial) == 2.5  # final: the last one
+    cmd, _ = fake_runs.started[0]
+    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "nano.train", "--optimizer", "cd", "--seed", "1338",
+                   "--set", "optimizer.h=0.01", "--set", "optimizer.gamma=2.5", "--out", str(run_dir)]
+    assert (trial.user_attrs["root"], trial.user_attrs["seed"], trial.user_attrs["objective"]) == (1, 1338, "final")
+    assert trial.user_attrs["best_step"] == 2 and objective.current == 4
+    assert (run_dir / "checkpoint.pt").exists() and (run_dir / "checkpoint.prev.pt").exists()  # kept
+
+
+def test_trial_seed():
+    assert make_objective(Path("."), seed=5).trial_seed(7) == 5
+    assert make_objective(Path("."), seed=5, seed_per_trial=True).trial_seed(7) == 12
+
+
+def test_an_unknown_objective_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError) as e:
+        make_objective(tmp_path, objective="worst")
+    assert str(e.value) == "objective must be one of best, final, best_epoch_end, got 'worst'"
+
+
+def test_no_trial_starts_after_a_stop_request(tmp_path, fake_runs):
+    signals = StopFlag()
+    objective = make_objective(tmp_path, signals)
+    objective.current = 2  # the previous trial's
+    signals.flag = True
+    with pytest.raises(objective_lib.WorkerInterrupted) as e:
+        objective(FakeTrial())
+    assert str(e.value) == "stop requested before the trial started"
+    assert objective.current is None and fake_runs.started == []
+
+
+def test_the_pruner_stops_the_run(tmp_path, fake_runs):
+    run_dir = tmp_path / "trial-3"
+    proc = FakeRun([finish(run_dir, "interrupted", [line(split="val", step=0, loss=3.0)]), lambda: None, 0])
+    fake_runs.procs.append(proc)
+    trial = FakeTrial(prune=[False, True])
+    with pytest.raises(optuna.TrialPruned) as e:
+        make_objective(tmp_path)(trial)
+    assert str(e.value) == f"median pruner stopped the run at {run_dir}"
+    assert fake_runs.stopped == [proc] and proc.waits == [0.5, 0.5]
+    assert trial.user_attrs["status"] == "interrupted" and trial.reports == [(3.0, 0)]
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
+def test_a_stop_request_while_the_run_goes_on_waits_for_its_checkpoint(tmp_path, fake_runs):
+    signals = StopFlag()
+    run_dir = tmp_path / "trial-3"
+
+    def signalled():
+        signals.flag = True  # StopFlag forwards SIGTERM to the run, which checkpoints and exits 75
+        finish(run_dir, "interrupted")()
+
+    proc = FakeRun([signalled, lambda: None, 75], signals)
+    fake_runs.procs.append(proc)
+    trial = FakeTrial(prune=[True, True])  # a pruner's answer is not asked for then
+    with pytest.raises(objective_lib.WorkerInterrupted) as e:
+        make_objective(tmp_path, signals)(trial)
+    assert str(e.value) == f"{run_dir} interrupted (exit status 75); the trial will be retried"
+    assert fake_runs.stopped == [] and trial.prune == [True, True] and len(proc.waits) == 3
+    assert (run_dir / "checkpoint.pt").exists()  # the retry resumes from it
+
+
+@pytest.mark.parametrize("rc,flag,raised,message", [
+    (75, False, objective_lib.WorkerInterrupted, "{run} interrupted (exit status 75); the trial will be retried"),
+    (1, True, objective_lib.WorkerInterrupted, "{run} interrupted (exit status 1); the trial will be retried"),
+    (2, False, UsageError, "trial 3 could not start: --set: unknown key 'train.nope'"),
+    (1, False, objective_lib.TrialCrashed, "{run} exited with status 1: RuntimeError: boom"),
+    (-9, False, objective_lib.TrialCrashed, "{run} exited with status -9: RuntimeError: boom"),
+])
+def test_how_a_run_that_did_not_finish_ends_its_trial(tmp_path, fake_runs, rc, flag, raised, message):
+    signals = StopFlag()
+    run_dir = tmp_path / "trial-3"
+    run_dir.mkdir()
+    (run_dir / "train.log").write_text("$ python -m nano.train\nerror: --set: unknown key 'train.nope'\n"
+                                       if rc == 2 else "step 1\nRuntimeError: boom\n\n")
+    (run_dir / "checkpoint.pt").write_bytes(b"x")
+    signals.flag = flag
+    objective = make_objective(tmp_path, signals)
+    trial = FakeTrial()
+    with pytest.raises(raised) as e:
+        objective._result(trial, objective_lib.RunDir(run_dir), rc, False)
+    assert type(e.value) is raised and str(e.value) == message.format(run=run_dir)
+    if raised is objective_lib.TrialCrashed:
+        assert trial.user_attrs["error"] == f"exit status {rc}: RuntimeError: boom"
+    else:
+        assert "error" not in trial.user_attrs
+    assert trial.user_attrs["status"] is None
+    assert (run_dir / "checkpoint.pt").exists()
+
+
+def test_a_run_that_finished_despite_a_stop_request_counts(tmp_path):
+    signals = StopFlag()
+    signals.flag = True
+    run_dir = tmp_path / "trial-3"
+    finish(run_dir, lines=[line(split="val", step=4, loss=1.5)])()
+    assert make_objective(tmp_path, signals)._result(FakeTrial(), objective_lib.RunDir(run_dir), 0, False) == 1.5
+
+
+@pytest.mark.parametrize("status,lines,message", [
+    ("diverged", [line(split="val", step=0, loss=3.0)], "{run} diverged"),
+    ("completed", [line(split="val", step=0, loss="nan")],
+     "{run} has no finite validation loss for the objective best"),
+    ("completed", [], "{run} has no finite validation loss for the objective best"),
+])
+def test_a_diverged_run_or_one_without_a_loss_is_pruned(tmp_path, status, lines, message):
+    run_dir = tmp_path / "trial-3"
+    finish(run_dir, status, lines)()
+    trial = FakeTrial()
+    with pytest.raises(optuna.TrialPruned) as e:
+        make_objective(tmp_path)._result(trial, objective_lib.RunDir(run_dir), 0, False)
+    assert str(e.value) == message.format(run=run_dir)
+    assert trial.user_attrs == {"status": status}
+    assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "checkpoint.prev.pt").exists()
+
+
+def test_a_failure_while_waiting_never_leaves_the_run_behind(tmp_path, fake_runs):
+    signals = StopFlag()
+    run_dir = tmp_path / "trial-3"
+    proc = FakeRun([finish(run_dir, lines=[line(split="val", step=0, loss=3.0)])], signals)
+    fake_runs.procs.append(proc)
+    trial = FakeTrial()
+
+    def lost(value, step):
+        raise ConnectionError("the study's database went away")
+
+    trial.report = lost
+    with pytest.raises(ConnectionError):
+        make_objective(tmp_path, signals)(trial)
+    assert fake_runs.stopped == [proc] and signals.child is None
+
+
+def test_reports_read_on_from_where_they_stopped(tmp_path):
+    run_dir = tmp_path / "trial-0"
+    run_dir.mkdir()
+    trial = FakeTrial()
+    reports = objective_lib._Reports(trial, objective_lib.RunDir(run_dir))
+    reports.send()  # no metrics yet
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        f.write(line(split="val", step=0, loss=3.0) + line(split="train", step=1, loss=1.0) + '{"split": "val", "st')
+    reports.send()
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('ep": 2, "loss": 2.0}\n' + line(split="val", step=4, loss=float("inf")) + line(split="val", step=6))
+    reports.send()
+    reports.send()
+    assert trial.reports == [(3.0, 0), (2.0, 2)]
