@@ -4,6 +4,10 @@ training run is started (``processes.start`` and the study's trials are played b
 results/mutation/README.md). Expected values come from the modules' documented behaviour
 (harness/sweep/__init__.py, each function's docstring) and hand computation."""
 import math
+import re
+import shutil
+
+import numpy as np
 
 import pytest
 
@@ -429,7 +433,7 @@ def test_seed_sampler_gives_each_worker_and_restart_its_own_reproducible_tpe_see
 
 def add(study, state, params=None, attrs=None, value=None):
     study.add_trial(create_trial(state=state, params=params or {}, value=value, user_attrs=attrs or {},
-                                 distributions={k: FloatDistribution(1e-4, 1.0, log=True) for k in (params or {})}))
+                                 distributions={k: FloatDistribution(1e-4, 10.0, log=True) for k in (params or {})}))
     return study.trials[-1].number
 
 
@@ -816,3 +820,310 @@ def test_reports_read_on_from_where_they_stopped(tmp_path):
     reports.send()
     reports.send()
     assert trial.reports == [(3.0, 0), (2.0, 2)]
+
+
+# --------------------------------------------------------------------------- worker
+
+import argparse
+
+from harness.sweep import worker as worker_lib
+
+OPTIONS = dict(trials=None, heartbeat_s=60, grace_s=None, nproc=1, prune_startup=5, prune_warmup=0, poll_s=10.0)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"trials": 0}, "--trials must be at least 1, got 0"),
+    ({"heartbeat_s": 0}, "--heartbeat must be at least 1, got 0"),
+    ({"grace_s": 0, "heartbeat_s": 1}, "--grace must be at least 1, got 0"),
+    ({"nproc": 0}, "--nproc must be at least 1, got 0"),
+    ({"prune_startup": -1}, "--prune-startup must be at least 0, got -1"),
+    ({"prune_warmup": -1}, "--prune-warmup must be at least 0, got -1"),
+    ({"poll_s": 0.0}, "--poll must be a positive number of seconds, got 0.0"),
+    ({"poll_s": -1.0}, "--poll must be a positive number of seconds, got -1.0"),
+    ({"poll_s": float("nan")}, "--poll must be a positive number of seconds, got nan"),
+    ({"grace_s": 60}, "--grace (60 s) must be longer than --heartbeat (60 s)"),
+    ({"grace_s": 30}, "--grace (30 s) must be longer than --heartbeat (60 s)"),
+])
+def test_sweep_options_check_names_the_option(changes, message):
+    with pytest.raises(UsageError) as e:
+        worker_lib.SweepOptions("nano", "cd", **{**OPTIONS, **changes}).check()
+    assert str(e.value) == message
+
+
+def test_sweep_options_check_passes_the_least_usable_numbers():
+    worker_lib.SweepOptions("nano", "cd").check()  # the defaults
+    worker_lib.SweepOptions("nano", "cd", trials=1, heartbeat_s=1, grace_s=2, nproc=1, prune_startup=0,
+                            prune_warmup=0, poll_s=0.01).check()
+
+
+def test_sweep_options_defaults_and_from_args():
+    options = worker_lib.SweepOptions("nano", "cd")
+    assert (options.trials, options.storage_url, options.seed, options.sampler_seed, options.worker, options.pruner,
+            options.prune_startup, options.prune_warmup, options.config, tuple(options.sets), options.space_file,
+            options.out_root, options.poll_s, options.heartbeat_s, options.grace_s, options.keep_checkpoints,
+            options.nproc, options.plot) == (None, None, None, 0, None, "none", 5, 0, None, (), None, "runs/sweeps",
+                                             10.0, 60, None, False, 1, True)
+    values = {f.name: f"v{k}" for k, f in enumerate(worker_lib.fields(worker_lib.SweepOptions))}
+    args = argparse.Namespace(**values, command="run", extra=1)
+    assert worker_lib.SweepOptions.from_args(args) == worker_lib.SweepOptions(**values)
+
+
+def test_pruner():
+    assert type(worker_lib._pruner(worker_lib.SweepOptions("nano", "cd"))) is optuna.pruners.NopPruner
+    median = worker_lib._pruner(worker_lib.SweepOptions("nano", "cd", pruner="median", prune_startup=3, prune_warmup=7))
+    assert type(median) is optuna.pruners.MedianPruner
+    assert (median._n_startup_trials, median._n_warmup_steps) == (3, 7)
+    with pytest.raises(UsageError) as e:
+        worker_lib._pruner(worker_lib.SweepOptions("nano", "cd", pruner="hyperband"))
+    assert str(e.value) == "--pruner must be none or median, got 'hyperband'"
+
+
+class FakeProgress:
+    def __init__(self):
+        self.lines, self.n, self.refreshed = [], 0, 0
+
+    def write(self, text):
+        self.lines.append(text)
+
+    def refresh(self):
+        self.refreshed += 1
+
+
+class StudyView:
+    """A study whose ``stop`` is recorded (Optuna's works only inside ``optimize``)."""
+
+    def __init__(self):
+        self.study, self.stops = optuna.create_study(), 0
+
+    def get_trials(self, **kwargs):
+        return self.study.get_trials(**kwargs)
+
+    def stop(self):
+        self.stops += 1
+
+
+def frozen(study, state, value=None, attrs=None, params=None):
+    add(study.study, state, params if params is not None else {"h": 0.012345, "gamma": 2.5}, attrs, value)
+    return study.study.trials[-1]
+
+
+def test_after_trial_writes_one_line_per_trial_and_counts_crashes_in_a_row():
+    study, progress, signals = StudyView(), FakeProgress(), StopFlag()
+    after = worker_lib._AfterTrial(progress, signals, 10)
+    after(study, frozen(study, TrialState.COMPLETE, 2.5, {"run_dir": "/r/trial-0"}))
+    after(study, frozen(study, TrialState.FAIL, attrs={"error": "exit status 1: boom", "run_dir": "/r/trial-1"}))
+    assert after.crashes == 1
+    after(study, frozen(study, TrialState.FAIL))
+    assert after.crashes == 2
+    after(study, frozen(study, TrialState.PRUNED, attrs={"status": "diverged"}))
+    assert after.crashes == 0
+    after(study, frozen(study, TrialState.PRUNED, params={}))
+    assert progress.lines == [
+        "trial 0 (/r/trial-0): complete objective 2.5000; h=0.01235, gamma=2.5",
+        "trial 1 (/r/trial-1): fail (exit status 1: boom); h=0.01235, gamma=2.5",
+        "trial 2 (?): fail (?); h=0.01235, gamma=2.5",
+        "trial 3 (?): pruned (run diverged); h=0.01235, gamma=2.5",
+        "trial 4 (?): pruned (run stopped early); ",
+    ]
+    assert (progress.n, progress.refreshed, study.stops) == (3, 5, 0)  # 1 complete + 2 pruned of 10
+
+
+def test_after_trial_stops_the_study():
+    study, progress, signals = StudyView(), FakeProgress(), StopFlag()
+    after = worker_lib._AfterTrial(progress, signals, 2)
+    after(study, frozen(study, TrialState.COMPLETE, 1.0))
+    assert study.stops == 0
+    after(study, frozen(study, TrialState.PRUNED))  # the study holds its 2 finished trials
+    assert study.stops == 1
+    after = worker_lib._AfterTrial(FakeProgress(), signals, 10)
+    for k in range(3):
+        assert study.stops == 1
+        after(study, frozen(study, TrialState.FAIL))
+    assert study.stops == 2  # 3 crashes in a row
+    after = worker_lib._AfterTrial(FakeProgress(), signals, 10)
+    signals.flag = True
+    after(study, frozen(study, TrialState.COMPLETE, 1.0))
+    assert study.stops == 3  # a stop request
+
+
+class Scripted:
+    """An objective that plays ``outcomes`` in turn: a value, an exception to raise, or a callable."""
+
+    def __init__(self, outcomes, current=None):
+        self.outcomes, self.current, self.calls = list(outcomes), current, 0
+
+    def __call__(self, trial):
+        self.calls += 1
+        trial.suggest_float("h", 1e-4, 1.0, log=True)
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome(trial) if callable(outcome) else outcome
+
+
+def test_optimize_runs_until_the_study_holds_its_trials(tmp_path):
+    study = optuna.create_study()
+    add(study, TrialState.COMPLETE, {"h": 0.5}, value=1.0)
+    objective = Scripted([2.0, optuna.TrialPruned(), objective_lib.TrialCrashed("boom"), 3.0, 4.0])
+    seen = []
+    worker_lib._optimize(study, 4, tmp_path, lambda signals: seen.append(signals) or objective)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED,
+                                               TrialState.FAIL, TrialState.COMPLETE]
+    assert isinstance(seen[0], StopFlag) and objective.calls == 4
+
+
+def test_optimize_gives_up_after_three_crashes_in_a_row(tmp_path):
+    study = optuna.create_study()
+    crash = objective_lib.TrialCrashed
+    objective = Scripted([crash("a"), crash("b"), 1.0, crash("c"), crash("d"), crash("e"), 2.0])
+    with pytest.raises(objective_lib.TrialCrashed) as e:
+        worker_lib._optimize(study, 10, tmp_path, lambda signals: objective)
+    assert str(e.value) == f"3 trials in a row crashed; see the train.log of the last trials under {tmp_path}"
+    assert objective.calls == 6
+
+
+def test_optimize_retries_the_trial_a_stop_interrupted(tmp_path):
+    study = optuna.create_study()
+
+    def interrupted(trial):
+        objective.current = trial.number
+        trial.set_user_attr("root", trial.number)
+        raise objective_lib.WorkerInterrupted("stopped")
+
+    objective = Scripted([1.0, interrupted])
+    with pytest.raises(objective_lib.WorkerInterrupted):
+        worker_lib._optimize(study, 5, tmp_path, lambda signals: objective)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert study.trials[2].params == study.trials[1].params and study.trials[2].user_attrs == {"root": 1}
+    # Stopped before its trial started: nothing to retry.
+    objective = Scripted([objective_lib.WorkerInterrupted("before")])
+    with pytest.raises(objective_lib.WorkerInterrupted):
+        worker_lib._optimize(study, 5, tmp_path, lambda signals: objective)
+    assert len(study.trials) == 3
+
+
+def test_optimize_stops_after_the_trial_in_flight_at_a_stop_request(tmp_path):
+    study = optuna.create_study()
+    flags = []
+
+    def objective_for(signals):
+        flags.append(signals)
+        return Scripted([lambda trial: setattr(flags[0], "flag", True) or 1.0, 2.0])
+
+    worker_lib._optimize(study, 5, tmp_path, objective_for)
+    assert len(study.trials) == 1
+
+
+SPACE_FILE = ("budget: {train.max_iters: 4, train.eval_interval: 2}\ntrials: 2\nseed: 7\nseed_per_trial: true\n"
+              "objective: final\noptimizers:\n  cd: {h: [1.0e-4, 0.5, log]}\n")
+
+
+class RecordedObjective:
+    """Stands in for ``Objective``: its arguments recorded, a value known by hand per trial."""
+
+    made = []
+
+    def __init__(self, exp, optimizer, space, **kwargs):
+        self.args, self.current = (exp, optimizer, space, kwargs), None
+        RecordedObjective.made.append(self)
+
+    def __call__(self, trial):
+        h = trial.suggest_float("h", 1e-4, 0.5, log=True)
+        return (math.log10(h) + 2) ** 2
+
+
+@pytest.fixture
+def recorded(monkeypatch, tmp_path):
+    RecordedObjective.made = []
+    monkeypatch.setattr(worker_lib, "Objective", RecordedObjective)
+    plotted = []
+    monkeypatch.setattr(worker_lib, "plot_study", lambda study, out: plotted.append((study.study_name, out)) or
+                        [out / "history.png", out / "study.md"])
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE_FILE)
+    return SimpleNamespace(plotted=plotted, space=str(space), root=tmp_path / "sweeps")
+
+
+def test_run_sweep_runs_the_space_files_study(recorded, capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    options = worker_lib.SweepOptions("nano", "CD", space_file=recorded.space, out_root=recorded.root,
+                                      sets=["train.eval_iters=1"], poll_s=0.5, keep_checkpoints=True, nproc=2,
+                                      heartbeat_s=5, grace_s=9)
+    study = worker_lib.run_sweep(options)
+    out = recorded.root.resolve() / "nano" / "cd"
+    url = f"sqlite:///{out / 'study.db'}"
+    assert study.study_name == "nano-cd" and len(study.trials) == 2
+    assert study._storage._backend.heartbeat_interval == 5 and study._storage._backend.grace_period == 9
+    assert study.user_attrs["seed"] == 7 and study.user_attrs["space"] == {"h": [1e-4, 0.5, "log"]}
+    ((exp, optimizer, space, kwargs),) = [o.args for o in RecordedObjective.made]
+    assert (exp.name, optimizer, space) == ("nano", "cd", {"h": sweep.Range(1e-4, 0.5, True)})
+    assert kwargs == dict(seed=7, out=out, config=None, signals=kwargs["signals"], poll_s=0.5, keep_checkpoints=True,
+                          nproc=2, objective="final", seed_per_trial=True,
+                          sets=["train.max_iters=4", "train.eval_interval=2", "train.eval_iters=1"])
+    assert isinstance(kwargs["signals"], StopFlag)
+    stdout = capsys.readouterr().out.splitlines()
+    tpe_seed = int(np.random.SeedSequence([0, 3, 0]).generate_state(1)[0])
+    assert stdout[0] == (f"study nano-cd in {url}: 0/2 finished, worker 3, TPE seed {tpe_seed}, trial seed 7 + trial "
+                         f"number, objective final, runs in {out}")
+    assert stdout[-2:] == [str(out / "history.png"), str(out / "study.md")]
+    assert recorded.plotted == [("nano-cd", out)]
+
+
+def test_run_sweep_of_a_finished_study_runs_no_trial(recorded, capsys):
+    options = worker_lib.SweepOptions("nano", "cd", space_file=recorded.space, out_root=recorded.root, trials=1,
+                                      seed=3, worker=1, sampler_seed=2, plot=False)
+    worker_lib.run_sweep(options)
+    capsys.readouterr()
+    RecordedObjective.made = []
+    study = worker_lib.run_sweep(options)
+    assert len(study.trials) == 1 and RecordedObjective.made == [] and recorded.plotted == []
+    tpe_seed = int(np.random.SeedSequence([2, 1, 1]).generate_state(1)[0])
+    out = recorded.root.resolve() / "nano" / "cd"
+    assert capsys.readouterr().out == (f"study nano-cd in sqlite:///{out / 'study.db'}: 1/1 finished, worker 1, "
+                                       f"TPE seed {tpe_seed}, trial seed 3 + trial number, objective final, "
+                                       f"runs in {out}\n")
+
+
+def test_run_sweep_retries_this_hosts_dead_trials_first(recorded, capsys, monkeypatch, tmp_path):
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    options = worker_lib.SweepOptions("nano", "cd", space_file=recorded.space, out_root=recorded.root,
+                                      storage_url=url, trials=1, plot=False)
+    monkeypatch.setattr(worker_lib, "recover_dead_trials", lambda study, store: [4, 6])
+    worker_lib.run_sweep(options, pruner_obj=optuna.pruners.ThresholdPruner(upper=1.0))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"study nano-cd in {url}: 0/1 finished, worker 0, ")
+    assert first.endswith("; retrying interrupted trial(s) [4, 6]")
+    assert not (recorded.root / "nano" / "cd" / "study.db").exists()
+
+
+def test_run_sweep_passes_the_pruner_to_the_study(recorded, monkeypatch):
+    opened = []
+    real = worker_lib.open_study
+    monkeypatch.setattr(worker_lib, "open_study", lambda *args: opened.append(args[-1]) or real(*args))
+    base = dict(space_file=recorded.space, out_root=recorded.root, trials=1, plot=False)
+    worker_lib.run_sweep(worker_lib.SweepOptions("nano", "cd", pruner="median", prune_startup=2, **base))
+    given = optuna.pruners.ThresholdPruner(upper=1.0)
+    worker_lib.run_sweep(worker_lib.SweepOptions("nano", "cd", pruner="median", **base), pruner_obj=given)
+    assert type(opened[0]) is optuna.pruners.MedianPruner and opened[0]._n_startup_trials == 2
+    assert opened[1] is given
+
+
+def test_run_sweep_refuses_bad_input_before_it_writes_anything(recorded, tmp_path):
+    base = dict(space_file=recorded.space, out_root=recorded.root)
+    for options, message in [
+        (worker_lib.SweepOptions("nano", "cd", trials=0, **base), "--trials must be at least 1, got 0"),
+        (worker_lib.SweepOptions("nano", "ldhd", **base), "has no search space for 'ldhd'"),
+        (worker_lib.SweepOptions("nano", "cd", sets=["train.nope=1"], **base), "unknown key 'train.nope'"),
+    ]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            worker_lib.run_sweep(options)
+    assert not (recorded.root / "nano").exists()
+    with pytest.raises(UsageError, match="--pruner must be none or median, got 'x'"):
+        worker_lib.run_sweep(worker_lib.SweepOptions("nano", "cd", pruner="x", **base))
+    shutil.rmtree(recorded.root)
+    recorded.root.write_text("a file")
+    with pytest.raises(UsageError) as e:
+        worker_lib.run_sweep(worker_lib.SweepOptions("nano", "cd", **base))
+    assert str(e.value) == (f"--out-root {recorded.root.resolve() / 'nano' / 'cd'}: {recorded.root.resolve()} is a "
+                            f"file, not a folder; choose another --out-root")
