@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 
 import pytest
+import yaml
 
 from harness.sweep import objective as objective_lib
 
@@ -1127,3 +1128,197 @@ def test_run_sweep_refuses_bad_input_before_it_writes_anything(recorded, tmp_pat
         worker_lib.run_sweep(worker_lib.SweepOptions("nano", "cd", **base))
     assert str(e.value) == (f"--out-root {recorded.root.resolve() / 'nano' / 'cd'}: {recorded.root.resolve()} is a "
                             f"file, not a folder; choose another --out-root")
+
+
+# --------------------------------------------------------------------------- cli
+
+import dataclasses
+from harness.sweep import cli as cli_lib
+
+
+def test_storage_url_comes_from_the_argument_or_the_environment(monkeypatch):
+    monkeypatch.delenv("SWEEP_STORAGE", raising=False)
+    assert cli_lib.storage_url(None) is None
+    monkeypatch.setenv("SWEEP_STORAGE", "")
+    assert cli_lib.storage_url(None) is None
+    monkeypatch.setenv("SWEEP_STORAGE", "postgresql://u:pw@db/x")  # a password is fine in the environment
+    assert cli_lib.storage_url(None) == "postgresql://u:pw@db/x"
+    assert cli_lib.storage_url("sqlite:///x.db") == "sqlite:///x.db"  # the argument wins
+    with pytest.raises(UsageError) as e:
+        cli_lib.storage_url("postgresql://u@db/x?password=pw")
+    assert str(e.value) == ("--storage postgresql://u@db/x?password=*** holds a password, which every user of this "
+                            "machine can read on a command line; pass the URL in $SWEEP_STORAGE instead, or the "
+                            "password in a PGPASSFILE (mode 0600)")
+
+
+def test_run_options_default_to_sweep_options(monkeypatch):
+    monkeypatch.delenv("SWEEPS", raising=False)
+    args = cli_lib.parser().parse_args(["run", "nano", "cd"])
+    assert args.command == "run"
+    assert worker_lib.SweepOptions.from_args(args) == worker_lib.SweepOptions("nano", "cd", sets=[])
+    monkeypatch.setenv("SWEEPS", "/elsewhere")
+    assert cli_lib.parser().parse_args(["run", "nano", "cd"]).out_root == "/elsewhere"
+
+
+def test_run_options_are_sweep_options_fields():
+    argv = ["run", "bert/sst2", "cd", "--storage", "sqlite:///s.db", "--out-root", "r", "--trials", "7", "--seed", "3",
+            "--sampler-seed", "4", "--worker", "5", "--pruner", "median", "--prune-startup", "6", "--prune-warmup",
+            "8", "--config", "c.yaml", "--set", "a=1", "--set", "b=2", "--space", "s.yaml", "--poll", "0.5",
+            "--heartbeat", "9", "--grace", "30", "--nproc", "2", "--keep-checkpoints", "--no-plot"]
+    assert worker_lib.SweepOptions.from_args(cli_lib.parser().parse_args(argv)) == worker_lib.SweepOptions(
+        "bert/sst2", "cd", trials=7, storage_url="sqlite:///s.db", seed=3, sampler_seed=4, worker=5, pruner="median",
+        prune_startup=6, prune_warmup=8, config="c.yaml", sets=["a=1", "b=2"], space_file="s.yaml", out_root="r",
+        poll_s=0.5, heartbeat_s=9, grace_s=30, keep_checkpoints=True, nproc=2, plot=False)
+    with pytest.raises(SystemExit):
+        cli_lib.parser().parse_args(["run", "nano", "cd", "--pruner", "hyperband"])
+    with pytest.raises(SystemExit):
+        cli_lib.parser().parse_args(["run", "nano", "cd", "--poll", "often"])
+
+
+def test_export_and_plot_options(monkeypatch):
+    monkeypatch.delenv("SWEEPS", raising=False)
+    args = cli_lib.parser().parse_args(["export", "nano", "cd"])
+    assert (args.command, args.experiment, args.optimizer, args.storage_url, args.out_root, args.out, args.force,
+            args.write_best) == ("export", "nano", "cd", None, "runs/sweeps", None, False, False)
+    args = cli_lib.parser().parse_args(["export", "nano", "cd", "--storage", "s", "--out", "o", "--force",
+                                        "--write-best", "--out-root", "r"])
+    assert (args.storage_url, args.out_root, args.out, args.force, args.write_best) == ("s", "r", "o", True, True)
+    args = cli_lib.parser().parse_args(["plot", "nano", "cd"])
+    assert (args.command, args.out, args.storage_url, args.out_root) == ("plot", None, None, "runs/sweeps")
+    assert cli_lib.parser().parse_args(["plot", "nano", "cd", "--out", "d"]).out == "d"
+    with pytest.raises(SystemExit):
+        cli_lib.parser().parse_args(["nano", "cd"])  # the parser needs the command; main puts in "run"
+
+
+def help_of(*argv):
+    with pytest.raises(SystemExit):
+        cli_lib.parser().parse_args([*argv, "--help"])
+
+
+def test_help_names_every_command_and_option(capsys):
+    help_of()
+    top = " ".join(capsys.readouterr().out.split())
+    assert top.startswith("usage: python -m harness.sweep ")
+    assert "Hyperparameter sweeps with Optuna: the paper's tuning protocol, one ordinary run per trial." in top
+    for words in ("run one worker of the study (several may run at once)",
+                  "write the best hyperparameters in best.yaml format",
+                  "draw the study's history and importances, and study.md"):
+        assert words in top
+    help_of("run")
+    run = " ".join(capsys.readouterr().out.split())
+    for words in ("experiment folder (nano, vit, ...; bert/sst2 for a task)", "--storage STORAGE",
+                  "Optuna storage URL without a password (default $SWEEP_STORAGE",
+                  "sqlite:///runs/sweeps/<exp>/<optimizer>/study.db); a password goes in $SWEEP_STORAGE or a "
+                  "PGPASSFILE, never on the command line",
+                  "where trial run directories go (default runs/sweeps, or $SWEEPS)",
+                  "finished trials to reach (default: space.yaml's)",
+                  "the trials' run seed (trial k runs seed + k where space.yaml sets seed_per_trial; default: "
+                  "space.yaml's seed)", "TPE seed (mixed with the worker index)",
+                  "worker index (default $SLURM_ARRAY_TASK_ID or 0)", "{none,median}",
+                  "median: stop a trial whose intermediate val loss is worse than the median of earlier ones",
+                  "median pruner: trials before it prunes", "median pruner: steps before it prunes a trial",
+                  "YAML applied to every trial (its keys win over the budget)", "--set KEY=VALUE",
+                  "config override for every trial (repeatable)", "--space SPACE",
+                  "search space file (default <exp>/configs/space.yaml)", "--poll POLL",
+                  "seconds between looks at a running trial's metrics", "--heartbeat HEARTBEAT",
+                  "seconds between a worker's heartbeats", "--grace GRACE",
+                  "seconds without a heartbeat after which a trial counts as dead (default 3x heartbeat)",
+                  "GPUs per trial (torchrun) when > 1", "--keep-checkpoints", "keep finished trials' checkpoint.pt",
+                  "--no-plot", "do not draw the study's figures at the end"):
+        assert words in run, words
+    help_of("export")
+    export = " ".join(capsys.readouterr().out.split())
+    for words in ("--out OUT", "a new file to write", "--force", "overwrite --out if it exists", "--write-best",
+                  "replace the entry in <exp>/configs/best.yaml"):
+        assert words in export, words
+    help_of("plot")
+    plot = " ".join(capsys.readouterr().out.split())
+    assert "folder (default: next to the study's trials)" in plot and "--storage STORAGE" in plot
+
+
+def test_main_runs_run_by_default_and_exits_1_when_trials_keep_crashing(monkeypatch, capsys):
+    got = []
+    monkeypatch.setattr(cli_lib, "run_sweep", lambda options: got.append(options))
+    monkeypatch.delenv("SWEEP_STORAGE", raising=False)
+    assert cli_lib.main(["nano", "cd", "--trials", "2"]) == 0
+    assert cli_lib.main(["run", "nano", "cd"]) == 0
+    monkeypatch.setattr(sys, "argv", ["harness.sweep", "nano", "adam"])
+    assert cli_lib.main() == 0
+    assert [(o.experiment, o.optimizer, o.trials) for o in got] == [("nano", "cd", 2), ("nano", "cd", None),
+                                                                    ("nano", "adam", None)]
+    monkeypatch.setenv("SWEEP_STORAGE", "postgresql://u:pw@db/x")
+    assert cli_lib.main(["nano", "cd"]) == 0 and got[-1].storage_url == "postgresql://u:pw@db/x"
+
+    def crashing(options):
+        raise objective_lib.TrialCrashed("3 trials in a row crashed")
+
+    monkeypatch.setattr(cli_lib, "run_sweep", crashing)
+    capsys.readouterr()
+    assert cli_lib.main(["nano", "cd"]) == 1
+    assert capsys.readouterr().err == "error: 3 trials in a row crashed\n"
+
+
+@pytest.fixture
+def made_study(tmp_path, monkeypatch):
+    """A nano-cd study of three completed trials (the best is trial 1) under ``tmp_path/sweeps``,
+    and an experiment ``nano`` whose configs folder is ``tmp_path/configs``."""
+    root = tmp_path / "sweeps"
+    (root / "nano" / "cd").mkdir(parents=True)
+    study = optuna.create_study(study_name="nano-cd", storage=study_lib.default_storage(NANO, "cd", root))
+    for k, (h, value) in enumerate([(0.3, 2.0), (0.02, 1.5), (0.1, 1.75)]):
+        add(study, TrialState.COMPLETE, {"h": h}, {"run_dir": f"/r/trial-{k}"}, value)
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "best.yaml").write_text("adam: {lr: 0.001}\ncd: {h: 0.5}\n")
+    monkeypatch.setattr(cli_lib, "experiment", lambda spec: dataclasses.replace(NANO, configs=configs))
+    monkeypatch.delenv("SWEEP_STORAGE", raising=False)
+    return SimpleNamespace(root=root, configs=configs, study=study)
+
+
+def test_export_writes_a_new_file_or_best_yaml(made_study, tmp_path, capsys):
+    base = ["export", "nano", "CD", "--out-root", str(made_study.root)]
+    out = tmp_path / "tuned.yaml"
+    assert cli_lib.main([*base, "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"{out}\n"
+    assert yaml.safe_load(out.read_text()) == {"cd": {"h": 0.02}}
+    out.write_text("old")
+    assert cli_lib.main([*base, "--out", str(out), "--force"]) == 0
+    assert yaml.safe_load(out.read_text()) == {"cd": {"h": 0.02}}
+    capsys.readouterr()
+    assert cli_lib.main([*base, "--write-best"]) == 0
+    best = made_study.configs / "best.yaml"
+    assert capsys.readouterr().out == f"{best}: cd replaced by trial 1\n"
+    assert best.read_text() == "adam: {lr: 0.001}\ncd: {h: 0.02}\n"
+    assert cli_lib.main(base) == 2
+    assert capsys.readouterr().err == "error: export needs --out FILE (a new file) or --write-best\n"
+
+
+def test_export_can_write_both(made_study, tmp_path, capsys):
+    out = tmp_path / "tuned.yaml"
+    assert cli_lib.main(["export", "nano", "cd", "--out-root", str(made_study.root), "--out", str(out),
+                         "--write-best"]) == 0
+    assert capsys.readouterr().out == f"{out}\n{made_study.configs / 'best.yaml'}: cd replaced by trial 1\n"
+    assert yaml.safe_load(out.read_text()) == {"cd": {"h": 0.02}}
+
+
+def test_export_and_plot_read_the_storage_given(made_study, tmp_path, capsys, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    study = optuna.create_study(study_name="nano-cd", storage=url)
+    add(study, TrialState.COMPLETE, {"h": 0.4}, {}, 1.0)
+    out = tmp_path / "tuned.yaml"
+    assert cli_lib.main(["export", "nano", "cd", "--storage", url, "--out", str(out)]) == 0
+    assert yaml.safe_load(out.read_text()) == {"cd": {"h": 0.4}}
+    monkeypatch.setenv("SWEEP_STORAGE", url)
+    assert cli_lib.main(["plot", "nano", "cd", "--out", str(tmp_path / "figs")]) == 0
+    assert "Trials: 1 complete." in (tmp_path / "figs" / "study.md").read_text()
+
+
+def test_plot_draws_next_to_the_trials_or_into_out(made_study, tmp_path, capsys):
+    base = ["plot", "nano", "cd", "--out-root", str(made_study.root)]
+    assert cli_lib.main(base) == 0
+    folder = made_study.root.resolve() / "nano" / "cd"
+    assert capsys.readouterr().out.splitlines() == [str(folder / n) for n in ("history.png", "importances.png",
+                                                                               "study.md")]
+    assert cli_lib.main([*base, "--out", str(tmp_path / "figs")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == str(tmp_path / "figs" / "study.md")
+    assert (tmp_path / "figs" / "history.png").is_file()
