@@ -434,7 +434,7 @@ def test_seed_sampler_gives_each_worker_and_restart_its_own_reproducible_tpe_see
 
 def add(study, state, params=None, attrs=None, value=None):
     study.add_trial(create_trial(state=state, params=params or {}, value=value, user_attrs=attrs or {},
-                                 distributions={k: FloatDistribution(1e-4, 10.0, log=True) for k in (params or {})}))
+                                 distributions={k: FloatDistribution(1e-4, 1e6, log=True) for k in (params or {})}))
     return study.trials[-1].number
 
 
@@ -1313,12 +1313,113 @@ def test_export_and_plot_read_the_storage_given(made_study, tmp_path, capsys, mo
     assert "Trials: 1 complete." in (tmp_path / "figs" / "study.md").read_text()
 
 
-def test_plot_draws_next_to_the_trials_or_into_out(made_study, tmp_path, capsys):
-    base = ["plot", "nano", "cd", "--out-root", str(made_study.root)]
+def test_plot_draws_next_to_the_trials_or_into_out(made_study, tmp_path, capsys, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(cli_lib, "plot_study", lambda study, out: drawn.append((study.study_name, len(study.trials),
+                                                                                 out)) or [out / "a.png", out / "b.md"])
+    base = ["plot", "nano", "CD", "--out-root", str(made_study.root)]
     assert cli_lib.main(base) == 0
     folder = made_study.root.resolve() / "nano" / "cd"
-    assert capsys.readouterr().out.splitlines() == [str(folder / n) for n in ("history.png", "importances.png",
-                                                                               "study.md")]
     assert cli_lib.main([*base, "--out", str(tmp_path / "figs")]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == str(tmp_path / "figs" / "study.md")
-    assert (tmp_path / "figs" / "history.png").is_file()
+    assert drawn == [("nano-cd", 3, folder), ("nano-cd", 3, tmp_path / "figs")]
+    assert capsys.readouterr().out.splitlines() == [str(folder / "a.png"), str(folder / "b.md"),
+                                                    str(tmp_path / "figs" / "a.png"), str(tmp_path / "figs" / "b.md")]
+
+
+# --------------------------------------------------------------------------- plots
+
+import struct
+
+import matplotlib.pyplot as plt
+
+from harness.sweep import plots as plots_lib
+
+
+def png_size(path):
+    """A PNG's width and height in pixels (its IHDR chunk)."""
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def study_of_trials(trials, name="nano-cd"):
+    """``trials``: (state, value, params, attrs) each."""
+    study = optuna.create_study(study_name=name)
+    for state, value, params, attrs in trials:
+        add(study, state, params, attrs, value)
+    return study
+
+
+def test_plot_study_draws_both_figures_and_the_summary(tmp_path, capsys):
+    study = study_of_trials([(TrialState.COMPLETE, 2.0, {"h": 0.3, "c": 2.0}, {"run_dir": "/r/trial-0"}),
+                             (TrialState.COMPLETE, 1.5, {"h": 0.02, "c": 5.0}, {"run_dir": "/r/trial-1"}),
+                             (TrialState.COMPLETE, 1.75, {"h": 0.1, "c": 1.0}, {"run_dir": "/r/trial-2"})])
+    out = tmp_path / "new" / "figs"
+    assert plots_lib.plot_study(study, out) == [out / "history.png", out / "importances.png", out / "study.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["history.png", "importances.png", "study.md"]  # no temp left
+    assert png_size(out / "history.png") == (840, 540) == png_size(out / "importances.png")  # 7 x 4.5 in at 120 dpi
+    assert (out / "study.md").read_text().endswith("![history](history.png)\n![importances](importances.png)\n")
+    assert plt.get_fignums() == [] and capsys.readouterr().out == ""
+
+
+def test_plot_study_skips_what_needs_more_completed_trials(tmp_path, capsys):
+    study = study_of_trials([(TrialState.PRUNED, None, {"h": 0.3}, {})])
+    assert plots_lib.plot_study(study, tmp_path) == [tmp_path / "study.md"]
+    assert capsys.readouterr().out == ("nano-cd: history.png needs 1 completed trial(s), has 0; skipped\n"
+                                       "nano-cd: importances.png needs 2 completed trial(s), has 0; skipped\n")
+    add(study, TrialState.COMPLETE, {"h": 0.2}, {}, 1.0)
+    assert plots_lib.plot_study(study, tmp_path) == [tmp_path / "history.png", tmp_path / "study.md"]
+    assert capsys.readouterr().out == "nano-cd: importances.png needs 2 completed trial(s), has 1; skipped\n"
+
+
+def test_a_figure_optuna_cannot_draw_is_skipped(tmp_path, capsys, monkeypatch):
+    study = study_of_trials([(TrialState.COMPLETE, 1.0, {"h": 0.3}, {}), (TrialState.COMPLETE, 2.0, {"h": 0.2}, {})])
+    from optuna.visualization import matplotlib as ovm
+
+    def broken(study):
+        plt.figure()  # half drawn
+        raise ValueError("all trials share one value")
+
+    monkeypatch.setattr(ovm, "plot_optimization_history", broken)
+    assert plots_lib.plot_study(study, tmp_path) == [tmp_path / "importances.png", tmp_path / "study.md"]
+    assert capsys.readouterr().out == "nano-cd: history.png skipped (ValueError: all trials share one value)\n"
+    assert plt.get_fignums() == []
+
+
+def test_study_markdown_counts_and_ranks_the_trials():
+    trials = [(TrialState.COMPLETE, 2.0, {"h": 0.3, "c": 2.0}, {"run_dir": "/r/trial-0", "objective": "final"}),
+              (TrialState.PRUNED, None, {"h": 0.5}, {}),
+              (TrialState.COMPLETE, 1.25, {"h": 0.012345, "c": 50000.0}, {"run_dir": "/r/trial-2", "objective": "final"}),
+              (TrialState.FAIL, None, {}, {}), (TrialState.FAIL, None, {}, {}),
+              (TrialState.COMPLETE, 1.5, {"h": 0.1}, {"objective": "final"}),
+              (TrialState.WAITING, None, {}, {})]
+    assert plots_lib.study_markdown(study_of_trials(trials), ["history.png"]) == (
+        "# Study nano-cd\n\n"
+        "Trials: 3 complete, 1 pruned, 2 fail, 1 waiting.\n\n"
+        "Best 3 trials (objective: the validation loss of the last evaluation):\n\n"
+        "| trial | objective | h | c | run |\n"
+        "|---|---|---|---|---|\n"
+        "| 2 | 1.2500 | 0.01235 | 5e+04 | trial-2 |\n"
+        "| 5 | 1.5000 | 0.1 | nan | ? |\n"
+        "| 0 | 2.0000 | 0.3 | 2 | trial-0 |\n\n"
+        "![history](history.png)\n")
+
+
+def test_study_markdown_shows_the_top_trials_and_the_rule_of_old_studies():
+    trials = [(TrialState.COMPLETE, 10.0 - k, {"h": 0.01 * (k + 1)}, {}) for k in range(12)]
+    trials.append((TrialState.RUNNING, None, {}, {}))
+    text = plots_lib.study_markdown(study_of_trials(trials), [])
+    assert text.startswith("# Study nano-cd\n\nTrials: 12 complete, 1 running.\n\n"
+                           "Best 10 trials (objective: the lowest validation loss of any evaluation):\n\n")
+    rows = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| trial")]
+    assert [r.split(" | ")[0] for r in rows] == [f"| {k}" for k in range(11, 1, -1)]
+    assert text.endswith("| 2 | 8.0000 | 0.03 | ? |\n\n")
+    assert plots_lib.study_markdown(study_of_trials(trials[:3]), [], top=2).count("\n| ") == 3  # header + 2
+    trials[0] = (TrialState.COMPLETE, -5.0, {"h": 0.2}, {"objective": "mine"})  # an unknown rule is shown as is
+    assert "Best 10 trials (objective: mine):" in plots_lib.study_markdown(study_of_trials(trials), [])
+
+
+def test_study_markdown_of_a_study_without_completed_trials():
+    assert plots_lib.study_markdown(study_of_trials([]), []) == "# Study nano-cd\n\nTrials: .\n\n"
+    assert plots_lib.study_markdown(study_of_trials([(TrialState.PRUNED, None, {}, {})]), ["a.png"]) == \
+        "# Study nano-cd\n\nTrials: 1 pruned.\n\n![a](a.png)\n"
