@@ -3,16 +3,40 @@ training run is started (``processes.start`` and the study's trials are played b
 ``create_trial``), so each test takes milliseconds (the modules' mutation runs,
 results/mutation/README.md). Expected values come from the modules' documented behaviour
 (harness/sweep/__init__.py, each function's docstring) and hand computation."""
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import json
 import math
+import os
 import re
 import shutil
+import socket
+import struct
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
 
+import matplotlib.pyplot as plt
 import numpy as np
-
+import optuna
 import pytest
+import sqlalchemy
 import yaml
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
 
+from harness import sweep
+from harness.errors import UsageError
+from harness.signals import StopFlag
+from harness.sweep import cli as cli_lib
 from harness.sweep import objective as objective_lib
+from harness.sweep import plots as plots_lib
+from harness.sweep import study as study_lib
+from harness.sweep import worker as worker_lib
 
 
 # --------------------------------------------------------------------------- objective_record
@@ -35,20 +59,6 @@ def test_objective_record_picks_by_its_rule():
 
 # --------------------------------------------------------------------------- study: URLs and secrets
 
-import fcntl
-import os
-import socket
-import warnings
-from pathlib import Path
-
-import optuna
-import sqlalchemy
-from optuna.distributions import FloatDistribution
-from optuna.trial import TrialState, create_trial
-
-from harness import sweep
-from harness.errors import UsageError
-from harness.sweep import study as study_lib
 
 NANO = sweep.experiment("nano")
 
@@ -359,9 +369,6 @@ def test_storage_of_an_unreachable_server_is_a_usage_error(monkeypatch):
     assert str(e.value) == "cannot connect to --storage postgresql://u:***@db/x: refused for ***"
 
 
-import contextlib  # noqa: E402
-
-
 SPACE = {"h": sweep.Range(1e-4, 0.5, True), "gamma": sweep.Range(0.0, 10.0, False)}
 
 
@@ -519,12 +526,6 @@ def test_recover_dead_trials_skips_a_trial_another_worker_recovered(monkeypatch)
 
 # --------------------------------------------------------------------------- objective
 
-import json
-import subprocess
-import sys
-
-from harness.signals import StopFlag
-
 
 def test_objective_record_edges():
     nan = float("nan")
@@ -615,9 +616,6 @@ def fake_runs(monkeypatch):
     monkeypatch.setattr(objective_lib.processes, "stop", stop)
     monkeypatch.setattr(objective_lib.processes, "start_time", lambda pid: f"t{pid}")
     return state
-
-
-from types import SimpleNamespace  # noqa: E402
 
 
 def make_objective(tmp_path, signals=None, **kwargs):
@@ -825,9 +823,6 @@ def test_reports_read_on_from_where_they_stopped(tmp_path):
 
 # --------------------------------------------------------------------------- worker
 
-import argparse
-
-from harness.sweep import worker as worker_lib
 
 OPTIONS = dict(trials=None, heartbeat_s=60, grace_s=None, nproc=1, prune_startup=5, prune_warmup=0, poll_s=10.0)
 
@@ -1132,9 +1127,6 @@ def test_run_sweep_refuses_bad_input_before_it_writes_anything(recorded, tmp_pat
 
 # --------------------------------------------------------------------------- cli
 
-import dataclasses
-from harness.sweep import cli as cli_lib
-
 
 def test_storage_url_comes_from_the_argument_or_the_environment(monkeypatch):
     monkeypatch.delenv("SWEEP_STORAGE", raising=False)
@@ -1327,12 +1319,6 @@ def test_plot_draws_next_to_the_trials_or_into_out(made_study, tmp_path, capsys,
 
 
 # --------------------------------------------------------------------------- plots
-
-import struct
-
-import matplotlib.pyplot as plt
-
-from harness.sweep import plots as plots_lib
 
 
 def png_size(path):
