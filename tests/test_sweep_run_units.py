@@ -145,6 +145,8 @@ def test_scrubbed_replaces_the_longer_secret_first():
     url = "postgresql://u:abc@db/x?password=ab"
     assert study_lib.scrubbed("failed for abc and ab", url) == "failed for *** and ***"
     assert study_lib.scrubbed("nothing secret", url) == "nothing secret"
+    # By length, not by text: "b" sorts after "abc", and replaced first it would leave "a***c".
+    assert study_lib.scrubbed("login abc", "postgresql://u:abc@db/x?password=b") == "login ***"
 
 
 def test_engine_url_names_psycopg2_and_quotes_the_password():
@@ -204,6 +206,9 @@ def test_unreachable_is_the_first_line_of_the_drivers_reason_without_secrets():
     assert str(study_lib._unreachable(url, _Err("  timeout\nmore"))) == \
         "cannot connect to --storage postgresql://u:***@db/x: timeout"
     assert str(study_lib._unreachable(url, _Err(" \n "))) == "cannot connect to --storage postgresql://u:***@db/x: _Err"
+    # An error that is not SQLAlchemy's (no ``orig``): its own text.
+    assert str(study_lib._unreachable(url, TimeoutError("timed out after 30 s"))) == \
+        "cannot connect to --storage postgresql://u:***@db/x: timed out after 30 s"
 
 
 def test_engine_kwargs():
@@ -404,7 +409,11 @@ def test_open_study_fills_in_the_attributes_an_older_study_lacks(tmp_path):
                                 "experiment": "nano", "optimizer": "cd", "seed": 5}
 
 
-def test_load_study_finds_the_study_or_says_how_to_make_it(tmp_path):
+def test_load_study_finds_the_study_or_says_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError) as e:
+        study_lib.load_study(NANO, "cd")  # under runs/sweeps by default
+    assert str(e.value).startswith(f"no study at {tmp_path / 'runs' / 'sweeps' / 'nano' / 'cd' / 'study.db'}; ")
     with pytest.raises(UsageError) as e:
         study_lib.load_study(NANO, "cd", out_root=tmp_path)
     assert str(e.value).startswith(f"no study at {tmp_path / 'nano' / 'cd' / 'study.db'}; ")
