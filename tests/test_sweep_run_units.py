@@ -25,6 +25,7 @@ import numpy as np
 import optuna
 import pytest
 import sqlalchemy
+import torch._dynamo  # noqa: F401  (see below)
 import yaml
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
@@ -37,6 +38,10 @@ from harness.sweep import objective as objective_lib
 from harness.sweep import plots as plots_lib
 from harness.sweep import study as study_lib
 from harness.sweep import worker as worker_lib
+
+# run_sweep checks its config by building the optimizer once, and torch imports torch._dynamo at
+# the first optimizer it builds (seconds). Imported above with this module, so that the test
+# processes forked from a server that imported the tests (mutmut's) do not each pay for it.
 
 
 # --------------------------------------------------------------------------- objective_record
