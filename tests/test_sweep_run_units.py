@@ -521,12 +521,16 @@ def test_recover_dead_trials_fails_this_hosts_dead_workers_trials_and_stops_thei
     no_dir = add(study, TrialState.RUNNING, {"h": 0.4}, {"host": host, "pid": 12, "pid_start": "s12", **run,
                                                           "run_dir": ""})
     not_str = add(study, TrialState.RUNNING, {"h": 0.5}, {"host": host, "pid": 13, **run, "run_dir": 5})
-    add(study, TrialState.FAIL, {"h": 0.6}, {"host": host, "pid": 14})  # not running
+    # Not running: a failed trial, and a queued retry (which inherits its original's attributes).
+    finished_attrs = {"host": host, "pid": 14, "pid_start": "s14", **run, "run_dir": "/r/trial-9"}
+    add(study, TrialState.FAIL, {"h": 0.6}, finished_attrs)
+    add(study, TrialState.WAITING, {"h": 0.7}, finished_attrs)
     assert study_lib.recover_dead_trials(study, store) == [dead, no_dir, not_str]
     assert stopped == [(21, "s21", "/r/trial-0")]  # only a run with its folder recorded is signalled
-    assert [t.state for t in study.trials[:6]] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING,
-                                                   TrialState.FAIL, TrialState.FAIL, TrialState.FAIL]
-    assert [t.params["h"] for t in study.trials[6:]] == [0.1, 0.4, 0.5]  # the retries
+    assert [t.state for t in study.trials[:7]] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING,
+                                                   TrialState.FAIL, TrialState.FAIL, TrialState.FAIL,
+                                                   TrialState.WAITING]
+    assert [t.params["h"] for t in study.trials[7:]] == [0.1, 0.4, 0.5]  # the retries
 
 
 def test_recover_dead_trials_skips_a_trial_another_worker_recovered(monkeypatch):
