@@ -986,6 +986,37 @@ def test_optimize_runs_until_the_study_holds_its_trials(tmp_path):
     assert isinstance(seen[0], StopFlag) and objective.calls == 4
 
 
+class FakeBar(FakeProgress):
+    """tqdm's bar (the tests run with TQDM_DISABLE=1, which hides a real one): its arguments recorded."""
+
+    made = []
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs
+        FakeBar.made.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_optimize_shows_a_bar_of_the_studys_finished_trials(tmp_path, monkeypatch):
+    import tqdm.auto
+
+    FakeBar.made = []
+    monkeypatch.setattr(tqdm.auto, "tqdm", FakeBar)
+    study = optuna.create_study(study_name="nano-cd")
+    add(study, TrialState.COMPLETE, {"h": 0.5}, value=1.0)
+    add(study, TrialState.FAIL, {"h": 0.5})
+    worker_lib._optimize(study, 3, tmp_path, lambda signals: Scripted([2.0, 3.0]))
+    (bar,) = FakeBar.made
+    assert bar.kwargs == {"total": 3, "initial": 1, "desc": "nano-cd", "dynamic_ncols": True}
+    assert bar.n == 3 and len(bar.lines) == 2
+
+
 def test_optimize_gives_up_after_three_crashes_in_a_row(tmp_path):
     study = optuna.create_study()
     crash = objective_lib.TrialCrashed
