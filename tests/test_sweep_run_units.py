@@ -77,7 +77,8 @@ def test_quiet_optuna_turns_down_its_logging_and_warnings():
         warnings.warn("experimental", optuna.exceptions.ExperimentalWarning)
         warnings.warn_explicit("future", FutureWarning, "optuna/x.py", 1, module="optuna")
         warnings.warn_explicit("future elsewhere", FutureWarning, "other.py", 1, module="other")
-    assert [str(w.message) for w in caught] == ["future elsewhere"]
+        warnings.warn_explicit("any other", UserWarning, "optuna/x.py", 1, module="optuna")
+    assert [str(w.message) for w in caught] == ["future elsewhere", "any other"]
 
 
 def test_retry_callback_retries_ten_times_under_the_name_optuna_has(monkeypatch):
@@ -104,6 +105,11 @@ def test_the_studys_folder_storage_and_name(tmp_path):
     ("postgresql://u:pw@host/db?x=a@b", "postgresql://u:pw@host/db?x=a@b"),  # the "@" in the query is left
     ("postgresql://host/db?user=a@b", "postgresql://host/db?user=a@b"),  # no userinfo at all
     ("postgresql://user@host/db", "postgresql://user@host/db"),
+    ("postgresql://u:p@@host/db", "postgresql://u:p%40@host/db"),  # a password that ends in "@"
+    ("postgresql://u:p@s:s@host/db", "postgresql://u:p%40s:s@host/db"),  # the user ends at the first ":"
+    ("postgresql://u:p@ss@host/db?x=http://a", "postgresql://u:p%40ss@host/db?x=http://a"),  # the first "://"
+    ("postgresql://u:p@ss@host/db?x=a@b?y=1", "postgresql://u:p%40ss@host/db?x=a@b?y=1"),  # the query's first "?"
+    ("postgresql://host/db?opt=x:y@z@w", "postgresql://host/db?opt=x:y@z@w"),  # "@"s in the query only
     ("sqlite:///runs/study.db", "sqlite:///runs/study.db"),
     ("no scheme u:p@ss@host", "no scheme u:p@ss@host"),
 ])
@@ -127,6 +133,7 @@ def test_secret_query_keys(key, secret):
     ("postgresql://u@db/optuna?sslmode=require&token=abc", "postgresql://u@db/optuna?sslmode=require&token=***"),
     ("sqlite:///runs/study.db", "sqlite:///runs/study.db"),
     ("postgresql://u:hunter2@db:notaport/optuna", "postgresql://(not a valid URL)"),
+    ("postgresql://u:hunter2@db:notaport/x?r=http://y", "postgresql://(not a valid URL)"),
     ("hunter2", "(not a valid URL)"),
     ("a b://hunter2", "(not a valid URL)"),
 ])
