@@ -1161,12 +1161,40 @@ def test_run_sweep_passes_the_pruner_to_the_study(recorded, monkeypatch):
     assert opened[1] is given
 
 
+def test_run_sweep_lets_the_users_config_win_over_the_budget(recorded, tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text("train: {max_iters: 3}\n")
+    worker_lib.run_sweep(worker_lib.SweepOptions("nano", "cd", space_file=recorded.space, out_root=recorded.root,
+                                                 trials=1, plot=False, config=str(config)))
+    ((_, _, _, kwargs),) = [o.args for o in RecordedObjective.made]
+    assert kwargs["config"] == str(config) and kwargs["sets"] == ["train.eval_interval=2"]
+
+
+def test_run_sweep_checks_the_config_against_the_experiments_own_configs(recorded, tmp_path, monkeypatch):
+    configs = tmp_path / "configs"
+    shutil.copytree(NANO.configs, configs)
+    (configs / "best.yaml").write_text("cd: {nope: 1}\n")
+    monkeypatch.setattr(worker_lib, "experiment", lambda spec: dataclasses.replace(NANO, configs=configs))
+    with pytest.raises(UsageError) as e:
+        worker_lib.run_sweep(worker_lib.SweepOptions("nano", "cd", space_file=recorded.space, out_root=recorded.root))
+    assert str(e.value).startswith("best.yaml: unknown hyperparameter nope for cd; ")
+    assert not recorded.root.exists()
+
+
+def write_config(folder, text):
+    path = folder / "config.yaml"
+    path.write_text(text)
+    return path
+
+
 def test_run_sweep_refuses_bad_input_before_it_writes_anything(recorded, tmp_path):
     base = dict(space_file=recorded.space, out_root=recorded.root)
     for options, message in [
         (worker_lib.SweepOptions("nano", "cd", trials=0, **base), "--trials must be at least 1, got 0"),
         (worker_lib.SweepOptions("nano", "ldhd", **base), "has no search space for 'ldhd'"),
         (worker_lib.SweepOptions("nano", "cd", sets=["train.nope=1"], **base), "unknown key 'train.nope'"),
+        (worker_lib.SweepOptions("nano", "cd", config=str(write_config(tmp_path, "train: {nope: 1}\n")), **base),
+         "unknown key 'train.nope'"),
     ]:
         with pytest.raises(UsageError, match=re.escape(message)):
             worker_lib.run_sweep(options)
