@@ -1141,8 +1141,10 @@ def test_run_sweep_retries_this_hosts_dead_trials_first(recorded, capsys, monkey
     url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     options = worker_lib.SweepOptions("nano", "cd", space_file=recorded.space, out_root=recorded.root,
                                       storage_url=url, trials=1, plot=False)
-    monkeypatch.setattr(worker_lib, "recover_dead_trials", lambda study, store: [4, 6])
+    looked = []
+    monkeypatch.setattr(worker_lib, "recover_dead_trials", lambda study, store: looked.append(store) or [4, 6])
     worker_lib.run_sweep(options, pruner_obj=optuna.pruners.ThresholdPruner(upper=1.0))
+    assert [(type(s), s.url) for s in looked] == [(optuna.storages.RDBStorage, url)]  # the study's own storage
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith(f"study nano-cd in {url}: 0/1 finished, worker 0, ")
     assert first.endswith("; retrying interrupted trial(s) [4, 6]")
