@@ -1139,15 +1139,19 @@ def test_run_sweep_of_a_finished_study_runs_no_trial(recorded, capsys):
 
 def test_run_sweep_retries_this_hosts_dead_trials_first(recorded, capsys, monkeypatch, tmp_path):
     url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
-    options = worker_lib.SweepOptions("nano", "cd", space_file=recorded.space, out_root=recorded.root,
+    space = tmp_path / "same_seed.yaml"
+    space.write_text(SPACE_FILE.replace("seed_per_trial: true", "seed_per_trial: false"))
+    options = worker_lib.SweepOptions("nano", "cd", space_file=str(space), out_root=recorded.root,
                                       storage_url=url, trials=1, plot=False)
     looked = []
     monkeypatch.setattr(worker_lib, "recover_dead_trials", lambda study, store: looked.append(store) or [4, 6])
     worker_lib.run_sweep(options, pruner_obj=optuna.pruners.ThresholdPruner(upper=1.0))
     assert [(type(s), s.url) for s in looked] == [(optuna.storages.RDBStorage, url)]  # the study's own storage
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith(f"study nano-cd in {url}: 0/1 finished, worker 0, ")
-    assert first.endswith("; retrying interrupted trial(s) [4, 6]")
+    tpe_seed = int(np.random.SeedSequence([0, 0, 0]).generate_state(1)[0])
+    assert first == (f"study nano-cd in {url}: 0/1 finished, worker 0, TPE seed {tpe_seed}, trial seed 7, "
+                     f"objective final, runs in {recorded.root.resolve() / 'nano' / 'cd'}; "
+                     "retrying interrupted trial(s) [4, 6]")
     assert not (recorded.root / "nano" / "cd" / "study.db").exists()
 
 
