@@ -797,6 +797,17 @@ def test_a_run_that_finished_despite_a_stop_request_counts(tmp_path):
     assert make_objective(tmp_path, signals)._result(FakeTrial(), objective_lib.RunDir(run_dir), 0, False) == 1.5
 
 
+@pytest.mark.parametrize("files", [(), ("checkpoint.pt",), ("checkpoint.prev.pt",)])
+def test_a_run_with_no_or_one_checkpoint_finishes_its_trial(tmp_path, files):
+    """A run that never reached a checkpoint, or has no previous one, ends its trial all the same."""
+    run_dir = tmp_path / "trial-3"
+    finish(run_dir, lines=[line(split="val", step=2, loss=1.5)], checkpoints=False)()
+    for name in files:
+        (run_dir / name).write_bytes(b"x")
+    assert make_objective(tmp_path)._result(FakeTrial(), objective_lib.RunDir(run_dir), 0, False) == 1.5
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "summary.json"]
+
+
 @pytest.mark.parametrize("status,lines,message", [
     ("diverged", [line(split="val", step=0, loss=3.0)], "{run} diverged"),
     ("completed", [line(split="val", step=0, loss="nan")],
