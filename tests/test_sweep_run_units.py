@@ -1187,6 +1187,20 @@ def test_run_sweep_lets_the_users_config_win_over_the_budget(recorded, tmp_path)
     assert kwargs["config"] == str(config) and kwargs["sets"] == ["train.eval_interval=2"]
 
 
+class CrashingObjective(RecordedObjective):
+    def __call__(self, trial):
+        raise objective_lib.TrialCrashed("boom")
+
+
+def test_run_sweep_stops_when_trials_keep_crashing_and_says_where_to_look(recorded, monkeypatch):
+    monkeypatch.setattr(worker_lib, "Objective", CrashingObjective)
+    with pytest.raises(objective_lib.TrialCrashed) as e:
+        worker_lib.run_sweep(worker_lib.SweepOptions("nano", "cd", space_file=recorded.space, out_root=recorded.root,
+                                                     trials=5, plot=False))
+    assert str(e.value) == ("3 trials in a row crashed; see the train.log of the last trials under "
+                            f"{recorded.root.resolve() / 'nano' / 'cd'}")
+
+
 def test_run_sweep_checks_the_config_against_the_experiments_own_configs(recorded, tmp_path, monkeypatch):
     configs = tmp_path / "configs"
     shutil.copytree(NANO.configs, configs)
