@@ -708,6 +708,13 @@ def test_a_retry_runs_in_its_originals_folder_and_seed(tmp_path, fake_runs):
     assert (run_dir / "checkpoint.pt").exists() and (run_dir / "checkpoint.prev.pt").exists()  # kept
 
 
+def test_objective_defaults_match_the_commands():
+    objective = objective_lib.Objective(NANO, "cd", SPACE, seed=1, out=Path("."), config=None, sets=(),
+                                        signals=StopFlag())
+    assert (objective.poll_s, objective.keep_checkpoints, objective.nproc, objective.objective,
+            objective.seed_per_trial) == (10.0, False, 1, "best", False)  # --poll 10, as SweepOptions
+
+
 def test_trial_seed():
     assert make_objective(Path("."), seed=5).trial_seed(7) == 5
     assert make_objective(Path("."), seed=5, seed_per_trial=True).trial_seed(7) == 12
