@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
+from conftest import compiles_update
+
 from optimizers import CADAM, CD, LDHD, build, iKFAD
 
 from test_optimizers import AdamNoBiasCorrection, assert_same, make_problem, train
@@ -175,6 +177,7 @@ def _frames(counter) -> int:
     return counter.frame_count
 
 
+@compiles_update
 @pytest.mark.parametrize("cls", OURS, ids=lambda c: c.__name__)
 def test_compiled_training_step_never_recompiles_for_tensor_hyperparameters(cls):
     """A whole training step (forward, backward, step, zero_grad) under torch.compile:
@@ -255,6 +258,7 @@ def adamw_frames():
     return _frames_under_schedule(lambda p: torch.optim.AdamW(p, lr=1e-3), _decay)
 
 
+@compiles_update
 @pytest.mark.parametrize("cls", OURS, ids=lambda c: c.__name__)
 def test_compiled_training_step_recompiles_for_float_schedules_no_more_than_adamw(cls, adamw_frames):
     """A float ``lr`` (and ``h``) changed at every step: as many compiled frames as
