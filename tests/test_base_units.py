@@ -82,3 +82,37 @@ def test_sgd_time_step_edges():
     for momentum in (0.0, -0.5, 1.5, 2.0, True, "0.9", None, float("nan")):
         with pytest.raises(ValueError, match=r"^Invalid momentum: .*; expected a number in \(0, 1\]$"):
             sgd_time_step(0.01, momentum, 1.0)
+
+
+def test_check_positive_lr_takes_finite_positive_numbers_only():
+    _base.check_positive_lr(1e-3)
+    _base.check_positive_lr(2)
+    for lr in (0.0, -1e-3, float("inf"), float("nan"), True, "0.1", None, torch.tensor(0.1)):
+        with pytest.raises(ValueError, match=r"^Invalid lr: .*; expected a finite number > 0$"):
+            _base.check_positive_lr(lr)
+
+
+def test_as_scalar_views_a_one_element_tensor_as_0d_and_leaves_the_rest():
+    for shape in ((1,), (1, 1), (1, 1, 1)):
+        t = torch.full(shape, 0.5)
+        s = _base.as_scalar(t)
+        assert s.shape == () and s.item() == 0.5
+        t.fill_(0.25)  # a view: the user's in-place change (a scheduler's fill_) is seen
+        assert s.item() == 0.25
+    zero_d, two, empty = torch.tensor(0.5), torch.ones(2), torch.ones(0)
+    assert _base.as_scalar(zero_d) is zero_d
+    assert _base.as_scalar(two) is two and _base.as_scalar(empty) is empty
+    assert _base.as_scalar(0.5) == 0.5 and _base.as_scalar(None) is None
+
+
+def test_a_state_dict_from_before_the_options_loads_with_their_defaults():
+    """A state dict saved before lr, maximize, foreach and fused existed loads with lr 1 (the
+    paper's step), maximize False and the default paths, as the constructor's defaults."""
+    p = [torch.zeros(3, requires_grad=True)]
+    old = CD(p, h=0.1).state_dict()
+    for key in ("lr", "maximize", "foreach", "fused"):
+        del old["param_groups"][0][key]
+    opt = CD(p, h=0.2, lr=0.5, maximize=True, foreach=True)
+    opt.load_state_dict(old)
+    group = opt.param_groups[0]
+    assert (group["h"], group["lr"], group["maximize"], group["foreach"], group["fused"]) == (0.1, 1.0, False, None, None)
