@@ -313,6 +313,24 @@ def test_from_sgd_is_momentum_sgd(cls):
     assert CD.from_sgd([torch.zeros(1, requires_grad=True)], lr=lr, momentum=momentum, c=7.0).param_groups[0]["c"] == 7.0
 
 
+def test_from_adam_defaults_are_torchs_adam_and_each_argument_is_checked():
+    """``from_adam``'s defaults are torch.optim.Adam's (lr 1e-3, betas (0.9, 0.999), eps 1e-8);
+    each beta must lie in (0, 1), eps must be a finite number >= 0 (0 allowed, as in torch)."""
+    p = [torch.zeros(1, requires_grad=True)]
+    group = {k: v for k, v in CADAM.from_adam(p).param_groups[0].items() if k != "params"}
+    torch_adam = {k: v for k, v in CADAM.from_adam(p, lr=1e-3, betas=(0.9, 0.999), eps=1e-8).param_groups[0].items()
+                  if k != "params"}
+    assert group == torch_adam
+    assert CADAM.from_adam(p, eps=0.0).param_groups[0]["eps"] == 0.0
+    for betas, name in (((0.9, 1.0), "beta2"), ((0.9, 0.0), "beta2"), ((0.0, 0.999), "beta1"), ((True, 0.999), "beta1"),
+                        ((0.9, "0.999"), "beta2")):
+        with pytest.raises(ValueError, match=rf"^Invalid {name}: .*; expected a number in \(0, 1\)$"):
+            CADAM.from_adam(p, betas=betas)
+    for eps in (-1e-8, float("inf"), float("nan"), True, "1e-8", None):
+        with pytest.raises(ValueError, match=r"^Invalid eps: .*; expected a finite number >= 0$"):
+            CADAM.from_adam(p, eps=eps)
+
+
 def test_from_adam_and_from_sgd_validate():
     p = [torch.zeros(1, requires_grad=True)]
     with pytest.raises(ValueError, match=r"Invalid beta1: 1.0; expected a number in \(0, 1\)"):
