@@ -11,11 +11,11 @@ from optimizers.cd import CD, CDCoefficients
 
 
 def test_coefficient_tuple_is_motion_then_the_fields_and_belongs_to_its_caller():
-    Pair = coefficient_tuple("Pair", "two_c_h", "eps")
+    Pair = coefficient_tuple("Pair", "two_c_h", "eps", module=__name__)
     assert Pair.__name__ == "Pair"
     assert Pair._fields == ("kick_step", "drift_step", "decay", "linear", "two_c_h", "eps")
     assert Pair._fields[:4] == MOTION
-    assert Pair.__module__ == __name__  # as collections.namedtuple: the module that made it
+    assert Pair.__module__ == __name__
     assert Pair(1.0, 2.0, 3.0, 4.0, 5.0, 6.0).eps == 6.0
     assert CDCoefficients.__module__ == "optimizers.cd"
 
