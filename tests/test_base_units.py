@@ -116,3 +116,14 @@ def test_a_state_dict_from_before_the_options_loads_with_their_defaults():
     opt.load_state_dict(old)
     group = opt.param_groups[0]
     assert (group["h"], group["lr"], group["maximize"], group["foreach"], group["fused"]) == (0.1, 1.0, False, None, None)
+
+
+def test_fused_true_on_a_device_or_dtype_no_kernel_takes_is_torchs_error():
+    opt = CD([torch.zeros(3, requires_grad=True)], fused=True)
+    message = ("`fused=True` requires all the params to be floating point Tensors of supported devices: "
+               "['cpu', 'cuda'] and dtypes ['torch.float16', 'torch.bfloat16', 'torch.float32', 'torch.float64'] "
+               "but {dtype} and {device}; use fused=None or False")
+    for device, dtype in ((torch.device("meta"), torch.float32), (torch.device("cpu"), torch.complex64)):
+        with pytest.raises(RuntimeError) as error:
+            opt.code_path(device=device, dtype=dtype)
+        assert str(error.value) == message.format(dtype=dtype, device=device.type)
