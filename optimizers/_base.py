@@ -28,7 +28,6 @@ the single-tensor loop.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -219,17 +218,18 @@ def preconditioned_drift(q: Tensors, p: Tensors, zeta: Tensors, drift_step: Coef
 MOTION = ("kick_step", "drift_step", "decay", "linear")
 
 
-def coefficient_tuple(name: str, *fields: str) -> type:
+def coefficient_tuple(name: str, *fields: str, module: str) -> type:
     """The named tuple (``typing.NamedTuple``) of one optimizer's step coefficients:
     ``MOTION``'s four, then ``fields``.
 
     Its fields are the one statement of the coefficients' order: ``_update`` reads them
     by name, the compiled kernel is handed them as one 1-D tensor in this order, and
     the native kernels index their C array by constants that ``optimizers/_native.py``
-    generates from these names (``CD_TWO_C_H``, ...). The tuple belongs to the module
-    that calls this, as with ``collections.namedtuple``."""
+    generates from these names (``CD_TWO_C_H``, ...). The tuple belongs to ``module``
+    (the caller's ``__name__``, as ``collections.namedtuple``'s ``module``), where
+    pickle and ``repr`` look for it."""
     cls = NamedTuple(name, [(field, Coefficient) for field in (*MOTION, *fields)])
-    cls.__module__ = sys._getframe(1).f_globals["__name__"]
+    cls.__module__ = module
     return cls
 
 

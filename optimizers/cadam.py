@@ -10,7 +10,8 @@ __all__ = ["CADAM", "CADAMCoefficients"]
 
 # ``MOTION``'s four, then the relaxation's decay and source weight, cubic damping's 2 c h and
 # the preconditioner's eps (``CADAM._coefficients``).
-CADAMCoefficients = coefficient_tuple("CADAMCoefficients", "relax_decay", "source_weight", "two_c_h", "eps")
+CADAMCoefficients = coefficient_tuple("CADAMCoefficients", "relax_decay", "source_weight", "two_c_h", "eps",
+                                      module=__name__)
 
 
 class CADAM(DampedOptimizer):

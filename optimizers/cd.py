@@ -6,7 +6,7 @@ from ._base import DampedOptimizer, coefficient_tuple, cubic_damping, drift, kic
 __all__ = ["CD", "CDCoefficients"]
 
 # ``MOTION``'s four, then cubic damping's 2 c h (``CD._coefficients``).
-CDCoefficients = coefficient_tuple("CDCoefficients", "two_c_h")
+CDCoefficients = coefficient_tuple("CDCoefficients", "two_c_h", module=__name__)
 
 
 class CD(DampedOptimizer):

@@ -8,7 +8,8 @@ __all__ = ["iKFAD", "iKFADCoefficients"]
 
 # ``MOTION``'s four, then the half friction step's -h/2 and the relaxation's decay and
 # source weight (``iKFAD._coefficients``).
-iKFADCoefficients = coefficient_tuple("iKFADCoefficients", "minus_half_h", "relax_decay", "source_weight")
+iKFADCoefficients = coefficient_tuple("iKFADCoefficients", "minus_half_h", "relax_decay", "source_weight",
+                                      module=__name__)
 
 
 class iKFAD(DampedOptimizer):

@@ -6,7 +6,7 @@ from ._base import DampedOptimizer, coefficient_tuple, drift, kick, named, scale
 __all__ = ["LDHD", "LDHDCoefficients"]
 
 # ``MOTION``'s four alone (``LDHD._coefficients``).
-LDHDCoefficients = coefficient_tuple("LDHDCoefficients")
+LDHDCoefficients = coefficient_tuple("LDHDCoefficients", module=__name__)
 
 
 class LDHD(DampedOptimizer):

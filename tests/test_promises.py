@@ -9,6 +9,9 @@ the suite (issue "Tests that fail when a promise breaks"):
 4. a sweep minimises the validation loss: its best (and exported) trial is the lowest one;
 5. the launcher resumes an interrupted run and skips only finished ones.
 
+And promises the mutation run (results/mutation/README.md) found unpinned: the optimizers' default
+hyperparameters are the authors', and ``from_sgd`` / ``from_adam`` pass their other keywords on.
+
 The expected values come from the promise itself (a group stepped alone, the run that was
 never interrupted, the lowest value of the study), never from the code under test.
 """
@@ -260,3 +263,28 @@ def test_build_of_an_ablation_passes_every_key_but_gamma():
     assert (group["h"], group["c"], group["lr"], group["weight_decay"], group["gamma"]) == (0.2, 3.0, 0.5, 0.1, 0.0)
     with pytest.raises(ValueError, match=r"^Unknown hyperparameter\(s\) beta1, gamma for optimizer 'cd0'; valid: h, c, lr"):
         optimizers.build("cd0", p, gamma=1.0, beta1=0.9)
+
+
+# ---------------------------------------------------------------- constructors: defaults and keywords
+
+# The authors' defaults, and ours for the keys the paper has not (lr 1, no weight decay).
+OURS_DEFAULTS = {
+    LDHD: dict(h=1e-3, gamma=0.1),
+    CD: dict(h=1e-3, gamma=1.0, c=1.0),
+    iKFAD: dict(h=1e-3, alpha=1.0, mu=1.0, gamma=1.0),
+    CADAM: dict(h=1e-3, gamma=1.0, c=1.0, alpha=1.0, eps=1e-8),
+}
+
+
+@pytest.mark.parametrize("cls", list(OURS_DEFAULTS), ids=lambda c: c.__name__)
+def test_defaults_are_the_authors(cls):
+    group = _group(cls([torch.zeros(3, requires_grad=True)]))
+    assert group == dict(OURS_DEFAULTS[cls], lr=1.0, weight_decay=0.0, maximize=False, foreach=None, fused=None)
+
+
+@pytest.mark.parametrize("make", [lambda p, **kw: CD.from_sgd(p, lr=0.01, momentum=0.9, **kw),
+                                  lambda p, **kw: LDHD.from_sgd(p, lr=0.01, momentum=0.9, **kw),
+                                  lambda p, **kw: CADAM.from_adam(p, **kw)], ids=["CD", "LDHD", "CADAM"])
+def test_from_sgd_and_from_adam_pass_the_other_keywords_on(make):
+    group = make([torch.zeros(3, requires_grad=True)], weight_decay=0.1, maximize=True, foreach=True).param_groups[0]
+    assert (group["weight_decay"], group["maximize"], group["foreach"]) == (0.1, True, True)

@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
+from conftest import compiles_update
+
 from optimizers import CADAM, CD, LDHD, build, iKFAD
 
 from test_optimizers import AdamNoBiasCorrection, assert_same, make_problem, train
@@ -175,6 +177,7 @@ def _frames(counter) -> int:
     return counter.frame_count
 
 
+@compiles_update
 @pytest.mark.parametrize("cls", OURS, ids=lambda c: c.__name__)
 def test_compiled_training_step_never_recompiles_for_tensor_hyperparameters(cls):
     """A whole training step (forward, backward, step, zero_grad) under torch.compile:
@@ -255,6 +258,7 @@ def adamw_frames():
     return _frames_under_schedule(lambda p: torch.optim.AdamW(p, lr=1e-3), _decay)
 
 
+@compiles_update
 @pytest.mark.parametrize("cls", OURS, ids=lambda c: c.__name__)
 def test_compiled_training_step_recompiles_for_float_schedules_no_more_than_adamw(cls, adamw_frames):
     """A float ``lr`` (and ``h``) changed at every step: as many compiled frames as
@@ -307,6 +311,24 @@ def test_from_sgd_is_momentum_sgd(cls):
     assert_same(train(lambda p: cls.from_sgd(p, lr=lr, momentum=momentum)),
                 train(lambda p: torch.optim.SGD(p, lr=lr, momentum=momentum)), tol=1e-10)
     assert CD.from_sgd([torch.zeros(1, requires_grad=True)], lr=lr, momentum=momentum, c=7.0).param_groups[0]["c"] == 7.0
+
+
+def test_from_adam_defaults_are_torchs_adam_and_each_argument_is_checked():
+    """``from_adam``'s defaults are torch.optim.Adam's (lr 1e-3, betas (0.9, 0.999), eps 1e-8);
+    each beta must lie in (0, 1), eps must be a finite number >= 0 (0 allowed, as in torch)."""
+    p = [torch.zeros(1, requires_grad=True)]
+    group = {k: v for k, v in CADAM.from_adam(p).param_groups[0].items() if k != "params"}
+    torch_adam = {k: v for k, v in CADAM.from_adam(p, lr=1e-3, betas=(0.9, 0.999), eps=1e-8).param_groups[0].items()
+                  if k != "params"}
+    assert group == torch_adam
+    assert CADAM.from_adam(p, eps=0.0).param_groups[0]["eps"] == 0.0
+    for betas, name in (((0.9, 1.0), "beta2"), ((0.9, 0.0), "beta2"), ((0.0, 0.999), "beta1"), ((True, 0.999), "beta1"),
+                        ((0.9, "0.999"), "beta2")):
+        with pytest.raises(ValueError, match=rf"^Invalid {name}: .*; expected a number in \(0, 1\)$"):
+            CADAM.from_adam(p, betas=betas)
+    for eps in (-1e-8, float("inf"), float("nan"), True, "1e-8", None):
+        with pytest.raises(ValueError, match=r"^Invalid eps: .*; expected a finite number >= 0$"):
+            CADAM.from_adam(p, eps=eps)
 
 
 def test_from_adam_and_from_sgd_validate():

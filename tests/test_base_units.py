@@ -1,0 +1,129 @@
+"""optimizers/_base.py's pieces one at a time, milliseconds each: what the optimizers'
+training tests reach only at import time (the coefficient tuples, the subclass hook, the
+autograd version probe), so that a change to them fails a test that runs it, and the
+arguments' validation at its edges."""
+import pytest
+import torch
+
+from optimizers import _base
+from optimizers._base import COMMON_ARGS, MOTION, coefficient_tuple, sgd_time_step
+from optimizers.cd import CD, CDCoefficients
+
+
+def test_coefficient_tuple_is_motion_then_the_fields_and_belongs_to_its_caller():
+    Pair = coefficient_tuple("Pair", "two_c_h", "eps", module=__name__)
+    assert Pair.__name__ == "Pair"
+    assert Pair._fields == ("kick_step", "drift_step", "decay", "linear", "two_c_h", "eps")
+    assert Pair._fields[:4] == MOTION
+    assert Pair.__module__ == __name__
+    assert Pair(1.0, 2.0, 3.0, 4.0, 5.0, 6.0).eps == 6.0
+    assert CDCoefficients.__module__ == "optimizers.cd"
+
+
+def test_the_version_probe_matches_torch():
+    """torch.autograd.graph.increment_version takes a list of tensors from torch 2.5 on."""
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    assert _base._increments_lists() is ((major, minor) >= (2, 5))
+
+
+@pytest.mark.parametrize("lists", [True, False])
+def test_each_tensor_version_is_bumped_once(lists, monkeypatch):
+    monkeypatch.setattr(_base, "_INCREMENT_LISTS", lists and _base._increments_lists())
+    a, b = torch.zeros(2), torch.zeros(3)
+    before = a._version, b._version
+    _base._increment_versions([a, b])
+    assert (a._version, b._version) == (before[0] + 1, before[1] + 1)
+
+
+def test_a_subclass_that_restates_update_runs_no_parents_kernel():
+    """A subclass's own ``_update`` is not what the parent's C kernel computes: without a
+    ``native_kernel`` of its own it has none; naming one, or not overriding ``_update``,
+    keeps it."""
+    class Restated(CD):
+        @staticmethod
+        def _update(q, g, p, k):
+            CD._update(q, g, p, k)
+
+    class Named(CD):
+        native_kernel = "cd"
+
+        @staticmethod
+        def _update(q, g, p, k):
+            CD._update(q, g, p, k)
+
+    class Plain(CD):
+        pass
+
+    assert (Restated.native_kernel, Named.native_kernel, Plain.native_kernel) == (None, "cd", "cd")
+
+
+def test_common_args_fill_a_subclass_docstring():
+    class Documented(CD):
+        """Documented.
+
+        Args:
+    {common_args}
+        """
+
+    class Undocumented(CD):
+        pass
+
+    assert "{common_args}" not in Documented.__doc__
+    assert COMMON_ARGS.strip("\n") in Documented.__doc__
+    assert Documented.__doc__.startswith("Documented.\n")
+    assert Undocumented.__doc__ is None
+    assert "{common_args}" not in CD.__doc__ and COMMON_ARGS.strip("\n") in CD.__doc__
+
+
+def test_sgd_time_step_edges():
+    """exp(-gamma h) = momentum and h^2 * factor = lr: momentum 1 is no friction."""
+    assert sgd_time_step(0.01, 1.0, 1.0) == (0.1, 0.0)
+    assert sgd_time_step(0.04, 1, 4.0) == (0.1, 0.0)
+    for momentum in (0.0, -0.5, 1.5, 2.0, True, "0.9", None, float("nan")):
+        with pytest.raises(ValueError, match=r"^Invalid momentum: .*; expected a number in \(0, 1\]$"):
+            sgd_time_step(0.01, momentum, 1.0)
+
+
+def test_check_positive_lr_takes_finite_positive_numbers_only():
+    _base.check_positive_lr(1e-3)
+    _base.check_positive_lr(2)
+    for lr in (0.0, -1e-3, float("inf"), float("nan"), True, "0.1", None, torch.tensor(0.1)):
+        with pytest.raises(ValueError, match=r"^Invalid lr: .*; expected a finite number > 0$"):
+            _base.check_positive_lr(lr)
+
+
+def test_as_scalar_views_a_one_element_tensor_as_0d_and_leaves_the_rest():
+    for shape in ((1,), (1, 1), (1, 1, 1)):
+        t = torch.full(shape, 0.5)
+        s = _base.as_scalar(t)
+        assert s.shape == () and s.item() == 0.5
+        t.fill_(0.25)  # a view: the user's in-place change (a scheduler's fill_) is seen
+        assert s.item() == 0.25
+    zero_d, two, empty = torch.tensor(0.5), torch.ones(2), torch.ones(0)
+    assert _base.as_scalar(zero_d) is zero_d
+    assert _base.as_scalar(two) is two and _base.as_scalar(empty) is empty
+    assert _base.as_scalar(0.5) == 0.5 and _base.as_scalar(None) is None
+
+
+def test_a_state_dict_from_before_the_options_loads_with_their_defaults():
+    """A state dict saved before lr, maximize, foreach and fused existed loads with lr 1 (the
+    paper's step), maximize False and the default paths, as the constructor's defaults."""
+    p = [torch.zeros(3, requires_grad=True)]
+    old = CD(p, h=0.1).state_dict()
+    for key in ("lr", "maximize", "foreach", "fused"):
+        del old["param_groups"][0][key]
+    opt = CD(p, h=0.2, lr=0.5, maximize=True, foreach=True)
+    opt.load_state_dict(old)
+    group = opt.param_groups[0]
+    assert (group["h"], group["lr"], group["maximize"], group["foreach"], group["fused"]) == (0.1, 1.0, False, None, None)
+
+
+def test_fused_true_on_a_device_or_dtype_no_kernel_takes_is_torchs_error():
+    opt = CD([torch.zeros(3, requires_grad=True)], fused=True)
+    message = ("`fused=True` requires all the params to be floating point Tensors of supported devices: "
+               "['cpu', 'cuda'] and dtypes ['torch.float16', 'torch.bfloat16', 'torch.float32', 'torch.float64'] "
+               "but {dtype} and {device}; use fused=None or False")
+    for device, dtype in ((torch.device("meta"), torch.float32), (torch.device("cpu"), torch.complex64)):
+        with pytest.raises(RuntimeError) as error:
+            opt.code_path(device=device, dtype=dtype)
+        assert str(error.value) == message.format(dtype=dtype, device=device.type)
