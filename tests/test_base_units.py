@@ -127,3 +127,11 @@ def test_fused_true_on_a_device_or_dtype_no_kernel_takes_is_torchs_error():
         with pytest.raises(RuntimeError) as error:
             opt.code_path(device=device, dtype=dtype)
         assert str(error.value) == message.format(dtype=dtype, device=device.type)
+
+
+def test_code_path_of_a_tensor_that_is_no_parameter_of_the_optimizer_is_a_one_line_error():
+    opt = CD([torch.zeros(3, requires_grad=True)], foreach=True)
+    assert opt.code_path(param=opt.param_groups[0]["params"][0]) == "foreach"
+    with pytest.raises(ValueError) as error:
+        opt.code_path(param=torch.zeros(3, requires_grad=True))
+    assert str(error.value) == "Invalid param: not a parameter of this optimizer's param groups"
