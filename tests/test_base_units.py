@@ -135,3 +135,11 @@ def test_code_path_of_a_tensor_that_is_no_parameter_of_the_optimizer_is_a_one_li
     with pytest.raises(ValueError) as error:
         opt.code_path(param=torch.zeros(3, requires_grad=True))
     assert str(error.value) == "Invalid param: not a parameter of this optimizer's param groups"
+
+
+def test_code_path_answers_for_the_group_asked_for():
+    first, second = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    opt = CD([{"params": [first], "foreach": True}, {"params": [second], "foreach": False}])
+    assert opt.code_path() == "foreach"
+    assert opt.code_path(group=opt.param_groups[1]) == "single"
+    assert opt.code_path(param=second) == "single"
