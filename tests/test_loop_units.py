@@ -617,15 +617,24 @@ def test_a_fresh_start_drops_records_no_checkpoint_counts(tmp_path):
     assert [r["loss"] for r in records(run) if r["split"] == "val"] == [10.0, 8.0]
 
 
-def test_the_train_record_has_the_mfu_since_the_last_evaluation(tmp_path, monkeypatch):
-    asked, clock = [], {"t": 100.0}
-    monkeypatch.setattr(loop, "estimate_mfu", lambda flops, device: asked.append((flops, device)) or 0.25)
+def quarter_second_steps(monkeypatch):
+    """``loss_fn`` as a step that takes a quarter of a second on the loop's clock (a fake
+    ``time`` module, starting at 100 s)."""
+    clock = {"t": 100.0}
     monkeypatch.setattr(loop, "time", type(sys)("clock"))
     loop.time.time = lambda: clock["t"]
 
-    def timed(model, batch):  # each step takes a quarter of a second on this clock
+    def timed(model, batch):
         clock["t"] += 0.25
         return loss_fn(model, batch)
+
+    return timed
+
+
+def test_the_train_record_has_the_mfu_since_the_last_evaluation(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(loop, "estimate_mfu", lambda flops, device: asked.append((flops, device)) or 0.25)
+    timed = quarter_second_steps(monkeypatch)
 
     run = make_run(tmp_path)
     Trainer(run, model(), Batches(), timed, Evaluate(), total_steps=4, eval_interval=2, flops_per_step=1e6).fit()
@@ -791,13 +800,7 @@ def test_an_fp16_run_resumes_its_loss_scale(tmp_path, monkeypatch):
 
 
 def test_steps_per_second_count_this_processs_steps_over_its_time(tmp_path, monkeypatch):
-    clock = {"t": 100.0}
-    monkeypatch.setattr(loop, "time", type(sys)("clock"))
-    loop.time.time = lambda: clock["t"]
-
-    def timed(model, batch):  # each step takes a quarter of a second on this clock
-        clock["t"] += 0.25
-        return loss_fn(model, batch)
+    timed = quarter_second_steps(monkeypatch)
 
     run = make_run(tmp_path)
     summary = Trainer(run, model(), Batches(), timed, Evaluate(), total_steps=2, eval_interval=10).fit()

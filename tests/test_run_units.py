@@ -94,17 +94,20 @@ def test_any_rank_alone_is_the_flag_and_build_optimizer_uses_the_config(tmp_path
     assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["lr"] == 0.5
 
 
+class Out:
+    """A pipe to a launcher's log: what is not flushed waits in the buffer."""
+
+    def __init__(self):
+        self.text, self.flushed = "", ""
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        self.flushed = self.text
+
+
 def test_only_rank_0_prints_and_at_once(tmp_path, monkeypatch):
-    class Out:  # a pipe to a launcher's log: what is not flushed waits in the buffer
-        def __init__(self):
-            self.text, self.flushed = "", ""
-
-        def write(self, text):
-            self.text += text
-
-        def flush(self):
-            self.flushed = self.text
-
     out = Out()
     monkeypatch.setattr(sys, "stdout", out)
     a_run(tmp_path, 2, 0).print("hello", 1, sep="-")
@@ -485,16 +488,6 @@ def test_start_refuses_in_one_line_what_it_cannot_run(tmp_path, monkeypatch):
 
 
 def test_start_of_a_finished_run_does_nothing(tmp_path, monkeypatch):
-    class Out:  # a pipe to a launcher's log: what is not flushed waits in the buffer
-        def __init__(self):
-            self.text, self.flushed = "", ""
-
-        def write(self, text):
-            self.text += text
-
-        def flush(self):
-            self.flushed = self.text
-
     out, stdout = tmp_path / "run", Out()
     finished(out, status="diverged")
     monkeypatch.setattr(sys, "stdout", stdout)
