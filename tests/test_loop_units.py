@@ -702,13 +702,18 @@ def test_a_signal_stops_the_run_at_the_next_step_boundary_after_a_checkpoint(tmp
     assert json.loads((run.dir / "summary.json").read_text())["status"] == "interrupted"
 
 
-def test_a_resume_under_fsdp2_hands_the_full_states_to_the_shards(tmp_path, monkeypatch):
+def interrupted_after_one_step(tmp_path, monkeypatch):
+    """``(run, checkpoint)`` of a run stopped after its first step (``STOP_AFTER_ENV``)."""
     run = make_run(tmp_path)
     monkeypatch.setenv(STOP_AFTER_ENV, "1")
     with pytest.raises(Interrupted):
         fit(run)
     monkeypatch.delenv(STOP_AFTER_ENV)
-    saved = ckpt.load(run.dir / "checkpoint.pt")
+    return run, ckpt.load(run.dir / "checkpoint.pt")
+
+
+def test_a_resume_under_fsdp2_hands_the_full_states_to_the_shards(tmp_path, monkeypatch):
+    run, saved = interrupted_after_one_step(tmp_path, monkeypatch)
     t = Trainer(make_run(tmp_path), model(), Batches(), loss_fn, Evaluate(), total_steps=5, eval_interval=2)
     t.fsdp, handed = True, []  # as on several processes with train.parallel fsdp2
     monkeypatch.setattr(loop.par, "load_full_state_dicts", lambda *args: handed.append(args))
@@ -759,12 +764,7 @@ def test_resume_wraps_the_model_as_configured(tmp_path, monkeypatch):
 
 
 def test_a_rank_beyond_the_saved_ones_resumes_from_the_last(tmp_path, monkeypatch):
-    run = make_run(tmp_path)
-    monkeypatch.setenv(STOP_AFTER_ENV, "1")
-    with pytest.raises(Interrupted):
-        fit(run)
-    monkeypatch.delenv(STOP_AFTER_ENV)
-    saved = ckpt.load(run.dir / "checkpoint.pt")
+    run, saved = interrupted_after_one_step(tmp_path, monkeypatch)
     torch.manual_seed(98)
     first = ckpt.rng_state()
     torch.manual_seed(99)
