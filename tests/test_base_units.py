@@ -143,3 +143,14 @@ def test_code_path_answers_for_the_group_asked_for():
     assert opt.code_path() == "foreach"
     assert opt.code_path(group=opt.param_groups[1]) == "single"
     assert opt.code_path(param=second) == "single"
+
+
+def test_code_path_is_for_the_parameters_with_a_gradient_where_any_has_one():
+    """A step updates only the parameters with a gradient: here one whose gradient is laid
+    out otherwise (the eager loop's), not the one without a gradient (the kernel's)."""
+    with_grad, without = torch.zeros(3, 4, requires_grad=True), torch.zeros(3, 4, requires_grad=True)
+    opt = CD([with_grad, without], fused=True)
+    if opt.code_path() == "single":
+        pytest.skip("no fused kernel can be built here")
+    with_grad.grad = torch.zeros(4, 3).t()
+    assert opt.code_path() == "single"
