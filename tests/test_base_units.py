@@ -2,6 +2,8 @@
 training tests reach only at import time (the coefficient tuples, the subclass hook, the
 autograd version probe), so that a change to them fails a test that runs it, and the
 arguments' validation at its edges."""
+import math
+
 import pytest
 import torch
 
@@ -157,3 +159,42 @@ def test_code_path_is_for_the_parameters_with_a_gradient_where_any_has_one():
     assert opt.code_path() == "single"
     # asked for it, the one without a gradient is taken to get one laid out as itself
     assert (opt.code_path(param=with_grad), opt.code_path(param=without)) == ("single", kernel)
+
+
+def test_a_tensor_rate_or_time_step_gives_a_tensor_coefficient():
+    """exp(-rate h) and (1 - exp(-rate h)) / rate: a tensor when either factor is one (a graph
+    input under torch.compile), a float otherwise; the same numbers."""
+    for rate, h in ((torch.tensor(2.0, dtype=torch.float64), 0.5), (2.0, torch.tensor(0.5, dtype=torch.float64))):
+        decay, weight = _base.decay_factor(rate, h), _base.relax_weight(rate, h)
+        assert isinstance(decay, torch.Tensor) and isinstance(weight, torch.Tensor)
+        assert abs(decay.item() - math.exp(-1.0)) < 1e-15 and abs(weight.item() - (1 - math.exp(-1.0)) / 2) < 1e-15
+    assert isinstance(_base.decay_factor(2.0, 0.5), float) and isinstance(_base.relax_weight(2.0, 0.5), float)
+
+
+def test_cubic_damping_by_hand():
+    """p <- p / sqrt(1 + 2 c h p^2), also at 2 c h = 1 exactly; at 0 nothing changes."""
+    p = torch.tensor([1.0, -2.0, 0.0], dtype=torch.float64)
+    _base.cubic_damping(p, 1.0)
+    assert p.tolist() == [1 / math.sqrt(2.0), -2 / math.sqrt(5.0), 0.0]
+    _base.cubic_damping(p, 0.0)
+    assert p.tolist() == [1 / math.sqrt(2.0), -2 / math.sqrt(5.0), 0.0]
+
+
+def test_code_path_of_a_state_laid_out_otherwise_is_the_eager_loop():
+    """A momentum laid out otherwise than its parameter (one loaded from a checkpoint written
+    by another model's layout) cannot share the kernel's flat offsets."""
+    q = torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()
+    opt = CD([q], fused=True)
+    q.grad = torch.zeros_like(q)
+    kernel = opt.code_path()
+    if kernel == "single":
+        pytest.skip("no fused kernel can be built here")
+    opt.state[q]["momentum"] = torch.zeros(2, 3, 4, 5)  # contiguous, not channels-last
+    assert opt.code_path() == "single"
+
+
+def test_code_path_given_only_a_device_or_only_a_dtype_takes_the_other_from_the_first_parameter():
+    opt = CD([torch.zeros(3, requires_grad=True)])
+    default = opt.code_path()
+    assert opt.code_path(device=torch.device("cpu")) == default
+    assert opt.code_path(dtype=torch.float32) == default
