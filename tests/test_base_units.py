@@ -198,3 +198,13 @@ def test_code_path_given_only_a_device_or_only_a_dtype_takes_the_other_from_the_
     default = opt.code_path()
     assert opt.code_path(device=torch.device("cpu")) == default
     assert opt.code_path(dtype=torch.float32) == default
+
+
+def test_scale_multiplies_by_any_factor_and_skips_only_one():
+    x = torch.tensor([1.0, -3.0], dtype=torch.float64)
+    _base.scale(x, 2.0)
+    assert x.tolist() == [2.0, -6.0]
+    _base.scale(x, 1.0)
+    assert x.tolist() == [2.0, -6.0]
+    _base.scale([x], 0.5)
+    assert x.tolist() == [1.0, -3.0]
