@@ -37,8 +37,9 @@ def _compiled_step_is_mutated() -> bool:
         hasattr(importlib.import_module(name), "_mutmut_mutated") for name in traced)
 
 
-UNDER_MUTMUT = _compiled_step_is_mutated()
-compiles_update = pytest.mark.skipif(UNDER_MUTMUT, reason="torch.compile cannot trace mutmut's trampolines")
+COMPILED_STEP_MUTATED = _compiled_step_is_mutated()
+_UNTRACEABLE = "torch.compile cannot trace mutmut's trampolines"
+compiles_update = pytest.mark.skipif(COMPILED_STEP_MUTATED, reason=_UNTRACEABLE)
 
 PATH_OPTIONS = {
     "single": dict(foreach=False, fused=False),
@@ -75,8 +76,8 @@ def _step_path(request, monkeypatch) -> StepPath:
         if reason is not None:
             pytest.skip(f"native kernels unavailable: {reason}")
     elif request.param == "compiled":
-        if UNDER_MUTMUT:
-            pytest.skip("torch.compile cannot trace mutmut's trampolines")
+        if COMPILED_STEP_MUTATED:
+            pytest.skip(_UNTRACEABLE)
         # Inductor compiles CPU kernels with a C++ compiler.
         if shutil.which(os.environ.get("CXX", "g++")) is None:
             pytest.skip("no C++ compiler for torch.compile on the CPU")
