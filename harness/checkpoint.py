@@ -97,7 +97,7 @@ def remove_stale_temps(folder: Path, files: Optional[tuple[str, ...]] = None) ->
     from .rundir import RUN_FILES, stale_temp
 
     for entry in os.scandir(folder):
-        if stale_temp(entry.name, files or RUN_FILES) and entry.is_file(follow_symlinks=False):
+        if stale_temp(entry.name, RUN_FILES if files is None else files) and entry.is_file(follow_symlinks=False):
             Path(entry.path).unlink(missing_ok=True)
 
 

@@ -316,6 +316,15 @@ def test_remove_stale_temps_removes_only_the_writers_temp_files(tmp_path):
     assert outside.read_bytes() == b"someone else's"
 
 
+def test_remove_stale_temps_removes_only_the_named_files_temps(tmp_path):
+    for name in (".checkpoint.pt.tmp1", ".train.bin.tmp2", ".val.bin.tmp3"):
+        (tmp_path / name).write_bytes(b"x")
+    ckpt.remove_stale_temps(tmp_path, ("train.bin",))  # a prepare step's data files
+    assert files(tmp_path) == [".checkpoint.pt.tmp1", ".val.bin.tmp3"]
+    ckpt.remove_stale_temps(tmp_path, ())  # no files named: none of their temps, not the run files'
+    assert files(tmp_path) == [".checkpoint.pt.tmp1", ".val.bin.tmp3"]
+
+
 def test_remove_stale_temps_takes_a_temp_file_gone_meanwhile_in_its_stride(tmp_path, monkeypatch):
     (tmp_path / ".checkpoint.pt.tmp1").write_bytes(b"x")
     real_scandir = os.scandir
