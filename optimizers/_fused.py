@@ -50,6 +50,8 @@ one place this module warns) when it is made.
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -79,13 +81,20 @@ _compiled: dict[Callable, Callable] = {}  # update function -> its torch.compile
 # (update, native kernel, native kernels enabled, device type, dtype) -> its Backend
 _backends: dict[tuple, "Backend"] = {}
 _warned: set[str] = set()  # the warnings given (``_warn``)
+# Where the frames ``_warn`` skips come from: this package and torch (``step``'s wrappers).
+_OWN_CODE = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
 
 
 def _warn(message: str) -> None:
-    """The one place the fused path warns: each message once per process."""
+    """The one place the fused path warns: each message once per process, attributed to
+    the user's line that led to it (``opt.step()``, ``opt.code_path()``, ...): the first
+    frame outside this package and torch, however deep the call came through them."""
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=5)
+        level, frame = 1, sys._getframe(0)
+        while frame.f_back is not None and frame.f_code.co_filename.startswith(_OWN_CODE):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
 def compiled_update(update: Callable) -> Callable:

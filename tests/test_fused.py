@@ -8,6 +8,7 @@ shared: one per (optimizer, dtype), compiled by whichever test needs it first.
 """
 import copy
 import ctypes
+import inspect
 import os
 import shutil
 import warnings
@@ -366,12 +367,18 @@ def _train_cd(fused):
 
 
 def _train_cd_fused_twice():
-    """Two fused runs: the first one's parameters, and the RuntimeWarnings of both."""
+    """Two fused runs: the first one's parameters, and the RuntimeWarnings of both,
+    each checked to point at ``_train_cd``'s ``opt.step()``: the user's line, not the
+    optimizer's or torch's wrappers of ``step``."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fused = _train_cd(True)
         _train_cd(True)
-    return fused, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    caught = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    step_line = next(i for i, line in enumerate(inspect.getsourcelines(_train_cd)[0]) if "opt.step()" in line)
+    for w in caught:
+        assert (w.filename, w.lineno) == (__file__, _train_cd.__code__.co_firstlineno + step_line)
+    return fused, [str(w.message) for w in caught]
 
 
 @pytest.mark.parametrize("failure", ["compile error", "no compiler"])
@@ -574,10 +581,13 @@ def test_code_path_reports_the_fallback_before_the_first_step(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt = CD([torch.zeros(3, requires_grad=True)], fused=True)
+        code_path_line = inspect.currentframe().f_lineno + 1
         assert opt.code_path() == "single"
         opt.param_groups[0]["params"][0].grad = torch.ones(3)
         opt.step()
-    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    warned = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(warned) == 1
+    assert (warned[0].filename, warned[0].lineno) == (__file__, code_path_line)  # the user's call
     backend = _fused.backend(CD._update, "cd", 3, 5, torch.device("cpu"), torch.float32)
     assert backend.path == "single"
     assert backend.why_not == {"native": "no C compiler (set CC, or install cc, gcc or clang)",
@@ -597,3 +607,55 @@ def test_compiled_step_updates_every_tensor_of_a_small_last_batch(monkeypatch):
     opt.step()
     assert params[1].item() == pytest.approx(1 - 0.01 * 1)  # q + h * (-h g) from p = 0
     assert opt.code_path(param=params[1]) == "single"
+
+
+def test_each_message_warns_once_per_process(monkeypatch):
+    monkeypatch.setattr(_fused, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for message in ("first", "second", "first", "second"):
+            _fused._warn(message)
+    assert [str(w.message) for w in caught] == ["first", "second"]
+    assert all(w.category is RuntimeWarning for w in caught)
+
+
+def _sub_update(q, g, k):
+    """A one-coefficient update that no optimizer compiles: q <- q - k[0] g."""
+    q.sub_(k[0] * g)
+
+
+@needs_compiler
+def test_one_compiled_graph_serves_every_tensor_size(monkeypatch):
+    """The kernel is compiled once, with a symbolic length: tensors of new sizes (a
+    small batch, a large tensor through its own call) compile no further graph."""
+    monkeypatch.setattr(_fused, "_backends", {})
+    monkeypatch.setattr(_fused, "_compiled", {})
+    backend = _fused.backend(_sub_update, None, 2, 1, torch.device("cpu"), torch.float32)
+    assert backend.path == "compiled"
+    compiled = graphs_compiled()
+    for n in (3, 50, _fused.SMALL_NUMEL + 7):
+        q, g = torch.ones(n), torch.full((n,), 2.0)
+        backend.run((0.25,), [(q, g)])
+        assert torch.equal(q, torch.full((n,), 0.5))  # 1 - 0.25 * 2
+    assert graphs_compiled() == compiled
+
+
+@needs_compiler
+def test_an_update_dynamo_cannot_capture_whole_takes_the_eager_loop(monkeypatch):
+    """The kernel is compiled with ``fullgraph=True``: an update with a graph break is
+    not half-compiled (eager pieces between graphs, every step) but refused when the
+    backend is made, which then says why and runs the update eagerly."""
+    monkeypatch.setattr(_fused, "_backends", {})
+    monkeypatch.setattr(_fused, "_warned", set())
+
+    def update(q, g, k):
+        torch._dynamo.graph_break()
+        q.sub_(k[0] * g)
+
+    with pytest.warns(RuntimeWarning, match="falling back to the single-tensor loop"):
+        backend = _fused.backend(update, None, 2, 1, torch.device("cpu"), torch.float32)
+    assert backend.path == "single" and backend.kernel is None
+    assert "graph_break" in backend.why_not["compiled"], backend.why_not
+    q = torch.ones(4)
+    backend.run((0.5,), [(q, torch.ones(4))])
+    assert torch.equal(q, torch.full((4,), 0.5))
