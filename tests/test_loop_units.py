@@ -16,6 +16,7 @@ from torch import nn
 from harness import checkpoint as ckpt
 from harness import config as config_lib
 from harness import loop
+from harness import run as harness_run
 from harness.errors import UsageError
 from harness.loop import STOP_AFTER_ENV, Trainer, TrainState
 from harness.run import Run
@@ -729,7 +730,8 @@ def test_a_checkpoint_of_several_processes_gathers_and_waits_for_every_rank(tmp_
     t.resume()
     t.run.world_size, t.fsdp, waits = 2, True, []  # rank 0 of 2 under FSDP2, the other rank faked
     full = ({"weight": torch.tensor([[7.0]])}, {"state": {}, "param_groups": [{"lr": 0.5, "params": [0]}]})
-    monkeypatch.setattr(loop.par, "full_state_dicts", lambda raw, optimizer: full if raw is t.raw else None)
+    monkeypatch.setattr(loop.par, "full_state_dicts",
+                        lambda raw, optimizer: full if raw is t.raw and optimizer is t.optimizer else None)
     monkeypatch.setattr(loop.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj, obj]))
     monkeypatch.setattr(loop.dist, "barrier", lambda: waits.append(1))
     t.state.step = 4
@@ -812,3 +814,126 @@ def test_steps_per_second_count_this_processs_steps_over_its_time(tmp_path, monk
     monkeypatch.delenv(STOP_AFTER_ENV)
     summary = Trainer(run, model(), Batches(), timed, Evaluate(), total_steps=3, eval_interval=10).fit()
     assert summary["steps_per_s"] == 4.0  # steps 2 and 3 in this process's half second
+
+
+def test_wall_time_adds_this_processs_time_to_the_earlier_processes(tmp_path, monkeypatch):
+    timed = quarter_second_steps(monkeypatch)
+    run = make_run(tmp_path)
+    summary = Trainer(run, model(), Batches(), timed, Evaluate(), total_steps=2, eval_interval=10).fit()
+    assert summary["wall_time_s"] == 0.5 and [r["time_s"] for r in records(run)] == [0.0, 0.0]  # step 0's evaluation
+    run = make_run(tmp_path, name="resumed")
+    monkeypatch.setenv(STOP_AFTER_ENV, "1")
+    with pytest.raises(Interrupted):
+        Trainer(run, model(), Batches(), timed, Evaluate(), total_steps=3, eval_interval=2).fit()
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    assert ckpt.load(run.dir / "checkpoint.pt")["wall_time_s"] == 0.25  # the first process: one step
+    summary = Trainer(run, model(), Batches(), timed, Evaluate(), total_steps=3, eval_interval=2).fit()
+    # the second process: 0.25 s before, then step 2 (its records at 0.5 s), then step 3
+    assert summary["wall_time_s"] == 0.75
+    assert [(r["step"], r["time_s"]) for r in records(run)] == [(0, 0.0), (0, 0.0), (2, 0.5), (2, 0.5), (2, 0.5)]
+
+
+def test_the_summary_has_the_mfu_of_this_processs_steps(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(loop, "estimate_mfu", lambda flops, device: asked.append((flops, device)) or flops / 16e6)
+    monkeypatch.setattr(loop, "matmul_peak_flops", lambda: 8e6)
+    timed = quarter_second_steps(monkeypatch)
+    run = make_run(tmp_path)
+    summary = Trainer(run, model(), Batches(), timed, Evaluate(), total_steps=2, eval_interval=10,
+                      flops_per_step=1e6).fit()
+    # 2 steps of 1e6 FLOPs in half a second: 4e6 FLOP/s, a quarter of the (faked) GPU peak, half the CPU's
+    assert summary["mfu"] == 0.25 and asked == [(4e6, torch.device("cpu"))]
+    assert (summary["cpu_flops_per_s"], summary["cpu_flops_utilization"]) == (4e6, 0.5)
+    run = make_run(tmp_path, name="no-steps")
+    summary = fit(run, total_steps=0, flops_per_step=1e6)  # no step in this process: no throughput to report
+    assert summary["steps"] == 0 and not {"mfu", "cpu_flops_per_s", "cpu_flops_utilization"} & set(summary)
+
+
+def test_a_parameter_the_steps_loss_does_not_reach_is_left_alone_by_that_step(tmp_path):
+    # torch's convention (zero_grad(set_to_none=True)): such a parameter has no gradient and the
+    # optimizer skips it; a zero gradient would move it by its momentum
+    run = make_run(tmp_path, sets=["optimizer.lr=1", "optimizer.momentum=0.5", "train.grad_clip=0"])
+
+    def alternate(model, batch):  # batch 0 reaches only the weight (gradient 3), batch 1 only the bias
+        return (model.weight.sum() * 3 if batch.item() == 0 else model.bias.sum()), {}
+
+    torch.manual_seed(0)
+    m = nn.Linear(1, 1)
+    w, b = m.weight.item(), m.bias.item()
+    Trainer(run, m, Batches(), alternate, Evaluate(), total_steps=2, eval_interval=5).fit()
+    # step 1 moves the weight by lr x 3; step 2 moves only the bias, by lr x 1 (not the weight by 0.5 x 3)
+    assert (w - m.weight.item(), b - m.bias.item()) == pytest.approx((3.0, 1.0))
+
+
+class Sharded(nn.Linear):
+    """A one-weight model with a buffer, which records where it was moved to."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__(1, 1, bias=False)
+        self.register_buffer("running", torch.zeros(1))
+        self.moved = []
+
+    def to(self, *args, **kwargs):
+        self.moved.append(args)
+        return super().to(*args, **kwargs)
+
+
+def test_several_processes_under_fsdp2_shard_the_model_on_the_runs_device(tmp_path, monkeypatch):
+    opened, sharded, sent = [], [], []
+    real_open = harness_run.open_run_dir
+    monkeypatch.setattr(harness_run, "open_run_dir", lambda *a, **k: opened.append(k["mmap"]) or real_open(*a, **k))
+    monkeypatch.setattr(loop.par, "fully_shard_model", lambda m, device, world_size: sharded.append((m, device, world_size)))
+    monkeypatch.setattr(Run, "any_rank", lambda self, flag: flag)
+    monkeypatch.setattr(loop.dist, "broadcast", lambda tensor, src: sent.append(tensor))
+    run, m = make_run(tmp_path, sets=["train.parallel=fsdp2"]), Sharded()
+    run.world_size = 2  # rank 0 of 2, the other rank faked
+    t = Trainer(run, m, Batches(), loss_fn, Evaluate(), total_steps=1, eval_interval=1)
+    assert t.fsdp and opened == [True]  # the checkpoint memory-mapped: a rank reads little more than its shards
+    assert m.moved == [(run.device,)] and sharded == [(m, run.device, 2)]
+    t._broadcast_buffers()  # the model's buffers: rank 0's after each forward
+    assert len(sent) == 1 and sent[0] is m.running
+    run = make_run(tmp_path, name="ddp")  # the default, replicas: nothing sharded or memory-mapped
+    run.world_size = 2
+    assert not Trainer(run, Sharded(), Batches(), loss_fn, Evaluate(), total_steps=1, eval_interval=1).fsdp
+    assert opened == [True, False] and len(sharded) == 1
+
+
+class FakeWandb:
+    """A stand-in for ``logging.WandbRun``: the rows it was sent and how it was finished."""
+
+    def __init__(self):
+        self.logged, self.rows, self.finished = 0, [], []
+
+    def log(self, index, record):
+        self.rows.append((index, record["step"], record["split"]))
+
+    def finish(self, summary):
+        self.finished.append(summary)
+
+
+def test_wandb_gets_every_record_and_the_runs_end_from_rank_0(tmp_path, monkeypatch):
+    started = []
+
+    def start(cfg, run_dir):
+        started.append((cfg, run_dir, FakeWandb()))
+        return started[-1][2]
+
+    monkeypatch.setattr(loop, "start_wandb", start)
+    run = make_run(tmp_path)
+    fit(run, total_steps=2, eval_interval=2)
+    (cfg, run_dir, wandb), = started
+    assert (cfg, run_dir) == (run.cfg, run.dir)
+    assert wandb.rows == [(0, 0, "val"), (1, 0, "test"), (2, 2, "train"), (3, 2, "val"), (4, 2, "test")]
+    assert wandb.finished == [{"status": "completed", "best": 8.0}]  # val loss 10 - step
+
+    class NoVal(Evaluate):
+        def __call__(self, model, step):
+            return [{"split": "test", "loss": 1.0}]
+
+    fit(make_run(tmp_path, name="no-best"), evaluate=NoVal(), total_steps=1)
+    assert started[-1][2].finished == [{"status": "completed"}]
+    run = make_run(tmp_path, name="rank1")
+    run.rank = 1  # only rank 0 has a wandb run
+    fit(run, total_steps=1)
+    assert len(started) == 2
