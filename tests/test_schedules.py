@@ -221,13 +221,14 @@ def test_compiled_training_step_never_recompiles_for_tensor_hyperparameters(cls)
 def _frames_under_schedule(make, change, steps=6) -> list:
     """Frames dynamo compiled (aot_eager: its graph passes without Inductor's codegen)
     after each step of a compiled training step, with ``change(optimizer, step)``
-    between steps, as a scheduler does."""
+    between steps, as a scheduler does. A param group per parameter (as for weight
+    decay on the weights only)."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 1)
-    opt = make(net.parameters())
+    opt = make([{"params": [net.weight]}, {"params": [net.bias]}])
     x, y = torch.randn(16, 4), torch.randn(16, 1)
 
     def train_step():
