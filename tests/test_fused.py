@@ -619,6 +619,51 @@ def test_each_message_warns_once_per_process(monkeypatch):
     assert all(w.category is RuntimeWarning for w in caught)
 
 
+@pytest.mark.parametrize("dtype, coefficients", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                                  (torch.bfloat16, torch.float32)])
+def test_the_kernel_is_compiled_on_scratch_tensors_of_the_device_and_dtype(monkeypatch, dtype, coefficients):
+    """The warm-up call that compiles the kernel: ``WARMUP_NUMEL`` elements per tensor in the
+    parameters' dtype and the coefficients in theirs (float64 for float64, else float32),
+    all on the parameters' device (here "meta": no kernel is compiled, the call is recorded)."""
+    calls = []
+    monkeypatch.setattr(_fused, "compiled_update", lambda update: lambda *ts: calls.append(
+        [(tuple(t.shape), t.dtype, t.device.type) for t in ts]))
+    kernel, why = _fused._compile(_sub_update, torch.device("meta"), dtype, 3, 4)
+    assert why is None and kernel is not None
+    assert calls == [[((1 << 16,), dtype, "meta")] * 3 + [((4,), coefficients, "meta")]]
+
+
+@pytest.mark.parametrize("error, why", [(RuntimeError("InvalidCxxCompiler: none\nsecond line"),
+                                         "RuntimeError: InvalidCxxCompiler: none"),
+                                        (ValueError("  \n"), "ValueError: ")])
+def test_a_failed_compile_says_the_errors_type_and_first_line(monkeypatch, error, why):
+    def compiled_update(update):
+        def kernel(*tensors):
+            raise error
+
+        return kernel
+
+    monkeypatch.setattr(_fused, "compiled_update", compiled_update)
+    assert _fused._compile(_sub_update, torch.device("cpu"), torch.float32, 2, 1) == (None, why)
+
+
+def test_compiling_is_known_impossible_without_dynamo_or_triton(monkeypatch):
+    """Said without trying: dynamo unsupported here (e.g. an unsupported Python), or a
+    CUDA device without Triton (the CPU needs none: Inductor writes C++ there)."""
+    import torch._dynamo.eval_frame as eval_frame
+    import torch.utils._triton as triton
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(triton, "has_triton", lambda: False)
+    assert _fused._why_unavailable(cpu) is None
+    assert _fused._why_unavailable(cuda) == "Triton is not installed"
+    monkeypatch.setattr(triton, "has_triton", lambda: True)
+    assert _fused._why_unavailable(cuda) is None
+    monkeypatch.setattr(eval_frame, "is_dynamo_supported", lambda: False)
+    for device in (cpu, cuda):
+        assert _fused._why_unavailable(device) == "torch.compile does not support this Python/platform"
+
+
 def _sub_update(q, g, k):
     """A one-coefficient update that no optimizer compiles: q <- q - k[0] g."""
     q.sub_(k[0] * g)
@@ -630,13 +675,13 @@ def test_one_compiled_graph_serves_every_tensor_size(monkeypatch):
     small batch, a large tensor through its own call) compile no further graph."""
     monkeypatch.setattr(_fused, "_backends", {})
     monkeypatch.setattr(_fused, "_compiled", {})
-    backend = _fused.backend(_sub_update, None, 2, 1, torch.device("cpu"), torch.float32)
+    backend = _fused.backend(_sub_update, None, 2, 1, torch.device("cpu"), torch.float64)
     assert backend.path == "compiled"
     compiled = graphs_compiled()
     for n in (3, 50, _fused.SMALL_NUMEL + 7):
-        q, g = torch.ones(n), torch.full((n,), 2.0)
+        q, g = torch.ones(n, dtype=torch.float64), torch.full((n,), 2.0, dtype=torch.float64)
         backend.run((0.25,), [(q, g)])
-        assert torch.equal(q, torch.full((n,), 0.5))  # 1 - 0.25 * 2
+        assert torch.equal(q, torch.full((n,), 0.5, dtype=torch.float64))  # 1 - 0.25 * 2
     assert graphs_compiled() == compiled
 
 
