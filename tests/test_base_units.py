@@ -208,3 +208,39 @@ def test_scale_multiplies_by_any_factor_and_skips_only_one():
     assert x.tolist() == [2.0, -6.0]
     _base.scale([x], 0.5)
     assert x.tolist() == [1.0, -3.0]
+
+
+def test_a_parameter_without_a_gradient_is_skipped_and_the_rest_of_its_group_steps():
+    frozen, trained = torch.zeros(2, requires_grad=True), torch.ones(1, requires_grad=True)
+    trained.grad = torch.ones(1)
+    opt = CD([frozen, trained], h=0.1)
+    opt.step()
+    assert frozen not in opt.state and torch.equal(frozen, torch.zeros(2))
+    assert trained.item() == pytest.approx(1 - 0.01 * 1)  # q + h * (-h g) from p = 0
+
+
+def test_sparse_gradients_and_complex_parameters_are_refused_naming_the_optimizer():
+    p = torch.zeros(3, requires_grad=True)
+    p.grad = torch.zeros(3).to_sparse()
+    with pytest.raises(RuntimeError, match=r"^CD does not support sparse gradients$"):
+        CD([p]).step()
+    z = torch.zeros(2, dtype=torch.complex64, requires_grad=True)
+    z.grad = torch.ones_like(z)
+    with pytest.raises(RuntimeError, match=r"^CD does not support complex parameters$"):
+        CD([z]).step()
+
+
+def test_a_one_element_tensor_hyperparameter_assigned_after_building_is_viewed_as_0d():
+    """As a scheduler may assign it: a [1]-shaped ``lr`` steps a 0-d parameter as the
+    number 0.5 does (a [1]-shaped coefficient would not broadcast into it), and the
+    group then holds a 0-d view of the very tensor assigned."""
+    p, ref = torch.zeros((), requires_grad=True), torch.zeros((), requires_grad=True)
+    p.grad, ref.grad = torch.tensor(1.0), torch.tensor(1.0)
+    opt, opt_ref = CD([p], h=0.1, foreach=False), CD([ref], h=0.1, lr=0.5, foreach=False)
+    lr = torch.tensor([0.5])
+    opt.param_groups[0]["lr"] = lr
+    opt.step()
+    opt_ref.step()
+    assigned = opt.param_groups[0]["lr"]
+    assert assigned.shape == () and assigned.data_ptr() == lr.data_ptr()
+    assert torch.equal(p, ref) and p.item() != 0
