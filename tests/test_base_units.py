@@ -244,3 +244,27 @@ def test_a_one_element_tensor_hyperparameter_assigned_after_building_is_viewed_a
     assigned = opt.param_groups[0]["lr"]
     assert assigned.shape == () and assigned.data_ptr() == lr.data_ptr()
     assert torch.equal(p, ref) and p.item() != 0
+
+
+def test_a_dtensor_is_stepped_as_its_local_shard():
+    """FSDP2 and tensor parallelism hand the optimizer DTensors: each rank steps its own
+    shard (``to_local``). Anything else, a tensor subclass with a ``to_local`` but no
+    device mesh among them, is stepped as it is."""
+
+    class Sharded:  # what _local asks of a DTensor
+        device_mesh = "mesh"
+
+        def to_local(self):
+            return "shard"
+
+    class MeshOnly:
+        device_mesh = "mesh"
+
+    class LocalOnly:
+        def to_local(self):
+            return "converted"
+
+    sharded, mesh_only, local_only = Sharded(), MeshOnly(), LocalOnly()
+    assert _base._local(sharded) == "shard"
+    assert _base._local(mesh_only) is mesh_only and _base._local(local_only) is local_only
+    assert _base._local(None) is None

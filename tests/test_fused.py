@@ -664,6 +664,22 @@ def test_compiling_is_known_impossible_without_dynamo_or_triton(monkeypatch):
         assert _fused._why_unavailable(device) == "torch.compile does not support this Python/platform"
 
 
+def test_coefficients_as_one_tensor_from_numbers_and_tensors():
+    """The compiled kernel's coefficients: one 1-D tensor in the coefficient dtype,
+    tensor hyperparameters (0-d or one-element) stacked with the numbers; numbers alone
+    made again only when they change (``cache``)."""
+    cpu = torch.device("cpu")
+    k = _fused._as_tensor((torch.tensor(0.5), 2.0, torch.tensor([3.0], dtype=torch.float64)), torch.float64, cpu)
+    assert k.dtype == torch.float64 and torch.equal(k, torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64))
+    k = _fused._as_tensor((torch.tensor(0.25, dtype=torch.float64), 1.0), torch.bfloat16, cpu)
+    assert k.dtype == torch.float32 and torch.equal(k, torch.tensor([0.25, 1.0]))
+    cache = {}
+    first = _fused._as_tensor((0.5, 2.0), torch.float32, cpu, cache)
+    assert _fused._as_tensor((0.5, 2.0), torch.float32, cpu, cache) is first
+    changed = _fused._as_tensor((0.5, 3.0), torch.float32, cpu, cache)
+    assert torch.equal(changed, torch.tensor([0.5, 3.0])) and torch.equal(first, torch.tensor([0.5, 2.0]))
+
+
 def _sub_update(q, g, k):
     """A one-coefficient update that no optimizer compiles: q <- q - k[0] g."""
     q.sub_(k[0] * g)
