@@ -673,6 +673,9 @@ def test_coefficients_as_one_tensor_from_numbers_and_tensors():
     assert k.dtype == torch.float64 and torch.equal(k, torch.tensor([0.5, 2.0, 3.0], dtype=torch.float64))
     k = _fused._as_tensor((torch.tensor(0.25, dtype=torch.float64), 1.0), torch.bfloat16, cpu)
     assert k.dtype == torch.float32 and torch.equal(k, torch.tensor([0.25, 1.0]))
+    meta = torch.device("meta")  # the parameters' device, here one that holds no numbers
+    k = _fused._as_tensor((torch.tensor(0.5, device=meta), 2.0), torch.float32, meta)
+    assert (k.device, k.dtype, k.shape) == (meta, torch.float32, (2,))
     cache = {}
     first = _fused._as_tensor((0.5, 2.0), torch.float32, cpu, cache)
     assert _fused._as_tensor((0.5, 2.0), torch.float32, cpu, cache) is first
