@@ -676,11 +676,15 @@ def test_coefficients_as_one_tensor_from_numbers_and_tensors():
     meta = torch.device("meta")  # the parameters' device, here one that holds no numbers
     k = _fused._as_tensor((torch.tensor(0.5, device=meta), 2.0), torch.float32, meta)
     assert (k.device, k.dtype, k.shape) == (meta, torch.float32, (2,))
+    k = _fused._as_tensor((0.5, 2.0), torch.float64, meta)
+    assert (k.device, k.dtype, k.shape) == (meta, torch.float64, (2,))
     cache = {}
     first = _fused._as_tensor((0.5, 2.0), torch.float32, cpu, cache)
     assert _fused._as_tensor((0.5, 2.0), torch.float32, cpu, cache) is first
     changed = _fused._as_tensor((0.5, 3.0), torch.float32, cpu, cache)
     assert torch.equal(changed, torch.tensor([0.5, 3.0])) and torch.equal(first, torch.tensor([0.5, 2.0]))
+    other_dtype = _fused._as_tensor((0.5, 3.0), torch.float64, cpu, cache)  # kept apart by device and dtype
+    assert other_dtype.dtype == torch.float64 and _fused._as_tensor((0.5, 3.0), torch.float32, cpu, cache) is changed
 
 
 def _sub_update(q, g, k):
