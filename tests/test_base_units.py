@@ -268,3 +268,23 @@ def test_a_dtensor_is_stepped_as_its_local_shard():
     assert _base._local(sharded) == "shard"
     assert _base._local(mesh_only) is mesh_only and _base._local(local_only) is local_only
     assert _base._local(None) is None
+
+
+def test_fused_none_without_a_native_kernel_takes_the_compiled_one_from_4m_elements(monkeypatch):
+    """fused=None where no native kernel runs (CUDA; here the CPU with them switched off):
+    the compiled kernel for models of 2**22 elements or more in all (its compile time then
+    pays off), the single-tensor loop below that; an explicit foreach choice wins.
+    (``_fused.backend`` faked: nothing is compiled.)"""
+    from optimizers import _fused, _native
+
+    monkeypatch.setattr(_native, "ENABLED", False)
+    monkeypatch.setattr(_fused, "backend", lambda update, *args: _fused.Backend("compiled", update))
+    half = 1 << 21
+    at = [torch.zeros(half, requires_grad=True), torch.zeros(half, requires_grad=True)]
+    below = [torch.zeros(half, requires_grad=True), torch.zeros(half - 1, requires_grad=True)]
+    assert CD(at).code_path() == "compiled"
+    assert CD(below).code_path() == "single"
+    assert CD([torch.zeros(10, requires_grad=True)]).code_path() == "single"
+    assert CD(at, foreach=True).code_path() == "foreach" and CD(at, foreach=False).code_path() == "single"
+    groups = [{"params": at[:1]}, {"params": at[1:]}]  # the whole model counts, not the group
+    assert CD(groups).code_path() == "compiled"

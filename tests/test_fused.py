@@ -687,6 +687,26 @@ def test_coefficients_as_one_tensor_from_numbers_and_tensors():
     assert other_dtype.dtype == torch.float64 and _fused._as_tensor((0.5, 3.0), torch.float32, cpu, cache) is changed
 
 
+def test_dense_alike_means_one_flat_array_with_one_layout():
+    """The kernels may treat tensors as flat arrays when each covers its elements with no
+    gap (whatever the order of its dimensions) and all share one layout."""
+    def alike(*tensors):
+        return _fused.dense_alike(tensors)
+
+    a = torch.randn(3, 4)
+    assert alike(a, a.clone(), torch.zeros(3, 4))
+    t = torch.randn(3, 4).t()  # (4, 3), strides (1, 4): dense, dimensions in another order
+    assert alike(t, t.clone(), torch.zeros(3, 4).t())
+    p = torch.randn(2, 3, 4).permute(2, 0, 1)  # (4, 2, 3), strides (1, 12, 4)
+    assert alike(p, torch.zeros(2, 3, 4).permute(2, 0, 1))
+    c = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    assert alike(c, torch.zeros_like(c))
+    assert alike(torch.randn(3, 1, 4).permute(2, 1, 0))  # (4, 1, 3), strides (1, 4, 4): a size-1 dimension's stride says nothing
+    assert not alike(t, torch.zeros(4, 3))  # dense, laid out otherwise
+    assert not alike(torch.randn(2, 6)[:, :3])  # a gap after every row
+    assert not alike(torch.randn(30, 8)[:, :5].t())
+
+
 def _sub_update(q, g, k):
     """A one-coefficient update that no optimizer compiles: q <- q - k[0] g."""
     q.sub_(k[0] * g)
