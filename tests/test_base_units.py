@@ -278,13 +278,36 @@ def test_fused_none_without_a_native_kernel_takes_the_compiled_one_from_4m_eleme
     from optimizers import _fused, _native
 
     monkeypatch.setattr(_native, "ENABLED", False)
-    monkeypatch.setattr(_fused, "backend", lambda update, *args: _fused.Backend("compiled", update))
+    asked = []
+    monkeypatch.setattr(_fused, "backend", lambda update, *args: asked.append(args) or _fused.Backend("compiled", update))
     half = 1 << 21
     at = [torch.zeros(half, requires_grad=True), torch.zeros(half, requires_grad=True)]
     below = [torch.zeros(half, requires_grad=True), torch.zeros(half - 1, requires_grad=True)]
     assert CD(at).code_path() == "compiled"
+    # CD's kernel: 3 tensors (q, g, its momentum) and 5 coefficients (kick_step, drift_step,
+    # decay, linear, two_c_h)
+    assert asked == [("cd", 3, 5, torch.device("cpu"), torch.float32)]
     assert CD(below).code_path() == "single"
     assert CD([torch.zeros(10, requires_grad=True)]).code_path() == "single"
     assert CD(at, foreach=True).code_path() == "foreach" and CD(at, foreach=False).code_path() == "single"
     groups = [{"params": at[:1]}, {"params": at[1:]}]  # the whole model counts, not the group
     assert CD(groups).code_path() == "compiled"
+
+
+def test_a_param_group_added_later_has_its_flags_checked():
+    opt = CD([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(ValueError, match=r"^Invalid fused: 'yes'; expected None, True or False$"):
+        opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "fused": "yes"})
+    with pytest.raises(ValueError, match=r"^Invalid maximize: None; expected False or True$"):
+        opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "maximize": None})
+    assert len(opt.param_groups) == 1
+
+
+def test_foreach_none_takes_the_foreach_path_on_devices_with_foreach_kernels():
+    """As torch.optim: foreach by default where torch has fast foreach kernels (CUDA),
+    the single-tensor loop on the CPU (asked for a device and dtype: no CUDA needed)."""
+    opt = CD([torch.zeros(2, requires_grad=True)], fused=False)
+    assert opt.code_path() == "single"
+    assert opt.code_path(device=torch.device("cuda"), dtype=torch.float32) == "foreach"
+    assert CD([torch.zeros(2, requires_grad=True)], fused=False, foreach=False).code_path(
+        device=torch.device("cuda"), dtype=torch.float32) == "single"
