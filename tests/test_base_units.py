@@ -301,6 +301,9 @@ def test_a_param_group_added_later_has_its_flags_checked():
     with pytest.raises(ValueError, match=r"^Invalid maximize: None; expected False or True$"):
         opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "maximize": None})
     assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "fused": None, "foreach": None,
+                         "maximize": False})
+    assert len(opt.param_groups) == 2
 
 
 def test_foreach_none_takes_the_foreach_path_on_devices_with_foreach_kernels():

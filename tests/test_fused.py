@@ -707,6 +707,21 @@ def test_dense_alike_means_one_flat_array_with_one_layout():
     assert not alike(torch.randn(30, 8)[:, :5].t())
 
 
+def test_the_compiled_kernels_coefficients_are_made_on_the_device_once_per_change():
+    """``Backend.run`` hands the compiled kernel its coefficients on the parameters'
+    device, made again only when they change (the group's ``cache``). Kernel faked; the
+    tensors on "meta" (a device that holds no numbers)."""
+    seen = []
+    backend = _fused.Backend("compiled", _sub_update, kernel=lambda q, g, k: seen.append(k))
+    meta = torch.device("meta")
+    bucket = [(torch.empty(_fused.SMALL_NUMEL, device=meta), torch.empty(_fused.SMALL_NUMEL, device=meta))]
+    cache = {}
+    for coefficients in ((0.5,), (0.5,), (0.25,)):
+        backend.run(coefficients, bucket, cache)
+    assert [k.device for k in seen] == [meta] * 3
+    assert seen[1] is seen[0] and seen[2] is not seen[0]
+
+
 def _sub_update(q, g, k):
     """A one-coefficient update that no optimizer compiles: q <- q - k[0] g."""
     q.sub_(k[0] * g)
