@@ -303,7 +303,8 @@ def test_a_param_group_added_later_has_its_flags_checked():
     assert len(opt.param_groups) == 1
     opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "fused": None, "foreach": None,
                          "maximize": False})
-    assert len(opt.param_groups) == 2
+    opt.add_param_group({"params": [torch.zeros(1, requires_grad=True)], "maximize": True})
+    assert len(opt.param_groups) == 3
 
 
 def test_foreach_none_takes_the_foreach_path_on_devices_with_foreach_kernels():
@@ -314,3 +315,11 @@ def test_foreach_none_takes_the_foreach_path_on_devices_with_foreach_kernels():
     assert opt.code_path(device=torch.device("cuda"), dtype=torch.float32) == "foreach"
     assert CD([torch.zeros(2, requires_grad=True)], fused=False, foreach=False).code_path(
         device=torch.device("cuda"), dtype=torch.float32) == "single"
+
+
+def test_a_bad_hyperparameter_names_its_valid_range():
+    p = [torch.zeros(1, requires_grad=True)]
+    with pytest.raises(ValueError, match=r"^Invalid h: 0\.0; expected a finite number > 0$"):
+        CD(p, h=0.0)
+    with pytest.raises(ValueError, match=r"^Invalid gamma: -1\.0; expected a finite number >= 0$"):
+        CD(p, gamma=-1.0)

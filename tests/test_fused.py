@@ -722,6 +722,18 @@ def test_the_compiled_kernels_coefficients_are_made_on_the_device_once_per_chang
     assert seen[1] is seen[0] and seen[2] is not seen[0]
 
 
+def test_the_compiled_kernel_takes_large_tensors_in_place_and_small_ones_batched():
+    """From ``SMALL_NUMEL`` elements on, a tensor is handed to the kernel as a flat alias
+    of its own storage; a smaller one, even alone, as a concatenated copy (which also
+    takes a layout the alias could not). Kernel faked: it records what it was given."""
+    given = []
+    backend = _fused.Backend("compiled", _sub_update, kernel=lambda q, g, k: given.append(q.data_ptr()))
+    large, small = torch.zeros(_fused.SMALL_NUMEL), torch.zeros(_fused.SMALL_NUMEL - 1)
+    for q in (large, small):
+        backend.run((0.5,), [(q, torch.zeros_like(q))])
+    assert given == [large.data_ptr(), given[1]] and given[1] != small.data_ptr()
+
+
 def _sub_update(q, g, k):
     """A one-coefficient update that no optimizer compiles: q <- q - k[0] g."""
     q.sub_(k[0] * g)
