@@ -1309,45 +1309,56 @@ def help_of(*argv):
         cli_lib.parser().parse_args([*argv, "--help"])
 
 
+COMMON_HELP = ("experiment experiment folder (nano, vit, ...; bert/sst2 for a task) optimizer "
+               "options: -h, --help show this help message and exit "
+               "--storage STORAGE Optuna storage URL without a password (default $SWEEP_STORAGE, else "
+               "sqlite:///runs/sweeps/<exp>/<optimizer>/study.db); a password goes in $SWEEP_STORAGE or a "
+               "PGPASSFILE, never on the command line "
+               "--out-root OUT_ROOT where trial run directories go (default runs/sweeps, or $SWEEPS)")
+
+
 def test_help_names_every_command_and_option(capsys):
+    # Each screen from "positional arguments:" on, whole: every option with its value's name and
+    # its help right after it, so that a help text is checked to its first and last word.
     help_of()
     top = " ".join(capsys.readouterr().out.split())
-    assert top.startswith("usage: python -m harness.sweep ")
-    assert "Hyperparameter sweeps with Optuna: the paper's tuning protocol, one ordinary run per trial." in top
-    for words in ("run one worker of the study (several may run at once)",
-                  "write the best hyperparameters in best.yaml format",
-                  "draw the study's history and importances, and study.md"):
-        assert words in top
+    assert top == ("usage: python -m harness.sweep [-h] {run,export,plot} ... "
+                   "Hyperparameter sweeps with Optuna: the paper's tuning protocol, one ordinary run per trial. "
+                   "positional arguments: {run,export,plot} "
+                   "run run one worker of the study (several may run at once) "
+                   "export write the best hyperparameters in best.yaml format "
+                   "plot draw the study's history and importances, and study.md "
+                   "options: -h, --help show this help message and exit")
     help_of("run")
     run = " ".join(capsys.readouterr().out.split())
-    for words in ("experiment folder (nano, vit, ...; bert/sst2 for a task)", "--storage STORAGE",
-                  "Optuna storage URL without a password (default $SWEEP_STORAGE",
-                  "sqlite:///runs/sweeps/<exp>/<optimizer>/study.db); a password goes in $SWEEP_STORAGE or a "
-                  "PGPASSFILE, never on the command line",
-                  "where trial run directories go (default runs/sweeps, or $SWEEPS)",
-                  "finished trials to reach (default: space.yaml's)",
-                  "the trials' run seed (trial k runs seed + k where space.yaml sets seed_per_trial; default: "
-                  "space.yaml's seed)", "TPE seed (mixed with the worker index)",
-                  "worker index (default $SLURM_ARRAY_TASK_ID or 0)", "{none,median}",
-                  "median: stop a trial whose intermediate val loss is worse than the median of earlier ones",
-                  "median pruner: trials before it prunes", "median pruner: steps before it prunes a trial",
-                  "YAML applied to every trial (its keys win over the budget)", "--set KEY=VALUE",
-                  "config override for every trial (repeatable)", "--space SPACE",
-                  "search space file (default <exp>/configs/space.yaml)", "--poll POLL",
-                  "seconds between looks at a running trial's metrics", "--heartbeat HEARTBEAT",
-                  "seconds between a worker's heartbeats", "--grace GRACE",
-                  "seconds without a heartbeat after which a trial counts as dead (default 3x heartbeat)",
-                  "GPUs per trial (torchrun) when > 1", "--keep-checkpoints", "keep finished trials' checkpoint.pt",
-                  "--no-plot", "do not draw the study's figures at the end"):
-        assert words in run, words
+    assert run.split(" positional arguments: ")[1] == (
+        COMMON_HELP + " --trials TRIALS finished trials to reach (default: space.yaml's) "
+        "--seed SEED the trials' run seed (trial k runs seed + k where space.yaml sets seed_per_trial; default: "
+        "space.yaml's seed) "
+        "--sampler-seed SAMPLER_SEED TPE seed (mixed with the worker index) "
+        "--worker WORKER worker index (default $SLURM_ARRAY_TASK_ID or 0) "
+        "--pruner {none,median} median: stop a trial whose intermediate val loss is worse than the median of "
+        "earlier ones "
+        "--prune-startup PRUNE_STARTUP median pruner: trials before it prunes "
+        "--prune-warmup PRUNE_WARMUP median pruner: steps before it prunes a trial "
+        "--config CONFIG YAML applied to every trial (its keys win over the budget) "
+        "--set KEY=VALUE config override for every trial (repeatable) "
+        "--space SPACE search space file (default <exp>/configs/space.yaml) "
+        "--poll POLL seconds between looks at a running trial's metrics "
+        "--heartbeat HEARTBEAT seconds between a worker's heartbeats "
+        "--grace GRACE seconds without a heartbeat after which a trial counts as dead (default 3x heartbeat) "
+        "--nproc NPROC GPUs per trial (torchrun) when > 1 "
+        "--keep-checkpoints keep finished trials' checkpoint.pt "
+        "--no-plot do not draw the study's figures at the end")
     help_of("export")
     export = " ".join(capsys.readouterr().out.split())
-    for words in ("--out OUT", "a new file to write", "--force", "overwrite --out if it exists", "--write-best",
-                  "replace the entry in <exp>/configs/best.yaml"):
-        assert words in export, words
+    assert export.split(" positional arguments: ")[1] == (
+        COMMON_HELP + " --out OUT a new file to write --force overwrite --out if it exists "
+        "--write-best replace the entry in <exp>/configs/best.yaml")
     help_of("plot")
     plot = " ".join(capsys.readouterr().out.split())
-    assert "folder (default: next to the study's trials)" in plot and "--storage STORAGE" in plot
+    assert plot.split(" positional arguments: ")[1] == (
+        COMMON_HELP + " --out OUT folder (default: next to the study's trials)")
 
 
 def test_main_runs_run_by_default_and_exits_1_when_trials_keep_crashing(monkeypatch, capsys):
