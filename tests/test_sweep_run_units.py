@@ -1317,9 +1317,11 @@ COMMON_HELP = ("experiment experiment folder (nano, vit, ...; bert/sst2 for a ta
                "--out-root OUT_ROOT where trial run directories go (default runs/sweeps, or $SWEEPS)")
 
 
-def test_help_names_every_command_and_option(capsys):
+def test_help_names_every_command_and_option(capsys, monkeypatch):
     # Each screen from "positional arguments:" on, whole: every option with its value's name and
-    # its help right after it, so that a help text is checked to its first and last word.
+    # its help right after it, so that a help text is checked to its first and last word. Wide
+    # enough that argparse breaks no long word (the storage URL) across lines.
+    monkeypatch.setenv("COLUMNS", "200")
     help_of()
     top = " ".join(capsys.readouterr().out.split())
     assert top == ("usage: python -m harness.sweep [-h] {run,export,plot} ... "
