@@ -1300,8 +1300,9 @@ def test_export_and_plot_options(monkeypatch):
     args = cli_lib.parser().parse_args(["plot", "nano", "cd"])
     assert (args.command, args.out, args.storage_url, args.out_root) == ("plot", None, None, "runs/sweeps")
     assert cli_lib.parser().parse_args(["plot", "nano", "cd", "--out", "d"]).out == "d"
-    with pytest.raises(SystemExit):
-        cli_lib.parser().parse_args(["nano", "cd"])  # the parser needs the command; main puts in "run"
+    for argv in (["nano", "cd"], []):  # the parser needs the command; main puts in "run"
+        with pytest.raises(SystemExit):
+            cli_lib.parser().parse_args(argv)
 
 
 def help_of(*argv):
