@@ -1508,6 +1508,22 @@ def test_a_figure_optuna_cannot_draw_is_skipped(tmp_path, capsys, monkeypatch):
     assert plt.get_fignums() == []
 
 
+def test_a_figure_drawn_as_a_grid_of_axes_is_saved_whole(tmp_path, capsys, monkeypatch):
+    # Optuna's matplotlib plots return one Axes or, for a grid of panels, an array of them
+    # (plot_contour); either way the file is their figure, at 7 x 4.5 in and 120 dpi.
+    study = study_of_trials([(TrialState.COMPLETE, 1.0, {"h": 0.3}, {})])
+    from optuna.visualization import matplotlib as ovm
+
+    def grid(study):
+        fig, axes = plt.subplots(1, 2)
+        return axes
+
+    monkeypatch.setattr(ovm, "plot_optimization_history", grid)
+    assert plots_lib.plot_study(study, tmp_path) == [tmp_path / "history.png", tmp_path / "study.md"]
+    assert png_size(tmp_path / "history.png") == (840, 540)
+    assert plt.get_fignums() == []
+
+
 def test_study_markdown_counts_and_ranks_the_trials():
     trials = [(TrialState.COMPLETE, 2.0, {"h": 0.3, "c": 2.0}, {"run_dir": "/r/trial-0", "objective": "final"}),
               (TrialState.PRUNED, None, {"h": 0.5}, {}),
