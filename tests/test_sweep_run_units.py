@@ -1300,8 +1300,9 @@ def test_export_and_plot_options(monkeypatch):
     args = cli_lib.parser().parse_args(["plot", "nano", "cd"])
     assert (args.command, args.out, args.storage_url, args.out_root) == ("plot", None, None, "runs/sweeps")
     assert cli_lib.parser().parse_args(["plot", "nano", "cd", "--out", "d"]).out == "d"
-    with pytest.raises(SystemExit):
-        cli_lib.parser().parse_args(["nano", "cd"])  # the parser needs the command; main puts in "run"
+    for argv in (["nano", "cd"], []):  # the parser needs the command; main puts in "run"
+        with pytest.raises(SystemExit):
+            cli_lib.parser().parse_args(argv)
 
 
 def help_of(*argv):
@@ -1309,45 +1310,58 @@ def help_of(*argv):
         cli_lib.parser().parse_args([*argv, "--help"])
 
 
-def test_help_names_every_command_and_option(capsys):
+COMMON_HELP = ("experiment experiment folder (nano, vit, ...; bert/sst2 for a task) optimizer "
+               "options: -h, --help show this help message and exit "
+               "--storage STORAGE Optuna storage URL without a password (default $SWEEP_STORAGE, else "
+               "sqlite:///runs/sweeps/<exp>/<optimizer>/study.db); a password goes in $SWEEP_STORAGE or a "
+               "PGPASSFILE, never on the command line "
+               "--out-root OUT_ROOT where trial run directories go (default runs/sweeps, or $SWEEPS)")
+
+
+def test_help_names_every_command_and_option(capsys, monkeypatch):
+    # Each screen from "positional arguments:" on, whole: every option with its value's name and
+    # its help right after it, so that a help text is checked to its first and last word. Wide
+    # enough that argparse breaks no long word (the storage URL) across lines.
+    monkeypatch.setenv("COLUMNS", "200")
     help_of()
     top = " ".join(capsys.readouterr().out.split())
-    assert top.startswith("usage: python -m harness.sweep ")
-    assert "Hyperparameter sweeps with Optuna: the paper's tuning protocol, one ordinary run per trial." in top
-    for words in ("run one worker of the study (several may run at once)",
-                  "write the best hyperparameters in best.yaml format",
-                  "draw the study's history and importances, and study.md"):
-        assert words in top
+    assert top == ("usage: python -m harness.sweep [-h] {run,export,plot} ... "
+                   "Hyperparameter sweeps with Optuna: the paper's tuning protocol, one ordinary run per trial. "
+                   "positional arguments: {run,export,plot} "
+                   "run run one worker of the study (several may run at once) "
+                   "export write the best hyperparameters in best.yaml format "
+                   "plot draw the study's history and importances, and study.md "
+                   "options: -h, --help show this help message and exit")
     help_of("run")
     run = " ".join(capsys.readouterr().out.split())
-    for words in ("experiment folder (nano, vit, ...; bert/sst2 for a task)", "--storage STORAGE",
-                  "Optuna storage URL without a password (default $SWEEP_STORAGE",
-                  "sqlite:///runs/sweeps/<exp>/<optimizer>/study.db); a password goes in $SWEEP_STORAGE or a "
-                  "PGPASSFILE, never on the command line",
-                  "where trial run directories go (default runs/sweeps, or $SWEEPS)",
-                  "finished trials to reach (default: space.yaml's)",
-                  "the trials' run seed (trial k runs seed + k where space.yaml sets seed_per_trial; default: "
-                  "space.yaml's seed)", "TPE seed (mixed with the worker index)",
-                  "worker index (default $SLURM_ARRAY_TASK_ID or 0)", "{none,median}",
-                  "median: stop a trial whose intermediate val loss is worse than the median of earlier ones",
-                  "median pruner: trials before it prunes", "median pruner: steps before it prunes a trial",
-                  "YAML applied to every trial (its keys win over the budget)", "--set KEY=VALUE",
-                  "config override for every trial (repeatable)", "--space SPACE",
-                  "search space file (default <exp>/configs/space.yaml)", "--poll POLL",
-                  "seconds between looks at a running trial's metrics", "--heartbeat HEARTBEAT",
-                  "seconds between a worker's heartbeats", "--grace GRACE",
-                  "seconds without a heartbeat after which a trial counts as dead (default 3x heartbeat)",
-                  "GPUs per trial (torchrun) when > 1", "--keep-checkpoints", "keep finished trials' checkpoint.pt",
-                  "--no-plot", "do not draw the study's figures at the end"):
-        assert words in run, words
+    assert run.split(" positional arguments: ")[1] == (
+        COMMON_HELP + " --trials TRIALS finished trials to reach (default: space.yaml's) "
+        "--seed SEED the trials' run seed (trial k runs seed + k where space.yaml sets seed_per_trial; default: "
+        "space.yaml's seed) "
+        "--sampler-seed SAMPLER_SEED TPE seed (mixed with the worker index) "
+        "--worker WORKER worker index (default $SLURM_ARRAY_TASK_ID or 0) "
+        "--pruner {none,median} median: stop a trial whose intermediate val loss is worse than the median of "
+        "earlier ones "
+        "--prune-startup PRUNE_STARTUP median pruner: trials before it prunes "
+        "--prune-warmup PRUNE_WARMUP median pruner: steps before it prunes a trial "
+        "--config CONFIG YAML applied to every trial (its keys win over the budget) "
+        "--set KEY=VALUE config override for every trial (repeatable) "
+        "--space SPACE search space file (default <exp>/configs/space.yaml) "
+        "--poll POLL seconds between looks at a running trial's metrics "
+        "--heartbeat HEARTBEAT seconds between a worker's heartbeats "
+        "--grace GRACE seconds without a heartbeat after which a trial counts as dead (default 3x heartbeat) "
+        "--nproc NPROC GPUs per trial (torchrun) when > 1 "
+        "--keep-checkpoints keep finished trials' checkpoint.pt "
+        "--no-plot do not draw the study's figures at the end")
     help_of("export")
     export = " ".join(capsys.readouterr().out.split())
-    for words in ("--out OUT", "a new file to write", "--force", "overwrite --out if it exists", "--write-best",
-                  "replace the entry in <exp>/configs/best.yaml"):
-        assert words in export, words
+    assert export.split(" positional arguments: ")[1] == (
+        COMMON_HELP + " --out OUT a new file to write --force overwrite --out if it exists "
+        "--write-best replace the entry in <exp>/configs/best.yaml")
     help_of("plot")
     plot = " ".join(capsys.readouterr().out.split())
-    assert "folder (default: next to the study's trials)" in plot and "--storage STORAGE" in plot
+    assert plot.split(" positional arguments: ")[1] == (
+        COMMON_HELP + " --out OUT folder (default: next to the study's trials)")
 
 
 def test_main_runs_run_by_default_and_exits_1_when_trials_keep_crashing(monkeypatch, capsys):
@@ -1491,6 +1505,22 @@ def test_a_figure_optuna_cannot_draw_is_skipped(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ovm, "plot_optimization_history", broken)
     assert plots_lib.plot_study(study, tmp_path) == [tmp_path / "importances.png", tmp_path / "study.md"]
     assert capsys.readouterr().out == "nano-cd: history.png skipped (ValueError: all trials share one value)\n"
+    assert plt.get_fignums() == []
+
+
+def test_a_figure_drawn_as_a_grid_of_axes_is_saved_whole(tmp_path, capsys, monkeypatch):
+    # Optuna's matplotlib plots return one Axes or, for a grid of panels, an array of them
+    # (plot_contour); either way the file is their figure, at 7 x 4.5 in and 120 dpi.
+    study = study_of_trials([(TrialState.COMPLETE, 1.0, {"h": 0.3}, {})])
+    from optuna.visualization import matplotlib as ovm
+
+    def grid(study):
+        fig, axes = plt.subplots(1, 2)
+        return axes
+
+    monkeypatch.setattr(ovm, "plot_optimization_history", grid)
+    assert plots_lib.plot_study(study, tmp_path) == [tmp_path / "history.png", tmp_path / "study.md"]
+    assert png_size(tmp_path / "history.png") == (840, 540)
     assert plt.get_fignums() == []
 
 
