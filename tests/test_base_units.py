@@ -323,3 +323,24 @@ def test_a_bad_hyperparameter_names_its_valid_range():
         CD(p, h=0.0)
     with pytest.raises(ValueError, match=r"^Invalid gamma: -1\.0; expected a finite number >= 0$"):
         CD(p, gamma=-1.0)
+
+
+def test_a_subclass_that_leaves_out_lr_and_maximize_gets_their_defaults():
+    class Fixed(CD):
+        def __init__(self, params):
+            _base.DampedOptimizer.__init__(self, params, dict(h=0.1, gamma=0.5, c=1.0, weight_decay=0.0))
+
+    group = Fixed([torch.zeros(1, requires_grad=True)]).param_groups[0]
+    assert (group["lr"], group["maximize"], group["foreach"], group["fused"]) == (1.0, False, None, None)
+
+
+def test_bad_flags_and_values_are_one_line_errors_naming_them():
+    p = [torch.zeros(1, requires_grad=True)]
+    with pytest.raises(ValueError, match=r"^Invalid foreach: 'yes'; expected None, True or False$"):
+        CD(p, foreach="yes")
+    with pytest.raises(ValueError, match=r"^Invalid foreach=True with fused=True; choose at most one of them$"):
+        CD(p, foreach=True, fused=True)
+    for value in (True, "0.1"):
+        with pytest.raises(ValueError, match=rf"^Invalid h: {value!r}; expected a finite number > 0 "
+                                             r"\(a Python number or a 0-d tensor\)$"):
+            CD(p, h=value)

@@ -734,6 +734,54 @@ def test_the_compiled_kernel_takes_large_tensors_in_place_and_small_ones_batched
     assert given == [large.data_ptr(), given[1]] and given[1] != small.data_ptr()
 
 
+def test_the_compiled_kernels_batches_hold_at_most_batch_numel_elements():
+    backend = _fused.Backend("compiled", _sub_update, kernel=lambda *tensors: None)
+    small = _fused.SMALL_NUMEL - 1  # 32767: the largest tensor batched
+    assert _fused.BATCH_NUMEL == 2 * small + 2
+
+    def schedule(*sizes):
+        return backend.schedule([(torch.empty(n), torch.empty(n)) for n in sizes])
+
+    assert schedule(small, small, 2) == ([[0, 1, 2]], [])  # exactly BATCH_NUMEL: one batch
+    assert schedule(small, small, 3, small, small - 1, 3) == ([[0, 1], [2, 3, 4], [5]], [])
+    assert schedule(small + 1, 10) == ([[0], [1]], [])  # SMALL_NUMEL elements: a call of its own
+
+
+def test_a_tensor_subclass_takes_the_eager_loop_inside_a_compiled_step():
+    class Tagged(torch.Tensor):
+        pass
+
+    backend = _fused.Backend("compiled", _sub_update, kernel=lambda *tensors: None)
+    tagged = torch.zeros(_fused.SMALL_NUMEL).as_subclass(Tagged)
+    plain = torch.zeros(_fused.SMALL_NUMEL)
+    bucket = [(plain, torch.zeros_like(plain)), (tagged, torch.ones(_fused.SMALL_NUMEL).as_subclass(Tagged))]
+    assert backend.schedule(bucket) == ([[0]], [1])
+    assert backend.paths(bucket) == ["compiled", "single"]
+    backend.run((0.5,), bucket)
+    assert torch.equal(tagged.as_subclass(torch.Tensor), torch.full((_fused.SMALL_NUMEL,), -0.5))
+
+
+def test_the_backend_says_why_each_implementation_was_not_taken(monkeypatch):
+    """Compiling faked (a kernel, or a failure); nothing else is."""
+    monkeypatch.setattr(_fused, "_backends", {})
+    monkeypatch.setattr(_fused, "_warned", set())
+    monkeypatch.setattr(_fused, "_compile", lambda *args: (print, None))
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the compiled kernel taken as planned: no warning
+        own = _fused.backend(_sub_update, None, 2, 1, cpu, torch.float32)
+        elsewhere = _fused.backend(CD._update, "cd", 3, 5, meta, torch.float32)
+    assert (own.path, own.kernel) == ("compiled", print)
+    assert own.why_not == {"native": "the optimizer has no native kernel (it has an _update of its own)"}
+    assert elsewhere.why_not == {"native": "the native kernels run on the CPU only"}
+    monkeypatch.setattr(_fused, "_compile", lambda *args: (None, "RuntimeError: boom"))
+    with pytest.warns(RuntimeWarning) as caught:
+        failed = _fused.backend(_sub_update, None, 2, 1, cpu, torch.float64)
+    assert [str(w.message) for w in caught] == [
+        "fused optimizer step unavailable on cpu (RuntimeError: boom); falling back to the single-tensor loop"]
+    assert failed.path == "single" and failed.why_not["compiled"] == "RuntimeError: boom"
+
+
 def _sub_update(q, g, k):
     """A one-coefficient update that no optimizer compiles: q <- q - k[0] g."""
     q.sub_(k[0] * g)
