@@ -774,6 +774,12 @@ def test_the_backend_says_why_each_implementation_was_not_taken(monkeypatch):
     assert (own.path, own.kernel) == ("compiled", print)
     assert own.why_not == {"native": "the optimizer has no native kernel (it has an _update of its own)"}
     assert elsewhere.why_not == {"native": "the native kernels run on the CPU only"}
+    if _native.why_unavailable() is None:
+        native = _fused.backend(CD._update, "cd", 3, 5, cpu, torch.float32)
+        assert (native.path, native.why_not) == ("native", {"compiled": "the native kernel runs here"})
+    monkeypatch.setattr(_native, "ENABLED", False)
+    switched_off = _fused.backend(CD._update, "cd", 3, 5, cpu, torch.float32)
+    assert switched_off.why_not == {"native": "switched off by NONLINEAR_DAMPING_NATIVE=0"}
     monkeypatch.setattr(_fused, "_compile", lambda *args: (None, "RuntimeError: boom"))
     with pytest.warns(RuntimeWarning) as caught:
         failed = _fused.backend(_sub_update, None, 2, 1, cpu, torch.float64)
