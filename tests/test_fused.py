@@ -790,6 +790,25 @@ def test_the_backend_says_why_each_implementation_was_not_taken(monkeypatch):
     assert failed.path == "single" and failed.why_not["compiled"] == "RuntimeError: boom"
 
 
+def test_a_failed_compile_is_not_tried_again_on_that_device_type(monkeypatch):
+    """Compiling costs seconds even to fail: once it failed on a device type, every other
+    optimizer kernel and dtype there takes the eager loop with that reason; another device
+    type still tries. (Compiling faked.)"""
+    monkeypatch.setattr(_fused, "_backends", {})
+    monkeypatch.setattr(_fused, "_warned", set())
+    tried = []
+    monkeypatch.setattr(_fused, "_compile", lambda *args: tried.append(args) or (None, "RuntimeError: boom"))
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = _fused.backend(_sub_update, None, 2, 1, cpu, torch.float32)
+        again = _fused.backend(CD._update, None, 3, 5, cpu, torch.float64)
+        other = _fused.backend(_sub_update, None, 2, 1, meta, torch.float32)
+    assert tried == [(_sub_update, cpu, torch.float32, 2, 1), (_sub_update, meta, torch.float32, 2, 1)]
+    assert [b.path for b in (first, again, other)] == ["single"] * 3
+    assert again.why_not["compiled"] == "RuntimeError: boom"
+
+
 def _sub_update(q, g, k):
     """A one-coefficient update that no optimizer compiles: q <- q - k[0] g."""
     q.sub_(k[0] * g)
