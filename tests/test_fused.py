@@ -782,6 +782,17 @@ def test_the_backend_says_why_each_implementation_was_not_taken(monkeypatch):
     monkeypatch.setattr(_native, "ENABLED", False)
     switched_off = _fused.backend(CD._update, "cd", 3, 5, cpu, torch.float32)
     assert switched_off.why_not == {"native": "switched off by NONLINEAR_DAMPING_NATIVE=0"}
+    monkeypatch.setattr(_native, "ENABLED", True)
+    monkeypatch.setattr(_native, "supports", lambda *args: False)
+    monkeypatch.setattr(_native, "why_unavailable", lambda: None)  # built, but without this kernel
+    no_kernel = _fused.backend(CD._update, "cd", 3, 5, cpu, torch.float16)
+    assert no_kernel.why_not == {"native": "the native library has no cd kernel for torch.float16"}
+    monkeypatch.setattr(_native, "why_unavailable", lambda: "no C compiler")
+    with pytest.warns(RuntimeWarning) as caught:
+        unbuilt = _fused.backend(CD._update, "cd", 3, 5, cpu, torch.bfloat16)
+    assert [str(w.message) for w in caught] == [
+        "native CPU optimizer kernels unavailable (no C compiler); the fused step uses torch.compile instead"]
+    assert (unbuilt.path, unbuilt.native, unbuilt.why_not) == ("compiled", "cd", {"native": "no C compiler"})
     monkeypatch.setattr(_fused, "_compile", lambda *args: (None, "RuntimeError: boom"))
     with pytest.warns(RuntimeWarning) as caught:
         failed = _fused.backend(_sub_update, None, 2, 1, cpu, torch.float64)
