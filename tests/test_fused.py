@@ -799,6 +799,12 @@ def test_the_backend_says_why_each_implementation_was_not_taken(monkeypatch):
     assert [str(w.message) for w in caught] == [
         "fused optimizer step unavailable on cpu (RuntimeError: boom); falling back to the single-tensor loop"]
     assert failed.path == "single" and failed.why_not["compiled"] == "RuntimeError: boom"
+    with pytest.warns(RuntimeWarning) as caught:
+        neither = _fused.backend(CD._update, "cd", 3, 5, cpu, torch.float64)
+    assert [str(w.message) for w in caught] == [
+        "fused optimizer step unavailable on cpu (native kernels: no C compiler; torch.compile: RuntimeError: boom); "
+        "falling back to the single-tensor loop"]
+    assert (neither.path, neither.native) == ("single", "cd")
 
 
 def test_a_failed_compile_is_not_tried_again_on_that_device_type(monkeypatch):
