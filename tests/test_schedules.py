@@ -173,6 +173,25 @@ def test_bad_tensor_hyperparameters_raise():
         CD(p, c=torch.tensor(3))
 
 
+@compiles_update
+@pytest.mark.parametrize("foreach", [True, False])
+def test_inside_a_compiled_step_the_foreach_flag_picks_the_traced_ops(foreach):
+    """Traced by an outer torch.compile, the step is plain tensor ops (no nested kernel):
+    foreach ops where ``foreach=True`` asks for them, per-tensor ops otherwise."""
+    ops = []
+
+    def backend(gm, example_inputs):  # records the traced graph's functions, runs it as traced
+        ops.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    net = torch.nn.Linear(3, 2)
+    opt = CD(net.parameters(), h=0.1, foreach=foreach)
+    net(torch.randn(4, 3)).sum().backward()
+    torch.compile(opt.step, backend=backend)()
+    assert ops and any("_foreach_" in op for op in ops) is foreach
+
+
 def _frames(counter) -> int:
     return counter.frame_count
 
