@@ -345,14 +345,19 @@ def test_bad_fused_flags_raise():
         LDHD(p, foreach=True, fused=True)
 
 
+def _fresh_backends(monkeypatch):
+    """This process, as if the fused path had made no backend and given no warning yet."""
+    monkeypatch.setattr(_fused, "_backends", {})
+    monkeypatch.setattr(_fused, "_warned", set())
+
+
 def _break_native(monkeypatch):
     """This process, as on a machine without a C compiler."""
     monkeypatch.setattr(_native, "_compiler", lambda: None)
     monkeypatch.setattr(_native, "_library", None)
     monkeypatch.setattr(_native, "_failure", None)
     monkeypatch.setattr(_native, "_functions", {})
-    monkeypatch.setattr(_fused, "_backends", {})
-    monkeypatch.setattr(_fused, "_warned", set())
+    _fresh_backends(monkeypatch)
 
 
 def _train_cd(fused):
@@ -765,8 +770,7 @@ def test_a_tensor_subclass_takes_the_eager_loop_inside_a_compiled_step():
 
 def test_the_backend_says_why_each_implementation_was_not_taken(monkeypatch):
     """Compiling faked (a kernel, or a failure); nothing else is."""
-    monkeypatch.setattr(_fused, "_backends", {})
-    monkeypatch.setattr(_fused, "_warned", set())
+    _fresh_backends(monkeypatch)
     monkeypatch.setattr(_fused, "_compile", lambda *args: (print, None))
     cpu, meta = torch.device("cpu"), torch.device("meta")
     with warnings.catch_warnings():
@@ -811,8 +815,7 @@ def test_a_failed_compile_is_not_tried_again_on_that_device_type(monkeypatch):
     """Compiling costs seconds even to fail: once it failed on a device type, every other
     optimizer kernel and dtype there takes the eager loop with that reason; another device
     type still tries. (Compiling faked.)"""
-    monkeypatch.setattr(_fused, "_backends", {})
-    monkeypatch.setattr(_fused, "_warned", set())
+    _fresh_backends(monkeypatch)
     tried = []
     monkeypatch.setattr(_fused, "_compile", lambda *args: tried.append(args) or (None, "RuntimeError: boom"))
     cpu, meta = torch.device("cpu"), torch.device("meta")
@@ -852,8 +855,7 @@ def test_an_update_dynamo_cannot_capture_whole_takes_the_eager_loop(monkeypatch)
     """The kernel is compiled with ``fullgraph=True``: an update with a graph break is
     not half-compiled (eager pieces between graphs, every step) but refused when the
     backend is made, which then says why and runs the update eagerly."""
-    monkeypatch.setattr(_fused, "_backends", {})
-    monkeypatch.setattr(_fused, "_warned", set())
+    _fresh_backends(monkeypatch)
 
     def update(q, g, k):
         torch._dynamo.graph_break()

@@ -1323,18 +1323,22 @@ def test_help_names_every_command_and_option(capsys, monkeypatch):
     # its help right after it, so that a help text is checked to its first and last word. Wide
     # enough that argparse breaks no long word (the storage URL) across lines.
     monkeypatch.setenv("COLUMNS", "200")
-    help_of()
-    top = " ".join(capsys.readouterr().out.split())
-    assert top == ("usage: python -m harness.sweep [-h] {run,export,plot} ... "
-                   "Hyperparameter sweeps with Optuna: the paper's tuning protocol, one ordinary run per trial. "
-                   "positional arguments: {run,export,plot} "
-                   "run run one worker of the study (several may run at once) "
-                   "export write the best hyperparameters in best.yaml format "
-                   "plot draw the study's history and importances, and study.md "
-                   "options: -h, --help show this help message and exit")
-    help_of("run")
-    run = " ".join(capsys.readouterr().out.split())
-    assert run.split(" positional arguments: ")[1] == (
+
+    def screen(*argv):  # a command's help as one line of words
+        help_of(*argv)
+        return " ".join(capsys.readouterr().out.split())
+
+    def options(command):  # its screen from the positional arguments on
+        return screen(command).split(" positional arguments: ")[1]
+
+    assert screen() == ("usage: python -m harness.sweep [-h] {run,export,plot} ... "
+                        "Hyperparameter sweeps with Optuna: the paper's tuning protocol, one ordinary run per trial. "
+                        "positional arguments: {run,export,plot} "
+                        "run run one worker of the study (several may run at once) "
+                        "export write the best hyperparameters in best.yaml format "
+                        "plot draw the study's history and importances, and study.md "
+                        "options: -h, --help show this help message and exit")
+    assert options("run") == (
         COMMON_HELP + " --trials TRIALS finished trials to reach (default: space.yaml's) "
         "--seed SEED the trials' run seed (trial k runs seed + k where space.yaml sets seed_per_trial; default: "
         "space.yaml's seed) "
@@ -1353,14 +1357,10 @@ def test_help_names_every_command_and_option(capsys, monkeypatch):
         "--nproc NPROC GPUs per trial (torchrun) when > 1 "
         "--keep-checkpoints keep finished trials' checkpoint.pt "
         "--no-plot do not draw the study's figures at the end")
-    help_of("export")
-    export = " ".join(capsys.readouterr().out.split())
-    assert export.split(" positional arguments: ")[1] == (
+    assert options("export") == (
         COMMON_HELP + " --out OUT a new file to write --force overwrite --out if it exists "
         "--write-best replace the entry in <exp>/configs/best.yaml")
-    help_of("plot")
-    plot = " ".join(capsys.readouterr().out.split())
-    assert plot.split(" positional arguments: ")[1] == (
+    assert options("plot") == (
         COMMON_HELP + " --out OUT folder (default: next to the study's trials)")
 
 
