@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import time
 from functools import lru_cache
+from typing import Optional
 
 import torch
 
-__all__ = ["available_cpus", "matmul_peak_flops"]
+__all__ = ["available_cpus", "matmul_peak_flops", "thread_env"]
 
 
 def available_cpus() -> int:
@@ -26,6 +27,15 @@ def available_cpus() -> int:
     if per_task.isdigit() and int(per_task) > 0:
         cpus = min(cpus, int(per_task))
     return max(1, cpus)
+
+
+def thread_env(threads: Optional[int]) -> dict[str, str]:
+    """The environment that gives a child run ``threads`` CPU threads: ``OMP_NUM_THREADS``, which
+    torch reads when it starts. ``None`` gives ``{}``: the child inherits this process's setting,
+    else torch's default of every core. Several runs on one machine each need their share
+    (cores / runs): two 2-thread runs on 2 cores spin against each other, and a small model then
+    trains several times slower than on one thread each."""
+    return {} if threads is None else {"OMP_NUM_THREADS": str(int(threads))}
 
 
 @lru_cache(maxsize=None)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from . import processes
 from .config import TrainConfig, read_yaml, resolve_run
-from .cpu import available_cpus
+from .cpu import available_cpus, thread_env
 from .errors import UsageError, command
 from .experiments import Experiment, experiment, paper_seeds, train_command
 from .rundir import FINISHED, RunDir, check_folder
@@ -172,7 +172,7 @@ def _task_runs(everything: list, index: int, per_task: int) -> Optional[list]:
 def _start_run(exp: Experiment, name: str, seed: int, runs_dir: Path, slot: int, gpu: Optional[str],
                threads: int, args) -> subprocess.Popen:
     """One run in its own session, its output in ``<runs-dir>/logs/<optimizer>-seed<S>.log``."""
-    env = {"TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+    env = {"TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", **thread_env(threads)}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     note = f"# harness.launch: slot {slot}, CUDA_VISIBLE_DEVICES={gpu or ''}, OMP_NUM_THREADS={threads}"

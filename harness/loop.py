@@ -486,6 +486,8 @@ class Trainer:
             "world_size": run.world_size, "device": str(run.device), "precision": run.precision,
             "versions": versions(),
         }
+        if run.device.type == "cpu":  # what the wall time ran on
+            summary["cpu_threads"] = torch.get_num_threads()
         estimators = [k for r in records if r.get("split") == "val" for k in r if k.startswith("loss_")]
         for key, mode in (("loss", "min"), ("acc", "max"), *((k, "min") for k in dict.fromkeys(estimators))):
             best = best_record(records, "val", key, mode)

@@ -2,7 +2,8 @@
 
     python -m harness.robustness <exp> [--optimizers adam cd ...] [--seeds 1337 1338 1339]
         [--points 7 | --multipliers 0.1 1 10] [--budget sweep|paper] [--config FILE] [--set KEY=VALUE ...]
-        [--metric loss|acc] [--root runs/robustness] [--out DIR] [--shard K/N] [--plot-only] [--force]
+        [--metric loss|acc] [--root runs/robustness] [--out DIR] [--shard K/N] [--threads N] [--plot-only]
+        [--force]
 
 For each optimizer the step size (``h`` for CD/iKFAD/CADAM/LDHD, ``lr`` for
 Adam/mSGD) is set to ``multiplier x`` its tuned value in ``<exp>/configs/best.yaml``,
@@ -12,7 +13,8 @@ for each seed as an ordinary run directory
 run; finished runs are skipped, interrupted ones resume). The default grid is
 7 points log-spaced from 0.1x to 10x. The budget defaults to the experiment's
 sweep budget (``budget`` in ``configs/space.yaml``, the budget the tuned values
-were chosen for); ``--budget paper`` uses the full protocol.
+were chosen for); ``--budget paper`` uses the full protocol. ``--threads`` sets each
+run's CPU threads (``OMP_NUM_THREADS``): N shards on one machine's CPUs need cores/N each.
 
 It then draws ``robustness.png`` (best validation metric against the
 multiplier on a log axis, one curve per optimizer, mean +- std over the seeds
@@ -38,6 +40,7 @@ import optimizers
 
 from . import outputs, processes
 from .config import read_yaml
+from .cpu import thread_env
 from .errors import UsageError, command
 from .experiments import Experiment, experiment, paper_seeds, train_command
 from .report import label
@@ -83,8 +86,10 @@ def plan(exp: Experiment, optimizers_: Sequence[str], seeds: Sequence[int], mult
     return runs
 
 
-def run_scan(exp: Experiment, runs: list[dict], config: Optional[str], sets: Sequence[str]) -> int:
-    """Run every run not finished yet, one subprocess at a time; returns how many crashed.
+def run_scan(exp: Experiment, runs: list[dict], config: Optional[str], sets: Sequence[str],
+             threads: Optional[int] = None) -> int:
+    """Run every run not finished yet, one subprocess at a time on ``threads`` CPU threads (None:
+    inherited); returns how many crashed.
 
     Raises UsageError when a run cannot start (bad config, missing data) and Interrupted when
     a signal stopped the scan (the run in flight checkpointed: re-run the command to continue)."""
@@ -100,7 +105,7 @@ def run_scan(exp: Experiment, runs: list[dict], config: Optional[str], sets: Seq
             cmd = train_command(exp, r["optimizer"], r["seed"], r["dir"], config,
                                 [*sets, set_arg(f"optimizer.{r['hp']}", r["value"])])
             run = RunDir(r["dir"])
-            proc = processes.start(cmd, run.log_file)
+            proc = processes.start(cmd, run.log_file, thread_env(threads))
             signals.child = proc
             rc = proc.wait()
             signals.child = None
@@ -275,8 +280,9 @@ def scan(spec: str, optimizers_: Optional[Iterable[str]] = None, seeds: Optional
          multipliers: Optional[Iterable[float]] = None, points: int = 7, budget: str = "sweep",
          config: Optional[str] = None, sets: Iterable[str] = (), metric: str = "loss",
          root: str | Path = "runs/robustness", out: Optional[str | Path] = None, shard: Optional[str] = None,
-         plot_only: bool = False, force: bool = False) -> list[Path]:
-    """Run (the shard of) the scan, then render it; returns the files written."""
+         plot_only: bool = False, force: bool = False, threads: Optional[int] = None) -> list[Path]:
+    """Run (the shard of) the scan, each run on ``threads`` CPU threads (None: inherited), then
+    render it; returns the files written."""
     from . import config as config_lib
 
     exp = experiment(spec)
@@ -295,6 +301,8 @@ def scan(spec: str, optimizers_: Optional[Iterable[str]] = None, seeds: Optional
             raise UsageError(f"--multipliers must be positive, got {mults}")
         if budget not in ("sweep", "paper"):
             raise UsageError(f"--budget must be sweep or paper, got {budget!r}")
+        if threads is not None and threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {threads}")
         run_sets = list(sets)
         if budget == "sweep" and (exp.configs / "space.yaml").is_file():
             run_sets = budget_sets(load_space(exp)["budget"], config) + run_sets
@@ -302,7 +310,7 @@ def scan(spec: str, optimizers_: Optional[Iterable[str]] = None, seeds: Optional
             config_lib.resolve(exp.name, name, seeds[0], config, run_sets, exp.configs)
         k, n = parse_shard(shard)
         runs = plan(exp, names, seeds, mults, root)[k::n]
-        crashed = run_scan(exp, runs, config, run_sets)
+        crashed = run_scan(exp, runs, config, run_sets, threads)
         if crashed:
             print(f"{crashed} run(s) crashed; see their train.log", file=sys.stderr)
     exp_root = experiment_root(root, exp.name) if plot_only else root / exp.name
@@ -328,13 +336,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "<optimizer>/x<m>/seed<S> itself, e.g. results/robustness/nano/runs")
     p.add_argument("--out", default=None, help="folder for robustness.png/.md (default <root>/<exp>)")
     p.add_argument("--shard", default=None, help="K/N: run only every N-th run from the K-th (parallel workers)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per run (OMP_NUM_THREADS; default: inherited, else every core); "
+                        "N shards on one machine's CPUs: cores/N each")
     p.add_argument("--plot-only", action="store_true", help="only draw the figure and table from existing runs")
     p.add_argument("--force", action="store_true",
                    help="replace a table built from more runs or other runs (harness/README.md: outputs)")
     args = p.parse_args(argv)
     for path in scan(args.experiment, args.optimizers, args.seeds, args.multipliers, args.points, args.budget,
                      args.config, args.sets, args.metric, args.root, args.out, args.shard, args.plot_only,
-                     args.force):
+                     args.force, args.threads):
         print(path)
     return 0
 

@@ -7,7 +7,7 @@
 #   bash scripts/robustness.sh <exp> [--optimizers adam cd ...] [--seeds 1337 1338 1339] [--points 7]
 #   bash scripts/robustness.sh nano --optimizers adam msgd cd ikfad cadam --budget paper
 #
-# Parallel on one machine: one shard per GPU, then draw once.
+# Parallel on one machine: one shard per GPU (on CPUs only, --threads cores/shards each), then draw once.
 #   for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i bash scripts/robustness.sh nano --shard $i/4 & done; wait
 #   bash scripts/robustness.sh nano --plot-only
 set -euo pipefail

@@ -8,7 +8,7 @@
 #   bash scripts/sweep.sh bert/sst2 cadam --pruner median
 #   bash scripts/sweep.sh export nano cd --out tuned-cd.yaml      # (or: plot nano cd)
 #
-# Several workers may run on one study at once (one per GPU):
+# Several workers may run on one study at once (one per GPU; on CPUs only, --threads cores/workers each):
 #   for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i bash scripts/sweep.sh nano cd --worker $i & done; wait
 # Killing a worker loses nothing: run the same command again.
 set -euo pipefail

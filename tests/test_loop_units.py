@@ -279,13 +279,19 @@ def test_the_summary_names_the_estimators_and_the_cpus_flops(tmp_path, monkeypat
             return [{"split": "val", "loss": 9.0 - step, "loss_fixed": 20.0 + step, "loss_fresh": 9.0 - step}]
 
     run = make_run(tmp_path)
-    summary = fit(run, evaluate=Estimators(estimators=("fresh", "fixed")), flops_per_step=2e6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # not this machine's core count: the summary must read torch's setting
+    try:
+        summary = fit(run, evaluate=Estimators(estimators=("fresh", "fixed")), flops_per_step=2e6)
+    finally:
+        torch.set_num_threads(threads)
     assert summary["val_estimators"] == ["fresh", "fixed"]
     assert (summary["best_val_loss"], summary["best_val_loss_fixed"], summary["best_val_loss_fresh"]) == (5.0, 20.0, 5.0)
     assert summary["mfu"] is None  # no GPU peak on the CPU
     assert summary["cpu_flops_per_s"] == pytest.approx(2e6 * summary["steps_per_s"])
     assert summary["cpu_flops_utilization"] == pytest.approx(summary["cpu_flops_per_s"] / 4e9)
     assert "tokens_per_s" not in summary
+    assert summary["cpu_threads"] == 3  # what the wall time ran on
 
 
 def test_the_evaluate_state_goes_into_the_checkpoint(tmp_path, monkeypatch):

@@ -220,14 +220,23 @@ class FakeRun:
         return self.rc
 
 
+class StartedRuns(list):
+    """(command, log) of each run started; ``envs``: the environment each was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.envs = []
+
+
 def fake_runs(monkeypatch, outcome=None):
     """``processes.start`` replaced: run k (in the order started) exits as ``outcome[k]``
     (exit status, summary status or None, error line or None), else completes."""
-    started = []
+    started = StartedRuns()
 
-    def start(cmd, log):
+    def start(cmd, log, env=None):
         rc, status, error = (outcome or {}).get(len(started), (0, "completed", None))
         started.append((cmd, Path(log)))
+        started.envs.append(env)
         return FakeRun(rc, status, log, error)
 
     monkeypatch.setattr(robustness.processes, "start", start)
@@ -239,10 +248,18 @@ def test_run_scan_runs_each_unfinished_run_with_its_step_size(monkeypatch, tmp_p
     write_run(runs[1]["dir"])  # finished: not redone
     started = fake_runs(monkeypatch, {1: (1, None, "boom")})
     assert robustness.run_scan(NANO, runs, "c.yaml", ["train.max_iters=4"]) == 1  # one crashed
+    assert started.envs == [{}, {}]  # no threads given: each run inherits OMP_NUM_THREADS
     assert started == [(train_command(NANO, "cd", 1, r["dir"], "c.yaml", ["train.max_iters=4", f"optimizer.h={v!r}"]),
                         r["dir"] / "train.log") for r, v in ((runs[0], TUNED_CD_H * 0.1), (runs[2], TUNED_CD_H * 10))]
     out = capsys.readouterr().out.splitlines()
     assert out == [f"{runs[0]['dir']}: completed", f"{runs[2]['dir']}: exited with status 1: boom"]
+
+
+def test_run_scan_gives_each_run_its_threads(monkeypatch, tmp_path):
+    runs = robustness.plan(NANO, ["cd"], [1], [0.1, 1.0], tmp_path)
+    started = fake_runs(monkeypatch)
+    assert robustness.run_scan(NANO, runs, None, [], threads=1) == 0
+    assert started.envs == [{"OMP_NUM_THREADS": "1"}] * 2
 
 
 @pytest.mark.parametrize("rc,error", [(2, UsageError), (75, Interrupted)])
@@ -287,7 +304,8 @@ class SignalledRun(FakeRun):
 def test_run_scan_passes_a_signal_on_to_the_run_in_flight(monkeypatch, tmp_path):
     runs = robustness.plan(NANO, ["cd"], [1], [0.1, 1.0], tmp_path)
     started = []
-    monkeypatch.setattr(robustness.processes, "start", lambda cmd, log: started.append(SignalledRun(log)) or started[-1])
+    monkeypatch.setattr(robustness.processes, "start",
+                        lambda cmd, log, env=None: started.append(SignalledRun(log)) or started[-1])
     with pytest.raises(Interrupted) as e:
         robustness.run_scan(NANO, runs, None, [])
     assert str(e.value) == f"{runs[0]['dir']}: interrupted"
@@ -323,8 +341,8 @@ def scans(monkeypatch):
     """``run_scan`` replaced: records its runs and sets, and writes each run as finished."""
     calls = []
 
-    def run_scan(exp, runs, config, sets):
-        calls.append({"exp": exp.name, "runs": runs, "config": config, "sets": sets})
+    def run_scan(exp, runs, config, sets, threads=None):
+        calls.append({"exp": exp.name, "runs": runs, "config": config, "sets": sets, "threads": threads})
         for r in runs:
             write_run(r["dir"], hyperparameters={r["hp"]: r["value"]}, val=[2.0])
         return len(runs) - 1
@@ -337,6 +355,7 @@ def test_scan_defaults(scans, tmp_path, capsys):
     written = robustness.scan("nano", root=tmp_path)
     (call,) = scans
     assert call["exp"] == "nano" and call["config"] is None and call["sets"] == ["train.max_iters=2001"]  # space.yaml's budget
+    assert call["threads"] is None
     assert call["runs"] == robustness.plan(NANO, BEST_NAMES, [1337, 1338, 1339], robustness.log_grid(7), tmp_path)
     assert written == [tmp_path / "nano" / "robustness.png", tmp_path / "nano" / "robustness.md"]
     assert capsys.readouterr().err == f"{len(call['runs']) - 1} run(s) crashed; see their train.log\n"
@@ -347,9 +366,10 @@ def test_scan_options(scans, tmp_path, capsys):
     config.write_text("train: {max_iters: 4}\n")  # the budget's key is the config's own
     out = tmp_path / "out"
     written = robustness.scan("nano", ["CD", "adam"], ["5"], ["0.5", 2], budget="sweep", config=str(config),
-                              sets=["train.eval_interval=2"], metric="acc", root=tmp_path / "r", out=out, shard="1/3")
+                              sets=["train.eval_interval=2"], metric="acc", root=tmp_path / "r", out=out, shard="1/3",
+                              threads=1)
     (call,) = scans
-    assert call["config"] == str(config) and call["sets"] == ["train.eval_interval=2"]
+    assert call["config"] == str(config) and call["sets"] == ["train.eval_interval=2"] and call["threads"] == 1
     assert call["runs"] == robustness.plan(NANO, ["cd", "adam"], [5], [0.5, 2.0], tmp_path / "r")[1::3]
     assert written == [out / "robustness.png", out / "robustness.md"] and "validation acc" in written[1].read_text()
     robustness.scan("nano", ["cd"], [1], [1], budget="paper", root=tmp_path / "p")
@@ -376,6 +396,7 @@ def test_scan_puts_runs_under_runs_robustness_and_keeps_a_fuller_table(scans, tm
     (dict(multipliers=[0, 1]), "--multipliers must be positive, got [0.0, 1.0]"),
     (dict(multipliers=[-1]), "--multipliers must be positive, got [-1.0]"),
     (dict(budget="full"), "--budget must be sweep or paper, got 'full'"),
+    (dict(threads=0), "--threads must be at least 1, got 0"),
 ])
 def test_scan_refuses_bad_options_before_running_anything(scans, tmp_path, kwargs, message):
     with pytest.raises(UsageError) as e:
@@ -432,14 +453,15 @@ def test_main_passes_every_option_on(monkeypatch, capsys):
 
     monkeypatch.setattr(robustness, "scan", scan)
     assert robustness.main(["nano"]) == 0
-    assert calls[-1] == ("nano", None, None, None, 7, "sweep", None, [], "loss", "runs/robustness", None, None, False, False)
+    assert calls[-1] == ("nano", None, None, None, 7, "sweep", None, [], "loss", "runs/robustness", None, None, False, False,
+                         None)
     assert capsys.readouterr().out == "a.png\na.md\n"
     assert robustness.main(["nano", "--optimizers", "cd", "adam", "--seeds", "1", "2", "--multipliers", "0.5", "2",
                             "--points", "3", "--budget", "paper", "--config", "c.yaml", "--set", "a=1", "--set", "b=2",
                             "--metric", "acc", "--root", "r", "--out", "o", "--shard", "1/2", "--plot-only",
-                            "--force"]) == 0
+                            "--force", "--threads", "2"]) == 0
     assert calls[-1] == ("nano", ["cd", "adam"], [1, 2], [0.5, 2.0], 3, "paper", "c.yaml", ["a=1", "b=2"], "acc", "r",
-                         "o", "1/2", True, True)
+                         "o", "1/2", True, True, 2)
 
 
 def test_the_figure_draws_mean_and_std_per_optimizer_and_marks_diverged_points(monkeypatch, tmp_path):

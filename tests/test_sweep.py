@@ -175,8 +175,10 @@ def test_nan_trials_are_pruned_and_the_study_completes(child_env, nano_data, run
 
 
 def test_a_pruner_stops_the_run_of_a_hopeless_trial(child_env, nano_data, tmp_path):
-    """The worker reads the running trial's metrics, reports them, and SIGTERMs the run on a prune."""
+    """The worker reads the running trial's metrics, reports them, and SIGTERMs the run on a prune.
+    Its run has the worker's --threads, not this process's OMP_NUM_THREADS (1, ``child_env``)."""
     options = sweep.SweepOptions("nano", "adam", trials=1, config=SMOKE, poll_s=0.2, out_root=tmp_path, plot=False,
+                                 threads=2,
                                  sets=[f"data.dir={nano_data}", "train.max_iters=100000", "train.eval_interval=2",
                                        "train.eval_iters=2"])
     study = sweep.run_sweep(options, pruner_obj=optuna.pruners.ThresholdPruner(upper=0.0))  # any loss > 0 prunes
@@ -184,6 +186,7 @@ def test_a_pruner_stops_the_run_of_a_hopeless_trial(child_env, nano_data, tmp_pa
     assert trial.state == TrialState.PRUNED and 0 in trial.intermediate_values
     summary = json.loads((Path(trial.user_attrs["run_dir"]) / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] < 100000
+    assert summary["cpu_threads"] == 2
 
 
 def test_bad_input_is_one_line_usage_error(tmp_path, capsys):

@@ -626,10 +626,11 @@ class FakeRun:
 @pytest.fixture
 def fake_runs(monkeypatch):
     """processes.start/stop/start_time played: ``fake_runs.procs`` are handed out in turn."""
-    state = SimpleNamespace(procs=[], started=[], stopped=[])
+    state = SimpleNamespace(procs=[], started=[], stopped=[], envs=[])
 
     def start(cmd, log, env=None, note=None):
         state.started.append((cmd, log))
+        state.envs.append(env)
         return state.procs.pop(0)
 
     def stop(proc, timeout=None):
@@ -678,6 +679,7 @@ def test_a_trial_runs_its_command_reports_its_losses_and_returns_the_best(tmp_pa
                    "--set", "train.max_iters=4", "--set", "optimizer.h=0.01", "--set", "optimizer.gamma=2.5",
                    "--out", str(run_dir)]
     assert log == run_dir / "train.log"
+    assert fake_runs.envs == [{}]  # no --threads: the run inherits this process's OMP_NUM_THREADS
     assert trial.suggested == [("h", 1e-4, 0.5, True), ("gamma", 0.0, 10.0, False)]
     assert trial.user_attrs == {"root": 3, "seed": 1337, "objective": "best", "run_dir": str(run_dir),
                                 "host": socket.gethostname(), "pid": os.getpid(), "pid_start": f"t{os.getpid()}",
@@ -693,7 +695,7 @@ def test_a_trial_runs_its_command_reports_its_losses_and_returns_the_best(tmp_pa
 
 def test_a_retry_runs_in_its_originals_folder_and_seed(tmp_path, fake_runs):
     objective = make_objective(tmp_path, seed_per_trial=True, objective="final", keep_checkpoints=True, nproc=2,
-                               config=None, sets=[])
+                               config=None, sets=[], threads=3)
     run_dir = tmp_path / "trial-1"
     fake_runs.procs.append(FakeRun([0]))
     finish(run_dir, lines=[line(split="val", step=0, loss=2.0), line(split="val", step=2, loss=2.5)])()
@@ -703,6 +705,7 @@ def test_a_retry_runs_in_its_originals_folder_and_seed(tmp_path, fake_runs):
     assert cmd == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    "-m", "nano.train", "--optimizer", "cd", "--seed", "1338",
                    "--set", "optimizer.h=0.01", "--set", "optimizer.gamma=2.5", "--out", str(run_dir)]
+    assert fake_runs.envs == [{"OMP_NUM_THREADS": "3"}]
     assert (trial.user_attrs["root"], trial.user_attrs["seed"], trial.user_attrs["objective"]) == (1, 1338, "final")
     assert trial.user_attrs["best_step"] == 2 and objective.current == 4
     assert (run_dir / "checkpoint.pt").exists() and (run_dir / "checkpoint.prev.pt").exists()  # kept
@@ -711,8 +714,8 @@ def test_a_retry_runs_in_its_originals_folder_and_seed(tmp_path, fake_runs):
 def test_objective_defaults_match_the_commands():
     objective = objective_lib.Objective(NANO, "cd", SPACE, seed=1, out=Path("."), config=None, sets=(),
                                         signals=StopFlag())
-    assert (objective.poll_s, objective.keep_checkpoints, objective.nproc, objective.objective,
-            objective.seed_per_trial) == (10.0, False, 1, "best", False)  # --poll 10, as SweepOptions
+    assert (objective.poll_s, objective.keep_checkpoints, objective.nproc, objective.threads, objective.objective,
+            objective.seed_per_trial) == (10.0, False, 1, None, "best", False)  # --poll 10, as SweepOptions
 
 
 def test_trial_seed():
@@ -875,6 +878,7 @@ OPTIONS = dict(trials=None, heartbeat_s=60, grace_s=None, nproc=1, prune_startup
     ({"heartbeat_s": 0}, "--heartbeat must be at least 1, got 0"),
     ({"grace_s": 0, "heartbeat_s": 1}, "--grace must be at least 1, got 0"),
     ({"nproc": 0}, "--nproc must be at least 1, got 0"),
+    ({"threads": 0}, "--threads must be at least 1, got 0"),
     ({"prune_startup": -1}, "--prune-startup must be at least 0, got -1"),
     ({"prune_warmup": -1}, "--prune-warmup must be at least 0, got -1"),
     ({"poll_s": 0.0}, "--poll must be a positive number of seconds, got 0.0"),
@@ -891,7 +895,7 @@ def test_sweep_options_check_names_the_option(changes, message):
 
 def test_sweep_options_check_passes_the_least_usable_numbers():
     worker_lib.SweepOptions("nano", "cd").check()  # the defaults
-    worker_lib.SweepOptions("nano", "cd", trials=1, heartbeat_s=1, grace_s=2, nproc=1, prune_startup=0,
+    worker_lib.SweepOptions("nano", "cd", trials=1, heartbeat_s=1, grace_s=2, nproc=1, threads=1, prune_startup=0,
                             prune_warmup=0, poll_s=0.01).check()
 
 
@@ -900,8 +904,8 @@ def test_sweep_options_defaults_and_from_args():
     assert (options.trials, options.storage_url, options.seed, options.sampler_seed, options.worker, options.pruner,
             options.prune_startup, options.prune_warmup, options.config, tuple(options.sets), options.space_file,
             options.out_root, options.poll_s, options.heartbeat_s, options.grace_s, options.keep_checkpoints,
-            options.nproc, options.plot) == (None, None, None, 0, None, "none", 5, 0, None, (), None, "runs/sweeps",
-                                             10.0, 60, None, False, 1, True)
+            options.nproc, options.threads, options.plot) == (None, None, None, 0, None, "none", 5, 0, None, (), None,
+                                                              "runs/sweeps", 10.0, 60, None, False, 1, None, True)
     values = {f.name: f"v{k}" for k, f in enumerate(worker_lib.fields(worker_lib.SweepOptions))}
     args = argparse.Namespace(**values, command="run", extra=1)
     assert worker_lib.SweepOptions.from_args(args) == worker_lib.SweepOptions(**values)
@@ -1119,7 +1123,7 @@ def test_run_sweep_runs_the_space_files_study(recorded, capsys, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     options = worker_lib.SweepOptions("nano", "CD", space_file=recorded.space, out_root=recorded.root,
                                       sets=["train.eval_iters=1"], poll_s=0.5, keep_checkpoints=True, nproc=2,
-                                      heartbeat_s=5, grace_s=9)
+                                      threads=2, heartbeat_s=5, grace_s=9)
     study = worker_lib.run_sweep(options)
     out = recorded.root.resolve() / "nano" / "cd"
     url = f"sqlite:///{out / 'study.db'}"
@@ -1129,7 +1133,7 @@ def test_run_sweep_runs_the_space_files_study(recorded, capsys, monkeypatch):
     ((exp, optimizer, space, kwargs),) = [o.args for o in RecordedObjective.made]
     assert (exp.name, optimizer, space) == ("nano", "cd", {"h": sweep.Range(1e-4, 0.5, True)})
     assert kwargs == dict(seed=7, out=out, config=None, signals=kwargs["signals"], poll_s=0.5, keep_checkpoints=True,
-                          nproc=2, objective="final", seed_per_trial=True,
+                          nproc=2, threads=2, objective="final", seed_per_trial=True,
                           sets=["train.max_iters=4", "train.eval_interval=2", "train.eval_iters=1"])
     assert isinstance(kwargs["signals"], StopFlag)
     stdout = capsys.readouterr().out.splitlines()
@@ -1278,11 +1282,11 @@ def test_run_options_are_sweep_options_fields():
     argv = ["run", "bert/sst2", "cd", "--storage", "sqlite:///s.db", "--out-root", "r", "--trials", "7", "--seed", "3",
             "--sampler-seed", "4", "--worker", "5", "--pruner", "median", "--prune-startup", "6", "--prune-warmup",
             "8", "--config", "c.yaml", "--set", "a=1", "--set", "b=2", "--space", "s.yaml", "--poll", "0.5",
-            "--heartbeat", "9", "--grace", "30", "--nproc", "2", "--keep-checkpoints", "--no-plot"]
+            "--heartbeat", "9", "--grace", "30", "--nproc", "2", "--threads", "3", "--keep-checkpoints", "--no-plot"]
     assert worker_lib.SweepOptions.from_args(cli_lib.parser().parse_args(argv)) == worker_lib.SweepOptions(
         "bert/sst2", "cd", trials=7, storage_url="sqlite:///s.db", seed=3, sampler_seed=4, worker=5, pruner="median",
         prune_startup=6, prune_warmup=8, config="c.yaml", sets=["a=1", "b=2"], space_file="s.yaml", out_root="r",
-        poll_s=0.5, heartbeat_s=9, grace_s=30, keep_checkpoints=True, nproc=2, plot=False)
+        poll_s=0.5, heartbeat_s=9, grace_s=30, keep_checkpoints=True, nproc=2, threads=3, plot=False)
     with pytest.raises(SystemExit):
         cli_lib.parser().parse_args(["run", "nano", "cd", "--pruner", "hyperband"])
     with pytest.raises(SystemExit):
@@ -1355,6 +1359,8 @@ def test_help_names_every_command_and_option(capsys, monkeypatch):
         "--heartbeat HEARTBEAT seconds between a worker's heartbeats "
         "--grace GRACE seconds without a heartbeat after which a trial counts as dead (default 3x heartbeat) "
         "--nproc NPROC GPUs per trial (torchrun) when > 1 "
+        "--threads THREADS CPU threads per trial (OMP_NUM_THREADS; default: inherited, else every core); W workers "
+        "on one machine's CPUs: cores/W each "
         "--keep-checkpoints keep finished trials' checkpoint.pt "
         "--no-plot do not draw the study's figures at the end")
     assert options("export") == (

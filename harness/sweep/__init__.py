@@ -34,7 +34,10 @@ workers may run the same command, also all at once on an empty database (the
 tables and the study are created under a lock): this is Optuna's standard
 distributed mode, each worker stops once the study holds ``trials`` finished
 trials (a worker that is mid-trial then finishes that trial, so a study of W
-workers may end with up to W - 1 extra trials).
+workers may end with up to W - 1 extra trials). Each trial's run uses ``--threads`` CPU
+threads (``OMP_NUM_THREADS``; default inherited, else torch's default of every core): W
+workers on one machine's CPUs need cores/W each, or their runs spin against each other
+(two 2-thread nano runs on 2 cores trained ten times slower than two 1-thread ones).
 
 Kill safety. Finished trials are never repeated: a new trial always gets a new
 trial number and run directory. A trial that was interrupted (SIGTERM/SIGUSR1

@@ -75,6 +75,9 @@ def _run_parser(r: argparse.ArgumentParser) -> None:
     r.add_argument("--grace", dest="grace_s", metavar="GRACE", type=int, default=None,
                    help="seconds without a heartbeat after which a trial counts as dead (default 3x heartbeat)")
     r.add_argument("--nproc", type=int, default=1, help="GPUs per trial (torchrun) when > 1")
+    r.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per trial (OMP_NUM_THREADS; default: inherited, else every core); "
+                        "W workers on one machine's CPUs: cores/W each")
     r.add_argument("--keep-checkpoints", action="store_true", help="keep finished trials' checkpoint.pt")
     r.add_argument("--no-plot", dest="plot", action="store_false", help="do not draw the study's figures at the end")
 

@@ -20,6 +20,7 @@ from typing import Iterable, Optional, Sequence
 
 from .. import processes
 from ..checkpoint import previous
+from ..cpu import thread_env
 from ..errors import UsageError
 from ..experiments import Experiment, train_command
 from ..rundir import RunDir, best_record, finite
@@ -76,21 +77,21 @@ class Objective:
     ``objective`` picks (``objective_record``).
 
     The run's seed is ``seed``, or ``seed + k`` for the trial numbered k (a retry keeps its
-    original's k) with ``seed_per_trial``. A run that diverged (or has no record for the
+    original's k) with ``seed_per_trial``; it runs on ``threads`` CPU threads (None: inherited). A run that diverged (or has no record for the
     objective) prunes the trial, as does the pruner (the run is then stopped); an interrupted
     run raises ``WorkerInterrupted``, a crashed one ``TrialCrashed``, one that could not start
     (exit 2) ``UsageError``."""
 
     def __init__(self, exp: Experiment, optimizer: str, space: dict[str, Range], *, seed: int, out: Path,
                  config: Optional[str], sets: Sequence[str], signals: StopFlag, poll_s: float = 10.0,
-                 keep_checkpoints: bool = False, nproc: int = 1, objective: str = "best",
-                 seed_per_trial: bool = False):
+                 keep_checkpoints: bool = False, nproc: int = 1, threads: Optional[int] = None,
+                 objective: str = "best", seed_per_trial: bool = False):
         if objective not in OBJECTIVES:
             raise UsageError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         self.exp, self.optimizer, self.space, self.seed, self.out = exp, optimizer, space, seed, out
         self.objective, self.seed_per_trial = objective, seed_per_trial
         self.config, self.sets, self.signals, self.poll_s = config, list(sets), signals, poll_s
-        self.keep_checkpoints, self.nproc = keep_checkpoints, nproc
+        self.keep_checkpoints, self.nproc, self.threads = keep_checkpoints, nproc, threads
         self.current: Optional[int] = None  # the number of the trial whose run is in flight
 
     def __call__(self, trial) -> float:
@@ -112,7 +113,7 @@ class Objective:
             trial.set_user_attr(key, value)
         cmd = train_command(self.exp, self.optimizer, seed, run.path, self.config,
                             self.sets + [set_arg(f"optimizer.{k}", v) for k, v in params.items()], self.nproc)
-        proc = processes.start(cmd, run.log_file)
+        proc = processes.start(cmd, run.log_file, thread_env(self.threads))
         self.current = trial.number
         self.signals.child = proc
         trial.set_user_attr("child_pid", proc.pid)

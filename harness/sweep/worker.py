@@ -48,6 +48,7 @@ class SweepOptions:
     grace_s: Optional[int] = None      # without a heartbeat for this long a trial is dead (default 3x)
     keep_checkpoints: bool = False     # keep finished trials' checkpoint.pt
     nproc: int = 1                     # GPUs per trial (torchrun) when > 1
+    threads: Optional[int] = None      # CPU threads per trial (OMP_NUM_THREADS; default: inherited)
     plot: bool = True                  # draw the study's figures at the end
 
     @classmethod
@@ -58,7 +59,7 @@ class SweepOptions:
     def check(self) -> None:
         """A one-line UsageError for a number no sweep can use (named by its option)."""
         minimum = {"--trials": (self.trials, 1), "--heartbeat": (self.heartbeat_s, 1), "--grace": (self.grace_s, 1),
-                   "--nproc": (self.nproc, 1), "--prune-startup": (self.prune_startup, 0),
+                   "--nproc": (self.nproc, 1), "--threads": (self.threads, 1), "--prune-startup": (self.prune_startup, 0),
                    "--prune-warmup": (self.prune_warmup, 0)}
         for option, (value, low) in minimum.items():
             if value is not None and value < low:
@@ -117,7 +118,7 @@ def run_sweep(options: SweepOptions, pruner_obj=None):
         _optimize(study, n_trials, out, lambda signals: Objective(
             exp, optimizer, hp_space, seed=seed, out=out, config=options.config, sets=run_sets, signals=signals,
             poll_s=options.poll_s, keep_checkpoints=options.keep_checkpoints, nproc=options.nproc,
-            objective=space["objective"], seed_per_trial=space["seed_per_trial"]))
+            threads=options.threads, objective=space["objective"], seed_per_trial=space["seed_per_trial"]))
     if options.plot:
         for path in plot_study(study, out):
             print(path)
