@@ -36,7 +36,10 @@ def derive_seed(*keys: int) -> int:
     """A 63-bit seed from integer keys (run seed, rank, epoch, ...): the first 64-bit word of numpy's
     ``SeedSequence(keys)``, shifted right by one. Distinct keys of the same length, independent streams.
     Keys of different lengths are not told apart when they differ only by trailing zeros within four
-    keys: ``SeedSequence`` pads its entropy with zeros to four words, so ``(s, r, 0)`` is ``(s, r)``."""
+    keys: ``SeedSequence`` pads its entropy with zeros to four words, so ``(s, r, 0)`` is ``(s, r)``.
+    The language models' streams are therefore keyed ``(run seed, stream, ...)``: stream 0 the
+    training offsets ``(s, 0, rank)``, 1 the fixed validation batches ``(s, 1)``, 2 the fresh ones
+    ``(s, 2)``, none of them another's padded form."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
@@ -59,12 +62,13 @@ def reduce_sum(run: Run, values: Sequence[float]) -> list[float]:
 class RandomTokenBatches:
     """nanoGPT's batches: ``batch_size`` windows of ``block_size`` tokens at random offsets.
 
-    Offsets come from a generator seeded by (run seed, rank); its state is the data position.
+    Offsets come from a generator seeded by ``derive_seed(run seed, 0, rank)`` (stream 0, the
+    training data: never the validation batches' seed, on any rank); its state is the data position.
     """
 
     def __init__(self, bins, batch_size: int, block_size: int, seed: int, rank: int = 0, split: str = "train"):
         self.bins, self.batch_size, self.block_size, self.split = bins, batch_size, block_size, split
-        self.generator = torch.Generator().manual_seed(derive_seed(seed, rank, 0))
+        self.generator = torch.Generator().manual_seed(derive_seed(seed, 0, rank))
 
     def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

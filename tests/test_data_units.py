@@ -113,10 +113,14 @@ def test_random_token_batches_are_one_stream_per_seed_and_rank_and_resume():
     others = [RandomTokenBatches(bins, 3, 5, seed=s, rank=r) for s, r in ((2, 0), (1, 1), (0, 1))]
     streams = [first(a, 6)] + [first(b, 6) for b in others]
     assert len({tuple(s) for s in streams}) == 4
-    # the offsets' generator is seeded by (seed, rank, 0)
-    g = torch.Generator().manual_seed(derive_seed(1, 1, 0))
-    assert first(RandomTokenBatches(bins, 3, 5, seed=1, rank=1), 2) == [int(torch.randint(1000, (1,), generator=g))
-                                                                         for _ in range(2)]
+    # the offsets' generator is seeded by (seed, 0, rank): rank 0's is (seed, 0, 0), as every committed run's
+    for rank in (0, 1, 2):
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([1, 0, rank]).generate_state(2, np.uint64)[0]) >> 1)
+        assert first(RandomTokenBatches(bins, 3, 5, seed=1, rank=rank), 2) == [
+            int(torch.randint(1000, (1,), generator=g)) for _ in range(2)]
+    # no rank's training stream starts where the validation batches' do: (seed, 1) fixed, (seed, 2) fresh
+    trains = {RandomTokenBatches(bins, 3, 5, seed=1, rank=r).generator.initial_seed() for r in range(4)}
+    assert len(trains) == 4 and not trains & {derive_seed(1, 1), derive_seed(1, 2)}
     # the state is the position: a copy loaded with it goes on where the first is
     state = a.state_dict()
     assert set(state) == {"generator"}
