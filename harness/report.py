@@ -3,7 +3,9 @@
     python -m harness.report RUNS_DIR [--out DIR] [--title TEXT]
 
 Finds every run directory under RUNS_DIR (a folder with ``summary.json`` or
-``config.yaml``), groups runs by experiment and optimizer, and writes to ``--out``
+``config.yaml``), groups runs by experiment and optimizer (an optimizer run at several
+sets of hyperparameters is one group per set, named by the values that differ:
+``variants``), and writes to ``--out``
 (default ``results/<experiment>``):
 
 - ``<split>_<metric>.png``: the metric against training step, one curve per
@@ -23,6 +25,7 @@ an interrupted run's partial curve would mix a different quantity into the mean.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -39,11 +42,44 @@ from .rundir import RunDir, best_record, check_folder, finite_values
 
 
 def label(name: str) -> str:
-    """The optimizer's display name (the registry's), else ``name`` itself."""
+    """The optimizer's display name (the registry's), else ``name`` itself; a group of
+    ``variants`` keeps its values: ``cadam0 (h=0.005244)`` is ``CADAM0 (h=0.005244)``."""
+    base, sep, values = str(name).partition(" (")
     try:
-        return optimizers.info(name).label
+        return optimizers.info(base).label + sep + values
     except ValueError:
         return name
+
+
+def order(name: str):
+    """The sort key of a group of ``variants``: the registry's order, then the values."""
+    return optimizers.sort_key(str(name).partition(" (")[0]), str(name)
+
+
+def _value(v) -> str:
+    return "default" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def variants(runs: list[dict]) -> dict[str, list[dict]]:
+    """One experiment's runs by optimizer, and within an optimizer by hyperparameters, so that
+    runs at different values (the released and the re-tuned ones, say) are never averaged
+    together. A group's key is the optimizer's name, followed, where the optimizer ran at more
+    than one set of values, by the values that differ: ``cadam0 (h=0.005244, alpha=0.01198)``."""
+    by_name: dict[str, dict[str, tuple[dict, list[dict]]]] = defaultdict(dict)
+    for run in runs:
+        s = run["summary"]
+        values = s.get("hyperparameters") or {}
+        by_name[s.get("optimizer", "?")].setdefault(json.dumps(values, sort_keys=True), (values, []))[1].append(run)
+    groups = {}
+    for name, by_values in by_name.items():
+        if len(by_values) == 1:
+            groups[name] = next(iter(by_values.values()))[1]
+            continue
+        keys = dict.fromkeys(k for values, _ in by_values.values() for k in values)  # the runs' order
+        differ = [k for k in keys if len({json.dumps(values.get(k)) for values, _ in by_values.values()}) > 1]
+        for values, group in by_values.values():
+            groups[f"{name} ({', '.join(f'{k}={_value(values.get(k))}' for k in differ)})"] = group
+    return groups
 
 
 NO_SUMMARY = "no summary"  # the status of a run that never wrote one: still going, or killed first
@@ -64,8 +100,10 @@ def find_runs(root: Path) -> list[dict]:
             except UsageError as error:
                 print(f"skipped {run.path}: no summary, and {error}", file=sys.stderr)
                 continue
+            opt = config.get("optimizer") or {}
             summary = {"status": NO_SUMMARY, "experiment": config.get("experiment", "?"),
-                       "optimizer": (config.get("optimizer") or {}).get("name", "?"), "seed": config.get("seed")}
+                       "optimizer": opt.get("name", "?"), "seed": config.get("seed"),
+                       "hyperparameters": {k: v for k, v in opt.items() if k != "name"}}
         try:
             records = run.records()
         except UsageError as error:  # counted, never averaged: the table says how many
@@ -143,7 +181,7 @@ def plot(by_opt: dict[str, list[dict]], split: str, key: str, path: Path, title:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn, seen = False, []
-    for name in sorted(by_opt, key=optimizers.sort_key):
+    for name in sorted(by_opt, key=order):
         steps, values = _curves(by_opt[name], split, key)
         seen.append(values.ravel())
         if len(steps) == 0 or np.isnan(values).all():
@@ -205,7 +243,7 @@ def table(by_opt: dict[str, list[dict]]) -> str:
         head += ["test acc of the best-val weights"]
     head += ["wall time (s)", "status", "diverged seeds"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in sorted(by_opt, key=optimizers.sort_key):
+    for name in sorted(by_opt, key=order):
         everyone = by_opt[name]
         runs = completed(everyone)
         cells = [label(name), str(len(everyone)),
@@ -261,10 +299,10 @@ def report(root: Path, out: Optional[Path] = None, title: Optional[str] = None,
     runs = find_runs(root)
     if not runs:
         raise UsageError(f"no run directories (with config.yaml or summary.json) under {root}")
-    by_exp: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    per_exp: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
-        s = run["summary"]
-        by_exp[s.get("experiment", "?")][s.get("optimizer", "?")].append(run)
+        per_exp[run["summary"].get("experiment", "?")].append(run)
+    by_exp = {exp: variants(exp_runs) for exp, exp_runs in per_exp.items()}
     targets = {exp: (Path(out) / exp if len(by_exp) > 1 else Path(out)) if out else Path("results") / exp
                for exp in by_exp}
     bases = {exp: runs_basis(root, [r for rs in by_opt.values() for r in rs]) for exp, by_opt in by_exp.items()}

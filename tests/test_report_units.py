@@ -44,12 +44,31 @@ def run(records, status="completed", seed=None, dir="runs/x", **summary):
 
 def test_label_is_the_registrys_else_the_name():
     assert [rep.label(n) for n in ("adam", "msgd", "cadam", "ikfad", "mine")] == ["Adam", "mSGD", "CADAM", "iKFAD", "mine"]
+    assert rep.label("cadam0 (h=0.005, c=7e+05)") == "CADAM0 (h=0.005, c=7e+05)"  # a group of variants
+    assert rep.label("mine (h=1)") == "mine (h=1)"
+
+
+def test_variants_never_average_one_optimizers_runs_at_different_values():
+    released, tuned = {"h": 0.005244, "c": 702400.0, "alpha": 0.01198}, {"h": 0.006875, "c": 702400.0, "alpha": 0.5}
+    runs = [run([], seed=s, optimizer="cadam0", hyperparameters=hp) for hp in (released, tuned) for s in (1, 2)]
+    runs += [run([], seed=1, optimizer="adam", hyperparameters={"lr": 1e-3}),
+             run([], seed=2, optimizer="adam", hyperparameters={"lr": 1e-3}),
+             run([], seed=1, optimizer="cd"), run([], seed=1, optimizer="cd", hyperparameters={"h": 0.5})]
+    groups = rep.variants(runs)
+    # only the values that differ name a group; one set of values keeps the plain name
+    assert groups == {"cadam0 (h=0.005244, alpha=0.01198)": runs[0:2], "cadam0 (h=0.006875, alpha=0.5)": runs[2:4],
+                      "adam": runs[4:6], "cd (h=default)": runs[6:7], "cd (h=0.5)": runs[7:8]}
+    assert sorted(groups, key=rep.order) == ["adam", "cd (h=0.5)", "cd (h=default)", "cadam0 (h=0.005244, alpha=0.01198)",
+                                             "cadam0 (h=0.006875, alpha=0.5)"]
+    rows = [row.split(" | ")[:2] for row in rep.table(groups).splitlines()[2:7]]
+    assert rows == [["| Adam", "2"], ["| CD (h=0.5)", "1"], ["| CD (h=default)", "1"],
+                    ["| CADAM0 (h=0.005244, alpha=0.01198)", "2"], ["| CADAM0 (h=0.006875, alpha=0.5)", "2"]]
 
 
 def test_find_runs_reads_every_run_with_a_summary_or_a_config(tmp_path, capsys):
     write_run(tmp_path / "a", val(3.0), seed=1, steps=5)
     unfinished = write_run(tmp_path / "b", val(2.0), status=None)
-    (unfinished / "config.yaml").write_text("experiment: owt\nseed: 4\noptimizer: {name: cd}\n")
+    (unfinished / "config.yaml").write_text("experiment: owt\nseed: 4\noptimizer: {name: cd, h: 0.25}\n")
     bare = write_run(tmp_path / "c", [], status=None)
     (bare / "config.yaml").write_text("train: {}\n")  # no experiment, optimizer or seed
     empty = write_run(tmp_path / "d", [], status=None)
@@ -65,10 +84,10 @@ def test_find_runs_reads_every_run_with_a_summary_or_a_config(tmp_path, capsys):
     assert [r["dir"] for r in runs] == [tmp_path / n for n in ("a", "b", "c", "d", "f", "g")]
     assert [r["summary"] for r in runs] == [
         {"status": "completed", "experiment": "nano", "optimizer": "adam", "seed": 1, "steps": 5},
-        {"status": "no summary", "experiment": "owt", "optimizer": "cd", "seed": 4},
-        {"status": "no summary", "experiment": "?", "optimizer": "?", "seed": None},
-        {"status": "no summary", "experiment": "?", "optimizer": "?", "seed": None},
-        {"status": "no summary", "experiment": "?", "optimizer": "?", "seed": None},
+        {"status": "no summary", "experiment": "owt", "optimizer": "cd", "seed": 4, "hyperparameters": {"h": 0.25}},
+        {"status": "no summary", "experiment": "?", "optimizer": "?", "seed": None, "hyperparameters": {}},
+        {"status": "no summary", "experiment": "?", "optimizer": "?", "seed": None, "hyperparameters": {}},
+        {"status": "no summary", "experiment": "?", "optimizer": "?", "seed": None, "hyperparameters": {}},
         {"status": "damaged records", "experiment": "nano", "optimizer": "adam", "seed": 2}]
     assert [r["metrics"] for r in runs] == [val(3.0), val(2.0), [], [], [], []]
     err = capsys.readouterr().err.splitlines()
@@ -360,6 +379,13 @@ def test_report_draws_completed_runs_only(tmp_path, figures):
     ax = figures[tmp_path / "out" / "val_loss.png"][0].axes[0]
     assert [line.get_label() for line in ax.get_lines()] == ["Adam"] and ax.get_title() == "T: val loss"
     np.testing.assert_array_equal(ax.get_lines()[0].get_ydata(), [2.0, 1.0])
+    # the same optimizer at other values: a curve and a row of its own, not a second seed
+    write_run(runs / "d", val(4.0, 3.0), seed=1, hyperparameters={"lr": 0.5})
+    rep.report(runs, tmp_path / "variants", title="T")
+    ax = figures[tmp_path / "variants" / "val_loss.png"][0].axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["Adam (lr=0.5)", "Adam (lr=default)"]
+    np.testing.assert_array_equal(ax.get_lines()[0].get_ydata(), [4.0, 3.0])
+    assert "| Adam (lr=0.5) | 1 | 3.0000 |" in (tmp_path / "variants" / "results.md").read_text()
 
 
 def test_report_keeps_a_fuller_report_unless_forced_and_checks_every_folder_first(tmp_path, plots):
