@@ -103,10 +103,8 @@ class Progress:
 
     def __init__(self, total: int, desc: str):
         self.total, self.done, self.started = total, 0, time.time()
-        on_terminal = getattr(sys.stderr, "isatty", lambda: False)()
-        self.bar = tqdm(total=total, dynamic_ncols=True, desc=desc,
-                        bar_format="{l_bar}{bar}| {n:.2f}/{total} runs [{elapsed}<{remaining}]",
-                        **({} if on_terminal else {"disable": True}))
+        self.bar = processes.progress_bar(total=total, desc=desc,
+                                          bar_format="{l_bar}{bar}| {n:.2f}/{total} runs [{elapsed}<{remaining}]")
 
     def finished(self, text: str) -> None:
         self.done += 1

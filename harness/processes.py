@@ -23,6 +23,17 @@ from .config import REPO
 STOP_TIMEOUT_S = 600  # how long a run may take to checkpoint after SIGTERM before SIGKILL
 
 
+def progress_bar(**kwargs):
+    """The tqdm bar of a tool that runs child runs (launch, sweep, robustness), drawn only when
+    stderr is a terminal: in a file or a pipe (nohup, a SLURM ``.out``) it would add a
+    carriage-return frame at every update, and there the tool's one line per finished run
+    (``bar.write``, which prints either way) is the record."""
+    from tqdm.auto import tqdm
+
+    on_terminal = getattr(sys.stderr, "isatty", lambda: False)()
+    return tqdm(dynamic_ncols=True, **kwargs, **({} if on_terminal else {"disable": True}))
+
+
 def _pdeathsig():
     """In the child, before exec: get SIGTERM when the parent dies."""
     if sys.platform.startswith("linux"):

@@ -93,12 +93,10 @@ def run_scan(exp: Experiment, runs: list[dict], config: Optional[str], sets: Seq
 
     Raises UsageError when a run cannot start (bad config, missing data) and Interrupted when
     a signal stopped the scan (the run in flight checkpointed: re-run the command to continue)."""
-    from tqdm.auto import tqdm
-
     todo = [r for r in runs if not RunDir(r["dir"]).finished()]
     crashed = 0
-    with StopFlag() as signals, tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"{exp.name} robustness",
-                                    dynamic_ncols=True) as progress:
+    with StopFlag() as signals, processes.progress_bar(total=len(runs), initial=len(runs) - len(todo),
+                                                       desc=f"{exp.name} robustness") as progress:
         for r in todo:
             if signals.flag:  # a signal between two runs
                 raise Interrupted(f"{exp.name} robustness: interrupted between runs")

@@ -1042,8 +1042,12 @@ def test_optimize_shows_a_bar_of_the_studys_finished_trials(tmp_path, monkeypatc
     add(study, TrialState.FAIL, {"h": 0.5})
     worker_lib._optimize(study, 3, tmp_path, lambda signals: Scripted([2.0, 3.0]))
     (bar,) = FakeBar.made
-    assert bar.kwargs == {"total": 3, "initial": 1, "desc": "nano-cd", "dynamic_ncols": True}
+    # stderr is a file here (a nohup log, a SLURM .out): no bar frames, only the lines per trial
+    assert bar.kwargs == {"total": 3, "initial": 1, "desc": "nano-cd", "dynamic_ncols": True, "disable": True}
     assert bar.n == 3 and len(bar.lines) == 2
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # a terminal: the bar is drawn
+    worker_lib._optimize(study, 4, tmp_path, lambda signals: Scripted([4.0]))
+    assert FakeBar.made[1].kwargs == {"total": 4, "initial": 3, "desc": "nano-cd", "dynamic_ncols": True}
 
 
 def test_optimize_gives_up_after_three_crashes_in_a_row(tmp_path):

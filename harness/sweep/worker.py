@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .. import processes
 from ..errors import UsageError
 from ..experiments import experiment
 from ..rundir import check_folder
@@ -128,10 +129,8 @@ def run_sweep(options: SweepOptions, pruner_obj=None):
 def _optimize(study, n_trials: int, out: Path, objective_for) -> None:
     """Run trials (``objective_for(signals)`` is the objective) under one progress bar until the
     study holds ``n_trials`` finished ones, a signal arrives or trials keep crashing."""
-    from tqdm.auto import tqdm
-
-    with StopFlag() as signals, tqdm(total=n_trials, initial=finished(study), desc=study.study_name,
-                                     dynamic_ncols=True) as progress:
+    with StopFlag() as signals, processes.progress_bar(total=n_trials, initial=finished(study),
+                                                       desc=study.study_name) as progress:
         objective = objective_for(signals)
         after_trial = _AfterTrial(progress, signals, n_trials)
         try:
