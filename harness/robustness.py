@@ -209,6 +209,7 @@ def table(results: dict, metric: str) -> str:
     mults = sorted({m for r in results.values() for m in r["points"]})
     head = ["optimizer", "step size", "tuned"] + [f"{m:.3g}x" for m in mults]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fullest = max(len(p) for r in results.values() for p in r["points"].values())
     for name in sorted(results, key=optimizers.sort_key):
         r = results[name]
         cells = [label(name), r["hp"], f"{r['tuned']:.4g}" if r["tuned"] is not None else "–"]
@@ -225,6 +226,8 @@ def table(results: dict, metric: str) -> str:
                 text += f" ({n_div}/{n_ok + n_div} diverged{named})"
             elif named:
                 text += f" ({named[2:]})"
+            elif not n_div and n_ok < fullest:  # e.g. one seed where the table's other cells have three
+                text += f" ({n_ok} seed{'s' if n_ok > 1 else ''})"
             cells.append(text)
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -257,7 +260,8 @@ def render(exp_name: str, exp_root: Path, out: Path, metric: str = "loss", force
         f"Best validation {metric} (mean ± std over seeds that did not diverge) with the step size "
         f"at a multiple of its tuned value and every other hyperparameter tuned; runs under `{exp_root}`. "
         f"A cell names how many of its seeds diverged, and which; the mean leaves them out (the "
-        f"authors' release keeps training through a NaN, so its means would include them).\n\n"
+        f"authors' release keeps training through a NaN, so its means would include them). A cell "
+        f"with fewer seeds than the fullest says how many it has.\n\n"
         + table(results, metric) + "\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in written), new))
     return written + [md]
 

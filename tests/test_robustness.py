@@ -135,9 +135,12 @@ def test_table():
     assert robustness.table(results, "loss").splitlines() == [
         "| optimizer | step size | tuned | 0.1x | 1x | 10x |",
         "|---|---|---|---|---|---|",
-        "| Adam | lr | – | 2.5000 | diverged (seeds 1, 2) | diverged (seed 7) |",
+        "| Adam | lr | – | 2.5000 (1 seed) | diverged (seeds 1, 2) | diverged (seed 7) |",
         "| mSGD | lr | 0.1 | – | 2.0000 (1/2 diverged) | diverged |",
-        "| CD | h | 0.4992 | 2.1000 ± 0.1414 | – | 3.0000 (2/3 diverged: seeds 1, 3) |"]
+        "| CD | h | 0.4992 | 2.1000 ± 0.1414 (2 seeds) | – | 3.0000 (2/3 diverged: seeds 1, 3) |"]
+    # every cell as full as the fullest: no counts
+    assert robustness.table({"cd": {"hp": "h", "tuned": 0.5, "points": {1.0: [("completed", 2.0, 1)]}}},
+                            "loss").splitlines()[-1] == "| CD | h | 0.5 | 2.0000 |"
 
 
 def test_experiment_root(tmp_path):
