@@ -258,7 +258,7 @@ def test_robustness_table_marks_diverged_points():
                                                           10.0: [("diverged", 4.1), ("completed", 3.0)]}},
                "adam": {"hp": "lr", "tuned": 1e-3, "points": {0.1: [("completed", 2.5)], 10.0: [("diverged", None)]}}}
     md = robustness.table(results, "loss")
-    assert "| Adam | lr | 0.001 | 2.5000 | diverged |" in md
+    assert "| Adam | lr | 0.001 | 2.5000 (1 seed) | diverged |" in md  # one seed where CD has two
     assert "| CD | h | 0.5 | 2.1000 ± 0.1414 | 3.0000 (1/2 diverged) |" in md
     assert robustness.log_grid(7)[0] == 0.1 and robustness.log_grid(7)[3] == 1.0 and robustness.log_grid(7)[-1] == 10.0
 
