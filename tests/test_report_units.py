@@ -49,20 +49,24 @@ def test_label_is_the_registrys_else_the_name():
 
 
 def test_variants_never_average_one_optimizers_runs_at_different_values():
-    released, tuned = {"h": 0.005244, "c": 702400.0, "alpha": 0.01198}, {"h": 0.006875, "c": 702400.0, "alpha": 0.5}
+    released = {"h": 0.005244, "c": 702400.0, "alpha": 0.01198, "eps": 1e-8}
+    tuned = {"h": 0.006875, "c": 119800.0, "alpha": 0.5, "eps": 1e-8}  # eps the same: not in the names
     runs = [run([], seed=s, optimizer="cadam0", hyperparameters=hp) for hp in (released, tuned) for s in (1, 2)]
     runs += [run([], seed=1, optimizer="adam", hyperparameters={"lr": 1e-3}),
              run([], seed=2, optimizer="adam", hyperparameters={"lr": 1e-3}),
              run([], seed=1, optimizer="cd"), run([], seed=1, optimizer="cd", hyperparameters={"h": 0.5})]
     groups = rep.variants(runs)
-    # only the values that differ name a group; one set of values keeps the plain name
-    assert groups == {"cadam0 (h=0.005244, alpha=0.01198)": runs[0:2], "cadam0 (h=0.006875, alpha=0.5)": runs[2:4],
+    # only the values that differ name a group (4 significant digits); one set of values keeps the plain name
+    assert groups == {"cadam0 (h=0.005244, c=7.024e+05, alpha=0.01198)": runs[0:2],
+                      "cadam0 (h=0.006875, c=1.198e+05, alpha=0.5)": runs[2:4],
                       "adam": runs[4:6], "cd (h=default)": runs[6:7], "cd (h=0.5)": runs[7:8]}
-    assert sorted(groups, key=rep.order) == ["adam", "cd (h=0.5)", "cd (h=default)", "cadam0 (h=0.005244, alpha=0.01198)",
-                                             "cadam0 (h=0.006875, alpha=0.5)"]
+    assert sorted(groups, key=rep.order) == ["adam", "cd (h=0.5)", "cd (h=default)",
+                                             "cadam0 (h=0.005244, c=7.024e+05, alpha=0.01198)",
+                                             "cadam0 (h=0.006875, c=1.198e+05, alpha=0.5)"]
     rows = [row.split(" | ")[:2] for row in rep.table(groups).splitlines()[2:7]]
     assert rows == [["| Adam", "2"], ["| CD (h=0.5)", "1"], ["| CD (h=default)", "1"],
-                    ["| CADAM0 (h=0.005244, alpha=0.01198)", "2"], ["| CADAM0 (h=0.006875, alpha=0.5)", "2"]]
+                    ["| CADAM0 (h=0.005244, c=7.024e+05, alpha=0.01198)", "2"],
+                    ["| CADAM0 (h=0.006875, c=1.198e+05, alpha=0.5)", "2"]]
 
 
 def test_find_runs_reads_every_run_with_a_summary_or_a_config(tmp_path, capsys):
