@@ -115,7 +115,8 @@ def test_random_token_batches_are_one_stream_per_seed_and_rank_and_resume():
     assert len({tuple(s) for s in streams}) == 4
     # the offsets' generator is seeded by (seed, 0, rank): rank 0's is (seed, 0, 0), as every committed run's
     for rank in (0, 1, 2):
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([1, 0, rank]).generate_state(2, np.uint64)[0]) >> 1)
+        by_hand = int(np.random.SeedSequence([1, 0, rank]).generate_state(2, np.uint64)[0]) >> 1
+        g = torch.Generator().manual_seed(by_hand)
         assert first(RandomTokenBatches(bins, 3, 5, seed=1, rank=rank), 2) == [
             int(torch.randint(1000, (1,), generator=g)) for _ in range(2)]
     # no rank's training stream starts where the validation batches' do: (seed, 1) fixed, (seed, 2) fresh

@@ -456,8 +456,8 @@ def test_main_passes_every_option_on(monkeypatch, capsys):
 
     monkeypatch.setattr(robustness, "scan", scan)
     assert robustness.main(["nano"]) == 0
-    assert calls[-1] == ("nano", None, None, None, 7, "sweep", None, [], "loss", "runs/robustness", None, None, False, False,
-                         None)
+    assert calls[-1] == ("nano", None, None, None, 7, "sweep", None, [], "loss", "runs/robustness", None, None,
+                         False, False, None)
     assert capsys.readouterr().out == "a.png\na.md\n"
     assert robustness.main(["nano", "--optimizers", "cd", "adam", "--seeds", "1", "2", "--multipliers", "0.5", "2",
                             "--points", "3", "--budget", "paper", "--config", "c.yaml", "--set", "a=1", "--set", "b=2",

@@ -77,8 +77,9 @@ class Objective:
     ``objective`` picks (``objective_record``).
 
     The run's seed is ``seed``, or ``seed + k`` for the trial numbered k (a retry keeps its
-    original's k) with ``seed_per_trial``; it runs on ``threads`` CPU threads (None: inherited). A run that diverged (or has no record for the
-    objective) prunes the trial, as does the pruner (the run is then stopped); an interrupted
+    original's k) with ``seed_per_trial``; it runs on ``threads`` CPU threads (None: inherited).
+    A run that diverged (or has no record for the objective) prunes the trial, as does the
+    pruner (the run is then stopped); an interrupted
     run raises ``WorkerInterrupted``, a crashed one ``TrialCrashed``, one that could not start
     (exit 2) ``UsageError``."""
 

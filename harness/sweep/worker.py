@@ -60,8 +60,8 @@ class SweepOptions:
     def check(self) -> None:
         """A one-line UsageError for a number no sweep can use (named by its option)."""
         minimum = {"--trials": (self.trials, 1), "--heartbeat": (self.heartbeat_s, 1), "--grace": (self.grace_s, 1),
-                   "--nproc": (self.nproc, 1), "--threads": (self.threads, 1), "--prune-startup": (self.prune_startup, 0),
-                   "--prune-warmup": (self.prune_warmup, 0)}
+                   "--nproc": (self.nproc, 1), "--threads": (self.threads, 1),
+                   "--prune-startup": (self.prune_startup, 0), "--prune-warmup": (self.prune_warmup, 0)}
         for option, (value, low) in minimum.items():
             if value is not None and value < low:
                 raise UsageError(f"{option} must be at least {low}, got {value}")
