@@ -989,6 +989,33 @@ def test_after_trial_stops_the_study():
     assert study.stops == 3  # a stop request
 
 
+
+def test_after_trial_counts_the_other_workers_running_trials():
+    """With N-1 finished and another worker's trial running, the worker starts no N+1st (the nano
+    CADAM0 study, two workers, ended with 81 of 80)."""
+    study, progress = StudyView(), FakeProgress()
+    after = worker_lib._AfterTrial(progress, StopFlag(), 3)
+    after(study, frozen(study, TrialState.COMPLETE, 1.0))
+    study.study.ask()  # another worker's trial, running
+    assert study.stops == 0
+    after(study, frozen(study, TrialState.COMPLETE, 2.0))  # 2 finished + 1 running = 3
+    assert (progress.n, study.stops) == (2, 1)
+
+
+def test_run_sweep_starts_nothing_when_running_trials_complete_the_study(recorded, capsys):
+    options = worker_lib.SweepOptions("nano", "cd", space_file=recorded.space, out_root=recorded.root, trials=2,
+                                      seed=3, plot=False)
+    worker_lib.run_sweep(dataclasses.replace(options, trials=1))
+    study = optuna.load_study(study_name="nano-cd", storage=f"sqlite:///{recorded.root.resolve() / 'nano/cd/study.db'}")
+    study.ask()  # a live trial of another worker (its heartbeat is fresh)
+    capsys.readouterr()
+    RecordedObjective.made = []
+    study = worker_lib.run_sweep(options)
+    assert RecordedObjective.made == [] and [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.RUNNING]
+    assert capsys.readouterr().out.endswith(
+        "the other workers' 1 running trial(s) complete the study's 2; no trial for this worker to start\n")
+
+
 class Scripted:
     """An objective that plays ``outcomes`` in turn: a value, an exception to raise, or a callable."""
 

@@ -292,6 +292,13 @@ def finished(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
+def running(study) -> int:
+    """The study's running trials (other workers' ones, when a worker asks between its trials)."""
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
 def retry(study, number: int) -> None:
     """Enqueue a retry of the FAILed trial ``number``: same hyperparameters and user attributes
     (so the same run directory), with Optuna's retry bookkeeping (``retry_history``)."""

@@ -20,8 +20,8 @@ from ..signals import StopFlag
 from .objective import Objective, TrialCrashed, WorkerInterrupted
 from .plots import plot_study
 from .space import budget_sets, load_space, optimizer_space
-from .study import (default_storage, finished, masked, open_study, recover_dead_trials, retry, seed_sampler, storage,
-                    sweep_dir, quiet_optuna)
+from .study import (default_storage, finished, masked, open_study, recover_dead_trials, retry, running, seed_sampler,
+                    storage, sweep_dir, quiet_optuna)
 
 MAX_CONSECUTIVE_CRASHES = 3  # a worker whose trials keep crashing stops (something is broken)
 
@@ -115,7 +115,11 @@ def run_sweep(options: SweepOptions, pruner_obj=None):
           f"TPE seed {tpe_seed}, trial seed {seed}{' + trial number' if space['seed_per_trial'] else ''}, "
           f"objective {space['objective']}, runs in {out}"
           + (f"; retrying interrupted trial(s) {recovered}" if recovered else ""), flush=True)
-    if done < n_trials:
+    others = running(study)  # live ones: the dead were just marked for a retry
+    if done < n_trials <= done + others:
+        print(f"the other workers' {others} running trial(s) complete the study's {n_trials}; "
+              f"no trial for this worker to start", flush=True)
+    if done + others < n_trials:
         _optimize(study, n_trials, out, lambda signals: Objective(
             exp, optimizer, hp_space, seed=seed, out=out, config=options.config, sets=run_sets, signals=signals,
             poll_s=options.poll_s, keep_checkpoints=options.keep_checkpoints, nproc=options.nproc,
@@ -164,5 +168,8 @@ class _AfterTrial:
         self.crashes = self.crashes + 1 if state == "fail" else 0
         self.progress.n = finished(study)
         self.progress.refresh()
-        if self.progress.n >= self.n_trials or self.signals.flag or self.crashes >= MAX_CONSECUTIVE_CRASHES:
+        # Other workers' running trials count too: at N-1 finished with two workers, each starting
+        # one more trial made N+1 (the nano CADAM0 study's 81st). One of them that dies is retried
+        # by the next worker started on the study.
+        if self.progress.n + running(study) >= self.n_trials or self.signals.flag or self.crashes >= MAX_CONSECUTIVE_CRASHES:
             study.stop()
