@@ -392,7 +392,7 @@ def test_nano_readme_numbers_rederive():
 
 def test_cadam0_sweep_is_the_papers_protocol_finished(tmp_path):
     """results/sweeps/nano/cadam0 holds the paper's tuning protocol run to its end: 80 finished
-    trials (none left running) of 2,001 iterations at seed 1337 inside the search space, each
+    trials and the one extra the two workers made (none left running) of 2,001 iterations at seed 1337 inside the search space, each
     trial's objective re-derived from its committed metrics.jsonl (the lowest fresh-estimator
     validation loss), best.yaml the values of the trial with the lowest of those, and the tuned
     nano runs at exactly those values at the full 5,001 iterations."""

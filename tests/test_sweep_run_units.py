@@ -989,7 +989,6 @@ def test_after_trial_stops_the_study():
     assert study.stops == 3  # a stop request
 
 
-
 def test_after_trial_counts_the_other_workers_running_trials():
     """With N-1 finished and another worker's trial running, the worker starts no N+1st (the nano
     CADAM0 study, two workers, ended with 81 of 80)."""

@@ -171,5 +171,6 @@ class _AfterTrial:
         # Other workers' running trials count too: at N-1 finished with two workers, each starting
         # one more trial made N+1 (the nano CADAM0 study's 81st). One of them that dies is retried
         # by the next worker started on the study.
-        if self.progress.n + running(study) >= self.n_trials or self.signals.flag or self.crashes >= MAX_CONSECUTIVE_CRASHES:
+        if (self.progress.n + running(study) >= self.n_trials or self.signals.flag
+                or self.crashes >= MAX_CONSECUTIVE_CRASHES):
             study.stop()
