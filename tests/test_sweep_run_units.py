@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -935,11 +936,11 @@ class FakeProgress:
 class StudyView:
     """A study whose ``stop`` is recorded (Optuna's works only inside ``optimize``)."""
 
-    def __init__(self):
-        self.study, self.stops = optuna.create_study(), 0
+    def __init__(self, study=None):
+        self.study, self.stops = study or optuna.create_study(), 0
 
-    def get_trials(self, **kwargs):
-        return self.study.get_trials(**kwargs)
+    def __getattr__(self, name):
+        return getattr(self.study, name)
 
     def stop(self):
         self.stops += 1
@@ -952,7 +953,7 @@ def frozen(study, state, value=None, attrs=None, params=None):
 
 def test_after_trial_writes_one_line_per_trial_and_counts_crashes_in_a_row():
     study, progress, signals = StudyView(), FakeProgress(), StopFlag()
-    after = worker_lib._AfterTrial(progress, signals, 10)
+    after = worker_lib._AfterTrial(progress, signals, study.study._storage, 10)
     after(study, frozen(study, TrialState.COMPLETE, 2.5, {"run_dir": "/r/trial-0"}))
     after(study, frozen(study, TrialState.FAIL, attrs={"error": "exit status 1: boom", "run_dir": "/r/trial-1"}))
     assert after.crashes == 1
@@ -973,17 +974,17 @@ def test_after_trial_writes_one_line_per_trial_and_counts_crashes_in_a_row():
 
 def test_after_trial_stops_the_study():
     study, progress, signals = StudyView(), FakeProgress(), StopFlag()
-    after = worker_lib._AfterTrial(progress, signals, 2)
+    after = worker_lib._AfterTrial(progress, signals, study.study._storage, 2)
     after(study, frozen(study, TrialState.COMPLETE, 1.0))
     assert study.stops == 0
     after(study, frozen(study, TrialState.PRUNED))  # the study holds its 2 finished trials
     assert study.stops == 1
-    after = worker_lib._AfterTrial(FakeProgress(), signals, 10)
+    after = worker_lib._AfterTrial(FakeProgress(), signals, study.study._storage, 10)
     for k in range(3):
         assert study.stops == 1
         after(study, frozen(study, TrialState.FAIL))
     assert study.stops == 2  # 3 crashes in a row
-    after = worker_lib._AfterTrial(FakeProgress(), signals, 10)
+    after = worker_lib._AfterTrial(FakeProgress(), signals, study.study._storage, 10)
     signals.flag = True
     after(study, frozen(study, TrialState.COMPLETE, 1.0))
     assert study.stops == 3  # a stop request
@@ -993,12 +994,48 @@ def test_after_trial_counts_the_other_workers_running_trials():
     """With N-1 finished and another worker's trial running, the worker starts no N+1st (the nano
     CADAM0 study, two workers, ended with 81 of 80)."""
     study, progress = StudyView(), FakeProgress()
-    after = worker_lib._AfterTrial(progress, StopFlag(), 3)
+    after = worker_lib._AfterTrial(progress, StopFlag(), study.study._storage, 3)
     after(study, frozen(study, TrialState.COMPLETE, 1.0))
     study.study.ask()  # another worker's trial, running
     assert study.stops == 0
     after(study, frozen(study, TrialState.COMPLETE, 2.0))  # 2 finished + 1 running = 3
     assert (progress.n, study.stops) == (2, 1)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_after_trial_retries_a_dead_workers_trial_rather_than_count_it(tmp_path):
+    """A worker killed mid-trial leaves its trial RUNNING; counted as one that will finish, it made
+    the survivor stop a trial short (the PostgreSQL kill test). Dead on this host (its pid is gone)
+    or silent on any host (heartbeat older than the grace period): failed, re-enqueued, run here."""
+    store = study_lib.storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_s=1, grace_s=1)
+    study, progress = StudyView(optuna.create_study(storage=store)), FakeProgress()
+    add(study.study, TrialState.COMPLETE, {"h": 0.5}, value=1.0)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = add(study.study, TrialState.RUNNING, {"h": 0.1},
+               {"host": socket.gethostname(), "pid": gone.pid, "pid_start": "1"})
+
+    def elsewhere():
+        trial = study.study.ask()
+        trial.suggest_float("h", 1e-4, 1.0, log=True)
+        store.record_heartbeat(trial._trial_id)
+        return trial.number
+
+    silent = elsewhere()
+    time.sleep(2.5)  # older than the grace period
+    live = elsewhere()
+    after = worker_lib._AfterTrial(progress, StopFlag(), store, 5)
+    after(study, frozen(study, TrialState.COMPLETE, 2.0))
+    # 2 finished + 1 live running < 5: the worker goes on, and runs the two retries first.
+    assert study.stops == 0 and progress.lines[-1] == f"retrying interrupted trial(s) {[dead, silent]}"
+    states = {t.number: t.state for t in study.study.trials}
+    assert (states[dead], states[silent], states[live]) == (TrialState.FAIL, TrialState.FAIL, TrialState.RUNNING)
+    waiting = study.study.get_trials(states=(TrialState.WAITING,))
+    assert [t.params for t in waiting] == [study.study.trials[dead].params, study.study.trials[silent].params]
+    # The other worker's live trial still counts: 2 finished + 1 running make a study of 3.
+    after = worker_lib._AfterTrial(progress, StopFlag(), store, 3)
+    after(study, study.study.trials[0])
+    assert study.stops == 1
 
 
 def test_run_sweep_starts_nothing_when_running_trials_complete_the_study(recorded, capsys):
@@ -1035,7 +1072,7 @@ def test_optimize_runs_until_the_study_holds_its_trials(tmp_path):
     add(study, TrialState.COMPLETE, {"h": 0.5}, value=1.0)
     objective = Scripted([2.0, optuna.TrialPruned(), objective_lib.TrialCrashed("boom"), 3.0, 4.0])
     seen = []
-    worker_lib._optimize(study, 4, tmp_path, lambda signals: seen.append(signals) or objective)
+    worker_lib._optimize(study, study._storage, 4, tmp_path, lambda signals: seen.append(signals) or objective)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED,
                                                TrialState.FAIL, TrialState.COMPLETE]
     assert isinstance(seen[0], StopFlag) and objective.calls == 4
@@ -1066,13 +1103,13 @@ def test_optimize_shows_a_bar_of_the_studys_finished_trials(tmp_path, monkeypatc
     study = optuna.create_study(study_name="nano-cd")
     add(study, TrialState.COMPLETE, {"h": 0.5}, value=1.0)
     add(study, TrialState.FAIL, {"h": 0.5})
-    worker_lib._optimize(study, 3, tmp_path, lambda signals: Scripted([2.0, 3.0]))
+    worker_lib._optimize(study, study._storage, 3, tmp_path, lambda signals: Scripted([2.0, 3.0]))
     (bar,) = FakeBar.made
     # stderr is a file here (a nohup log, a SLURM .out): no bar frames, only the lines per trial
     assert bar.kwargs == {"total": 3, "initial": 1, "desc": "nano-cd", "dynamic_ncols": True, "disable": True}
     assert bar.n == 3 and len(bar.lines) == 2
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # a terminal: the bar is drawn
-    worker_lib._optimize(study, 4, tmp_path, lambda signals: Scripted([4.0]))
+    worker_lib._optimize(study, study._storage, 4, tmp_path, lambda signals: Scripted([4.0]))
     assert FakeBar.made[1].kwargs == {"total": 4, "initial": 3, "desc": "nano-cd", "dynamic_ncols": True}
 
 
@@ -1081,7 +1118,7 @@ def test_optimize_gives_up_after_three_crashes_in_a_row(tmp_path):
     crash = objective_lib.TrialCrashed
     objective = Scripted([crash("a"), crash("b"), 1.0, crash("c"), crash("d"), crash("e"), 2.0])
     with pytest.raises(objective_lib.TrialCrashed) as e:
-        worker_lib._optimize(study, 10, tmp_path, lambda signals: objective)
+        worker_lib._optimize(study, study._storage, 10, tmp_path, lambda signals: objective)
     assert str(e.value) == f"3 trials in a row crashed; see the train.log of the last trials under {tmp_path}"
     assert objective.calls == 6
 
@@ -1096,13 +1133,13 @@ def test_optimize_retries_the_trial_a_stop_interrupted(tmp_path):
 
     objective = Scripted([1.0, interrupted])
     with pytest.raises(objective_lib.WorkerInterrupted):
-        worker_lib._optimize(study, 5, tmp_path, lambda signals: objective)
+        worker_lib._optimize(study, study._storage, 5, tmp_path, lambda signals: objective)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
     assert study.trials[2].params == study.trials[1].params and study.trials[2].user_attrs == {"root": 1}
     # Stopped before its trial started: nothing to retry.
     objective = Scripted([objective_lib.WorkerInterrupted("before")])
     with pytest.raises(objective_lib.WorkerInterrupted):
-        worker_lib._optimize(study, 5, tmp_path, lambda signals: objective)
+        worker_lib._optimize(study, study._storage, 5, tmp_path, lambda signals: objective)
     assert len(study.trials) == 3
 
 
@@ -1114,7 +1151,7 @@ def test_optimize_stops_after_the_trial_in_flight_at_a_stop_request(tmp_path):
         flags.append(signals)
         return Scripted([lambda trial: setattr(flags[0], "flag", True) or 1.0, 2.0])
 
-    worker_lib._optimize(study, 5, tmp_path, objective_for)
+    worker_lib._optimize(study, study._storage, 5, tmp_path, objective_for)
     assert len(study.trials) == 1
 
 
@@ -1196,9 +1233,11 @@ def test_run_sweep_retries_this_hosts_dead_trials_first(recorded, capsys, monkey
     options = worker_lib.SweepOptions("nano", "cd", space_file=str(space), out_root=recorded.root,
                                       storage_url=url, trials=1, plot=False)
     looked = []
-    monkeypatch.setattr(worker_lib, "recover_dead_trials", lambda study, store: looked.append(store) or [4, 6])
+    monkeypatch.setattr(study_lib, "recover_dead_trials",
+                        lambda study, store: looked.append(store) or ([4, 6] if len(looked) == 1 else []))
     worker_lib.run_sweep(options, pruner_obj=optuna.pruners.ThresholdPruner(upper=1.0))
-    assert [(type(s), s.url) for s in looked] == [(optuna.storages.RDBStorage, url)]  # the study's own storage
+    # The study's own storage, at the start and after its one trial.
+    assert [(type(s), s.url) for s in looked] == [(optuna.storages.RDBStorage, url)] * 2
     first = capsys.readouterr().out.splitlines()[0]
     tpe_seed = int(np.random.SeedSequence([0, 0, 0]).generate_state(1)[0])
     assert first == (f"study nano-cd in {url}: 0/1 finished, worker 0, TPE seed {tpe_seed}, trial seed 7, "

@@ -1,9 +1,9 @@
 """The study and its recovery: Optuna storage, the study of one experiment x optimizer,
 and the retry of trials whose worker was interrupted or died.
 
-A trial whose worker died is found at the next worker start on the same host (its
-pid is gone: :func:`recover_dead_trials`) and on any host by Optuna's heartbeat after
-``--grace`` seconds; either way it is marked FAIL and re-enqueued with the same
+A trial whose worker died is found when a worker starts or ends a trial: on the same host
+its pid is gone (:func:`recover_dead_trials`), on any host Optuna's heartbeat is older than
+``--grace`` seconds (:func:`live_running`); either way it is marked FAIL and re-enqueued with the same
 hyperparameters (at most ``MAX_RETRY`` times), and the retry resumes its run directory.
 """
 from __future__ import annotations
@@ -297,6 +297,26 @@ def running(study) -> int:
     from optuna.trial import TrialState
 
     return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def live_running(study, store) -> tuple[int, list[int]]:
+    """The study's running trials whose worker is alive, and the numbers of the trials just retried:
+    a trial whose worker is known dead (on this host its pid is gone; on any host its heartbeat is
+    older than the grace period) is first marked FAIL and re-enqueued, so it is not counted as one
+    that will finish."""
+    import warnings
+
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    retried = recover_dead_trials(study, store)
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks fail_stale_trials experimental
+        fail_stale_trials(study)  # a no-op without a heartbeat
+    retried += sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                      if t.number in before)
+    return running(study), retried
 
 
 def retry(study, number: int) -> None:

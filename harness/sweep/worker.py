@@ -1,9 +1,10 @@
 """One sweep worker: ``SweepOptions`` (what ``python -m harness.sweep run`` is asked) and
 ``run_sweep``, which runs trials of the study until it holds its number of finished ones.
 
-Any number of workers may run the same options at once (Optuna's distributed mode): each
-stops once the study holds ``trials`` finished (complete or pruned) trials, and one that is
-mid-trial then finishes that trial, so a study of W workers may end up to W - 1 trials over.
+Any number of workers may run the same options at once (Optuna's distributed mode): a worker
+starts no trial once the study's finished (complete or pruned) trials and the other workers'
+live running ones make ``trials``. A running trial whose worker died does not count: it is
+failed and re-enqueued (same hyperparameters, resumed run directory) for the next worker.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from ..signals import StopFlag
 from .objective import Objective, TrialCrashed, WorkerInterrupted
 from .plots import plot_study
 from .space import budget_sets, load_space, optimizer_space
-from .study import (default_storage, finished, masked, open_study, recover_dead_trials, retry, running, seed_sampler,
-                    storage, sweep_dir, quiet_optuna)
+from .study import (default_storage, finished, live_running, masked, open_study, retry, seed_sampler, storage,
+                    sweep_dir, quiet_optuna)
 
 MAX_CONSECUTIVE_CRASHES = 3  # a worker whose trials keep crashing stops (something is broken)
 
@@ -107,7 +108,7 @@ def run_sweep(options: SweepOptions, pruner_obj=None):
     worker = options.worker if options.worker is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0) or 0)
     pruner = pruner_obj if pruner_obj is not None else _pruner(options)
     study = open_study(exp, optimizer, hp_space, seed, store, url, pruner)
-    recovered = recover_dead_trials(study, store)
+    others, recovered = live_running(study, store)
     tpe_seed = seed_sampler(study, options.sampler_seed, worker)
 
     done = finished(study)
@@ -115,12 +116,11 @@ def run_sweep(options: SweepOptions, pruner_obj=None):
           f"TPE seed {tpe_seed}, trial seed {seed}{' + trial number' if space['seed_per_trial'] else ''}, "
           f"objective {space['objective']}, runs in {out}"
           + (f"; retrying interrupted trial(s) {recovered}" if recovered else ""), flush=True)
-    others = running(study)  # live ones: the dead were just marked for a retry
     if done < n_trials <= done + others:
         print(f"the other workers' {others} running trial(s) complete the study's {n_trials}; "
               f"no trial for this worker to start", flush=True)
     if done + others < n_trials:
-        _optimize(study, n_trials, out, lambda signals: Objective(
+        _optimize(study, store, n_trials, out, lambda signals: Objective(
             exp, optimizer, hp_space, seed=seed, out=out, config=options.config, sets=run_sets, signals=signals,
             poll_s=options.poll_s, keep_checkpoints=options.keep_checkpoints, nproc=options.nproc,
             threads=options.threads, objective=space["objective"], seed_per_trial=space["seed_per_trial"]))
@@ -130,13 +130,13 @@ def run_sweep(options: SweepOptions, pruner_obj=None):
     return study
 
 
-def _optimize(study, n_trials: int, out: Path, objective_for) -> None:
+def _optimize(study, store, n_trials: int, out: Path, objective_for) -> None:
     """Run trials (``objective_for(signals)`` is the objective) under one progress bar until the
     study holds ``n_trials`` finished ones, a signal arrives or trials keep crashing."""
     with StopFlag() as signals, processes.progress_bar(total=n_trials, initial=finished(study),
                                                        desc=study.study_name) as progress:
         objective = objective_for(signals)
-        after_trial = _AfterTrial(progress, signals, n_trials)
+        after_trial = _AfterTrial(progress, signals, store, n_trials)
         try:
             study.optimize(objective, callbacks=[after_trial], catch=(TrialCrashed,), gc_after_trial=False)
         except WorkerInterrupted:
@@ -152,8 +152,8 @@ class _AfterTrial:
     """Optuna's callback after each trial: one line about it, the progress bar, and the stops
     (the study has its finished trials, a stop request, ``MAX_CONSECUTIVE_CRASHES`` in a row)."""
 
-    def __init__(self, progress, signals: StopFlag, n_trials: int):
-        self.progress, self.signals, self.n_trials, self.crashes = progress, signals, n_trials, 0
+    def __init__(self, progress, signals: StopFlag, store, n_trials: int):
+        self.progress, self.signals, self.store, self.n_trials, self.crashes = progress, signals, store, n_trials, 0
 
     def __call__(self, study, frozen) -> None:
         state = frozen.state.name.lower()
@@ -168,9 +168,12 @@ class _AfterTrial:
         self.crashes = self.crashes + 1 if state == "fail" else 0
         self.progress.n = finished(study)
         self.progress.refresh()
-        # Other workers' running trials count too: at N-1 finished with two workers, each starting
-        # one more trial made N+1 (the nano CADAM0 study's 81st). One of them that dies is retried
-        # by the next worker started on the study.
-        if (self.progress.n + running(study) >= self.n_trials or self.signals.flag
+        # Other workers' live trials count too: at N-1 finished with two workers, each starting one
+        # more trial made N+1 (the nano CADAM0 study's 81st). A dead worker's trial does not: it is
+        # re-enqueued here, and this worker runs it.
+        others, retried = live_running(study, self.store)
+        if retried:
+            self.progress.write(f"retrying interrupted trial(s) {retried}")
+        if (self.progress.n + others >= self.n_trials or self.signals.flag
                 or self.crashes >= MAX_CONSECUTIVE_CRASHES):
             study.stop()
