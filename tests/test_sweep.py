@@ -6,6 +6,7 @@ each), so the scenarios share module-scoped fixtures and use 4-iteration runs.
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -147,6 +148,16 @@ def test_export_writes_best_yaml_format_that_nano_train_accepts(cd_study, nano_d
                             "--out", str(run_dir)]) == 0
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["optimizer"] == {"name": "cd", **best}
+    # The sweep ran on the smoke config: the file's command runs these values on that model.
+    (use,) = [line for line in out.read_text().splitlines() if line.startswith("# Use with: ")]
+    command = shlex.split(use[len("# Use with: "):])
+    assert command[:3] == ["python", "-m", "nano.train"] and ["--config", SMOKE] == command[5:7]
+    run_dir = tmp_path / "as-said"
+    assert nano_train.main([*command[3:], "--set", f"data.dir={nano_data}", *TINY, "--out", str(run_dir)]) == 0
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["optimizer"] == {"name": "cd", **best}
+    smoke = yaml.safe_load(Path(SMOKE).read_text())["model"]
+    assert {k: cfg["model"][k] for k in smoke} == smoke
 
 
 def test_write_best_replaces_one_entry_and_keeps_the_rest(tmp_path):

@@ -683,7 +683,7 @@ def test_a_trial_runs_its_command_reports_its_losses_and_returns_the_best(tmp_pa
     assert fake_runs.envs == [{}]  # no --threads: the run inherits this process's OMP_NUM_THREADS
     assert trial.suggested == [("h", 1e-4, 0.5, True), ("gamma", 0.0, 10.0, False)]
     assert trial.user_attrs == {"root": 3, "seed": 1337, "objective": "best", "run_dir": str(run_dir),
-                                "host": socket.gethostname(), "pid": os.getpid(), "pid_start": f"t{os.getpid()}",
+                                "config": "c.yaml", "host": socket.gethostname(), "pid": os.getpid(), "pid_start": f"t{os.getpid()}",
                                 "child_pid": 4242, "child_start": "t4242", "status": "completed", "best_step": 2}
     # Each step's finite val loss reported once, as floats and ints, as the run logs it.
     assert trial.reports == [(3.0, 0), (2.5, 2), (2.75, 4)]

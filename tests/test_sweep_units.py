@@ -141,13 +141,15 @@ def test_flow_entry():
     assert export.flow_entry({"h": 0.25, "c": 3, "gamma": 1e-05}) == "{h: 0.25, c: 3.0, gamma: 1.0e-05}"
 
 
-def study_with(values, rule=None, run_dirs=True):
+def study_with(values, rule=None, run_dirs=True, config=None):
     study = optuna.create_study(study_name="nano-cd")
     for k, value in enumerate(values):
         state = TrialState.COMPLETE if value is not None else TrialState.PRUNED
         attrs = {"run_dir": f"/runs/trial-{k}"} if run_dirs else {}
         if rule:
             attrs["objective"] = rule
+        if config:
+            attrs["config"] = config
         study.add_trial(create_trial(params={"h": 0.1 * (k + 1)}, value=value, state=state, user_attrs=attrs,
                                      distributions={"h": FloatDistribution(1e-4, 1.0, log=True)}))
     return study
@@ -175,6 +177,17 @@ def test_export_best_writes_the_documented_file(tmp_path):
     assert out.read_text() == ("# Best of study nano-cd: trial 0, final val loss 1.25, run ?.\n"
                                f"# Use with: python -m bert.train --task sst2 --optimizer adam --config {out}\n"
                                "adam: {h: 0.1}\n")
+
+
+def test_export_best_of_a_sweep_on_another_config_says_to_run_with_that_config(tmp_path):
+    """Values tuned on the smoke model are for runs with the smoke config: the file says to run
+    with that config and the values as --set, not with the paper config (a new user did)."""
+    out = tmp_path / "tuned.yaml"
+    sweep.export_best(study_with([3.0, 2.5], config="nano/configs/smoke.yaml"), NANO, "cd", out)
+    assert out.read_text() == ("# Best of study nano-cd: trial 1, best val loss 2.5, run /runs/trial-1.\n"
+                               "# Use with: python -m nano.train --optimizer cd --config nano/configs/smoke.yaml "
+                               "--set optimizer.h=0.2\n"
+                               "cd: {h: 0.2}\n")
 
 
 def test_write_best_replaces_a_block_entry_and_keeps_every_other_line(tmp_path):

@@ -240,3 +240,42 @@ def test_expect_paper_data_checks_only_the_papers_folder(tmp_path, monkeypatch, 
     (tmp_path / "configs" / "paper.yaml").write_text("data:\n")  # data: null
     expect_paper_data(bins, SimpleNamespace(experiment=SimpleNamespace(configs=tmp_path / "configs"), cfg={"data": {}}))
     assert capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------- prepare hints per folder
+def test_a_missing_folder_names_the_command_that_prepares_that_folder(tmp_path, monkeypatch):
+    """A new user's first smoke run: data/nano-smoke is missing, and the error names the command
+    that makes it (the packaged plays), not the paper folder's download."""
+    import nano
+
+    monkeypatch.chdir(tmp_path)
+    cmd = "python -m nano.prepare --source packaged --plays 2 --out data/nano-smoke"
+    with pytest.raises(UsageError) as err:
+        TokenBins("data/nano-smoke", nano.DATA)
+    assert str(err.value) == f"dataset data/nano-smoke is not prepared; run `{cmd}`"
+    with pytest.raises(UsageError) as err:  # the same folder named by its absolute path
+        TokenBins(tmp_path / "data/nano-smoke", nano.DATA)
+    assert str(err.value).endswith(f"run `{cmd}`")
+    with pytest.raises(UsageError) as err:  # a folder no config names: the paper's command
+        TokenBins("data/mine", nano.DATA)
+    assert str(err.value) == "dataset data/mine is not prepared; run `python -m nano.prepare --source tinyshakespeare`"
+
+
+@pytest.mark.parametrize("exp", ["nano", "owt"])
+def test_every_configs_data_folder_has_the_command_its_comment_names(exp):
+    """Each config's data folder is prepared by the command the config's own comment gives."""
+    import importlib
+
+    import yaml
+
+    data = importlib.import_module(exp).DATA
+    root = Path(__file__).resolve().parents[1] / exp / "configs"
+    named = 0
+    for path in sorted(root.glob("*.yaml")):
+        folder = (yaml.safe_load(path.read_text()) or {}).get("data", {}).get("dir")
+        if folder:
+            named += 1
+            command = data.prepare_for(folder)
+            assert command in path.read_text(), (path.name, command)
+            assert command == data.prepare or f"--out {folder}" in command
+    assert named >= 2

@@ -10,6 +10,7 @@ import yaml
 from ..checkpoint import write_text_atomic
 from ..errors import UsageError
 from ..experiments import Experiment
+from .space import set_arg
 
 
 def best_params(study) -> dict[str, float]:
@@ -43,12 +44,17 @@ def export_best(study, exp: Experiment, optimizer: str, out: Path, force: bool =
     best = study.best_trial
     out.parent.mkdir(parents=True, exist_ok=True)
     rule = best.user_attrs.get("objective", "best")  # trials from before the key: the best val loss
+    params = best_params(study)
+    use = f"--config {out}"
+    if best.user_attrs.get("config"):  # tuned on that config's model and data: for runs with it
+        use = " ".join([f"--config {best.user_attrs['config']}",
+                        *(f"--set {set_arg(f'optimizer.{k}', v)}" for k, v in params.items())])
     # Atomic: a kill mid-write (also of an --force overwrite) leaves the old file or the new one.
     write_text_atomic(out, f"# Best of study {study.study_name}: trial {best.number}, {rule} val loss "
                            f"{best.value:.6g}, run {best.user_attrs.get('run_dir', '?')}.\n"
                            f"# Use with: python -m {' '.join([exp.module, *exp.args])} --optimizer {optimizer} "
-                           f"--config {out}\n"
-                           f"{optimizer}: {flow_entry(best_params(study))}\n")
+                           f"{use}\n"
+                           f"{optimizer}: {flow_entry(params)}\n")
     return out
 
 

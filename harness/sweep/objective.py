@@ -109,8 +109,11 @@ class Objective:
         root = int(trial.user_attrs.get("root", trial.number))  # a retry inherits its original's attrs
         run = RunDir(self.out / f"trial-{root}")
         seed = self.trial_seed(root)
-        for key, value in {"root": root, "seed": seed, "objective": self.objective, "run_dir": str(run.path), "host": socket.gethostname(),
-                           "pid": os.getpid(), "pid_start": processes.start_time(os.getpid())}.items():
+        attrs = {"root": root, "seed": seed, "objective": self.objective, "run_dir": str(run.path),
+                 "host": socket.gethostname(), "pid": os.getpid(), "pid_start": processes.start_time(os.getpid())}
+        if self.config:  # values tuned on another model or data are for runs with that config (export says so)
+            attrs["config"] = str(self.config)
+        for key, value in attrs.items():
             trial.set_user_attr(key, value)
         cmd = train_command(self.exp, self.optimizer, seed, run.path, self.config,
                             self.sets + [set_arg(f"optimizer.{k}", v) for k, v in params.items()], self.nproc)

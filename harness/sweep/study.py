@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -238,7 +238,9 @@ def storage(url: str, heartbeat_s: Optional[int] = None, grace_s: Optional[int] 
     if heartbeat_s:
         kwargs = {"heartbeat_interval": int(heartbeat_s), "grace_period": int(grace_s or 3 * heartbeat_s),
                   keyword: retry}
-    with creation_lock(url):
+    # Only a worker may create the tables; a reader (plot, export) opens an existing study, so it
+    # takes no lock (for SQLite, a lock file it would leave beside a committed study.db).
+    with creation_lock(url) if create else nullcontext():
         try:
             return optuna.storages.RDBStorage(engine_url(url), engine_kwargs=_engine_kwargs(url), **kwargs)
         except OperationalError as e:
