@@ -84,12 +84,26 @@ def test_quiet_optuna_turns_down_its_logging_and_warnings():
 
 def test_retry_callback_retries_ten_times_under_the_name_optuna_has(monkeypatch):
     callback, keyword = study_lib._retry_callback()
-    assert type(callback) is optuna.storages.RetryHeartbeatStaleTrialCallback and callback._max_retry == 10
-    assert keyword == "heartbeat_stale_trial_callback"
+    assert type(callback.optuna) is optuna.storages.RetryHeartbeatStaleTrialCallback
+    assert callback.optuna._max_retry == 10 and keyword == "heartbeat_stale_trial_callback"
     monkeypatch.delattr(optuna.storages, "RetryHeartbeatStaleTrialCallback")  # Optuna before 4.9
     callback, keyword = study_lib._retry_callback()
-    assert type(callback) is optuna.storages.RetryFailedTrialCallback and callback._max_retry == 10
+    assert type(callback.optuna) is optuna.storages.RetryFailedTrialCallback and callback.optuna._max_retry == 10
     assert keyword == "failed_trial_callback"
+
+
+def test_a_retry_inherits_its_run_but_not_the_dead_workers_identity():
+    """A retry kept the dead worker's host and pid: from the moment a worker took it until it set
+    its own, another worker saw a running trial of a dead pid and failed it (the SLURM array test)."""
+    study = optuna.create_study()
+    worker = {"host": socket.gethostname(), "pid": 10, "pid_start": "s10", "child_pid": 11, "child_start": "s11"}
+    failed = add(study, TrialState.FAIL, {"h": 0.1}, {"root": 0, "run_dir": "/r/trial-0", "seed": 7, **worker})
+    callback, _ = study_lib._retry_callback()
+    callback(study, study.trials[failed])
+    (waiting,) = study.get_trials(states=(TrialState.WAITING,))
+    assert waiting.user_attrs == {"root": 0, "run_dir": "/r/trial-0", "seed": 7} and waiting.params == {"h": 0.1}
+    assert waiting.system_attrs["retry_history"] == [failed]
+    assert study.trials[failed].user_attrs["pid"] == 10  # the failed trial keeps its record
 
 
 def test_the_studys_folder_storage_and_name(tmp_path):
@@ -348,7 +362,7 @@ def test_storage_with_a_heartbeat_retries_stale_trials(tmp_path):
     assert (store.heartbeat_interval, store.grace_period) == (7, 21)  # default grace: 3 heartbeats
     callback = store.heartbeat_stale_trial_callback if hasattr(store, "heartbeat_stale_trial_callback") \
         else store.failed_trial_callback
-    assert callback._max_retry == 10
+    assert callback.optuna._max_retry == 10 and callback.__name__ == "retry_unowned"
     store = study_lib.storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_s=7, grace_s=30)
     assert (store.heartbeat_interval, store.grace_period) == (7, 30)
 
@@ -533,12 +547,15 @@ def test_recover_dead_trials_fails_this_hosts_dead_workers_trials_and_stops_thei
     finished_attrs = {"host": host, "pid": 14, "pid_start": "s14", **run, "run_dir": "/r/trial-9"}
     add(study, TrialState.FAIL, {"h": 0.6}, finished_attrs)
     add(study, TrialState.WAITING, {"h": 0.7}, finished_attrs)
+    # A trial a worker is starting: its host set, its pid not yet (a worker sets the host last,
+    # but an older one did not).
+    add(study, TrialState.RUNNING, {"h": 0.8}, {"host": host, "run_dir": "/r/trial-8"})
     assert study_lib.recover_dead_trials(study, store) == [dead, no_dir, not_str]
     assert stopped == [(21, "s21", "/r/trial-0")]  # only a run with its folder recorded is signalled
-    assert [t.state for t in study.trials[:7]] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING,
+    assert [t.state for t in study.trials[:8]] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING,
                                                    TrialState.FAIL, TrialState.FAIL, TrialState.FAIL,
-                                                   TrialState.WAITING]
-    assert [t.params["h"] for t in study.trials[7:]] == [0.1, 0.4, 0.5]  # the retries
+                                                   TrialState.WAITING, TrialState.RUNNING]
+    assert [t.params["h"] for t in study.trials[8:]] == [0.1, 0.4, 0.5]  # the retries
 
 
 def test_recover_dead_trials_skips_a_trial_another_worker_recovered(monkeypatch):
@@ -682,6 +699,8 @@ def test_a_trial_runs_its_command_reports_its_losses_and_returns_the_best(tmp_pa
     assert log == run_dir / "train.log"
     assert fake_runs.envs == [{}]  # no --threads: the run inherits this process's OMP_NUM_THREADS
     assert trial.suggested == [("h", 1e-4, 0.5, True), ("gamma", 0.0, 10.0, False)]
+    # The host after the pid: another worker that sees this host sees the pid (recover_dead_trials).
+    assert list(trial.user_attrs).index("host") > list(trial.user_attrs).index("pid_start")
     assert trial.user_attrs == {"root": 3, "seed": 1337, "objective": "best", "run_dir": str(run_dir),
                                 "config": "c.yaml", "host": socket.gethostname(), "pid": os.getpid(), "pid_start": f"t{os.getpid()}",
                                 "child_pid": 4242, "child_start": "t4242", "status": "completed", "best_step": 2}

@@ -109,10 +109,11 @@ class Objective:
         root = int(trial.user_attrs.get("root", trial.number))  # a retry inherits its original's attrs
         run = RunDir(self.out / f"trial-{root}")
         seed = self.trial_seed(root)
-        attrs = {"root": root, "seed": seed, "objective": self.objective, "run_dir": str(run.path),
-                 "host": socket.gethostname(), "pid": os.getpid(), "pid_start": processes.start_time(os.getpid())}
+        attrs = {"root": root, "seed": seed, "objective": self.objective, "run_dir": str(run.path)}
         if self.config:  # values tuned on another model or data are for runs with that config (export says so)
             attrs["config"] = str(self.config)
+        # The host last: a worker that sees it sees the pid (``recover_dead_trials``).
+        attrs.update(pid=os.getpid(), pid_start=processes.start_time(os.getpid()), host=socket.gethostname())
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         cmd = train_command(self.exp, self.optimizer, seed, run.path, self.config,

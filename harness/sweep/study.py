@@ -8,6 +8,7 @@ hyperparameters (at most ``MAX_RETRY`` times), and the retry resumes its run dir
 """
 from __future__ import annotations
 
+import copy
 import fcntl
 import os
 import re
@@ -47,14 +48,30 @@ def quiet_optuna():
     return optuna
 
 
+# Which worker runs a trial, and its run's process: a retry inherits every other user attribute
+# (its root, run directory, seed), not these, so that until a worker starts the retry (and sets
+# them, the host last) no other worker takes the dead worker's pid for the retry's.
+WORKER_ATTRS = ("host", "pid", "pid_start", "child_pid", "child_start")
+
+
 def _retry_callback():
-    """Optuna's retry of a failed trial (the class was renamed in Optuna 4.9)."""
+    """Optuna's retry of a failed trial (the class was renamed in Optuna 4.9), enqueued without the
+    failed trial's ``WORKER_ATTRS``; returns it and the storage keyword it goes by."""
     import optuna
 
     cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-    if cls is not None:
-        return cls(max_retry=MAX_RETRY), "heartbeat_stale_trial_callback"
-    return optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY), "failed_trial_callback"
+    keyword = "heartbeat_stale_trial_callback"
+    if cls is None:
+        cls, keyword = optuna.storages.RetryFailedTrialCallback, "failed_trial_callback"
+    optuna_retry = cls(max_retry=MAX_RETRY)
+
+    def retry_unowned(study, trial) -> None:
+        trial = copy.deepcopy(trial)
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in WORKER_ATTRS}
+        optuna_retry(study, trial)
+
+    retry_unowned.optuna = optuna_retry
+    return retry_unowned, keyword
 
 
 def sweep_dir(exp: Experiment, optimizer: str, root: str | Path = "runs/sweeps") -> Path:
@@ -352,7 +369,8 @@ def recover_dead_trials(study, store) -> list[int]:
     host, recovered = socket.gethostname(), []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         a = t.user_attrs
-        if a.get("host") != host or processes.alive(a.get("pid"), a.get("pid_start")):
+        # A trial without a pid yet is being started (the host is set last): not a dead one.
+        if a.get("host") != host or "pid" not in a or processes.alive(a.get("pid"), a.get("pid_start")):
             continue
         # The run checkpoints. Only a process proved to be that run (this user's, its recorded start
         # time, its run folder in its argv): anyone who can write to the study can plant a row.
