@@ -192,8 +192,8 @@ def resolve_run(
     origins = dict.fromkeys(hyper, "best.yaml")  # where each value came from, for the error below
     for key, value, origin in _overrides(config_file, sets, name, optimizers.NAMES):
         if key.startswith("optimizer."):
-            hyper[key[len("optimizer."):]] = _optimizer_value(optim, key, value, origin)
-            origins[key[len("optimizer."):]] = origin
+            hp = key[len("optimizer."):]
+            hyper[hp], origins[hp] = _optimizer_value(optim, key, value, origin), origin
         elif key in defaults:
             _set(cfg, key, _check_type(key, value, defaults[key]))
         else:

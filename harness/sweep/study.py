@@ -323,16 +323,12 @@ def live_running(study, store) -> tuple[int, list[int]]:
     a trial whose worker is known dead (on this host its pid is gone; on any host its heartbeat is
     older than the grace period) is first marked FAIL and re-enqueued, so it is not counted as one
     that will finish."""
-    import warnings
-
-    from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
+    optuna = quiet_optuna()  # fail_stale_trials is marked experimental
     retried = recover_dead_trials(study, store)
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Optuna marks fail_stale_trials experimental
-        fail_stale_trials(study)  # a no-op without a heartbeat
+    optuna.storages.fail_stale_trials(study)  # a no-op without a heartbeat
     retried += sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
                       if t.number in before)
     return running(study), retried
@@ -340,7 +336,7 @@ def live_running(study, store) -> tuple[int, list[int]]:
 
 def retry(study, number: int) -> None:
     """Enqueue a retry of the FAILed trial ``number``: same hyperparameters and user attributes
-    (so the same run directory), with Optuna's retry bookkeeping (``retry_history``)."""
+    but ``WORKER_ATTRS`` (so the same run directory), with Optuna's retry bookkeeping (``retry_history``)."""
     frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
     if frozen.params:  # a trial stopped before it sampled anything has nothing to retry
         _retry_callback()[0](study, frozen)
